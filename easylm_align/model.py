@@ -1,0 +1,386 @@
+"""The LLaMA decoder in Flax linen.
+
+LLaMA-1/2 (Touvron et al., 2023): RMSNorm, rotary position embedding, multi-head or grouped-query
+attention, SwiGLU MLP, untied (or optionally tied) LM head. On top of that, what the recipes need:
+
+* segment ids, so examples packed into one row do not attend to each other;
+* forgetful causal masking (FCM, Liu et al., 2022), used by COMMIT's training runs;
+* the hidden states of every layer, which AFP's poolers read;
+* a functional KV cache for batched greedy decoding in evaluation.
+
+The parameter layout and the rotary layout are documented in docs/DESIGN.md. The model never
+mentions devices: sharding is applied from outside by `easylm_align.sharding`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from typing import Any, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
+
+DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16,
+          "bfloat16": jnp.bfloat16, "fp16": jnp.float16, "float16": jnp.float16}
+
+_DEFAULTS = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    initializer_range=0.02,
+    tie_word_embeddings=False,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+    resid_pdrop=0.0,
+    fcm_min_ratio=0.0,
+    fcm_max_ratio=0.0,
+    remat_policy="none",
+    scan_layers=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def _llama(h, i, layers, heads, kv=None, max_pos=2048, eps=1e-6, **extra):
+    return dict(hidden_size=h, intermediate_size=i, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv or heads, max_position_embeddings=max_pos, rms_norm_eps=eps, **extra)
+
+
+# Named configurations for --load_llama_config. LLaMA-1 sizes follow EasyLM's names.
+LLAMA_PRESETS: dict[str, dict[str, Any]] = {
+    "debug": _llama(128, 352, 2, 4, kv=2, max_pos=1024),
+    "1b": _llama(2048, 5504, 22, 16),
+    "3b": _llama(3200, 8640, 26, 32),
+    "7b": _llama(4096, 11008, 32, 32),
+    "13b": _llama(5120, 13824, 40, 40),
+    "30b": _llama(6656, 17920, 60, 52),
+    "65b": _llama(8192, 22016, 80, 64),
+    "llama2_7b": _llama(4096, 11008, 32, 32, max_pos=4096, eps=1e-5),
+    "llama2_13b": _llama(5120, 13824, 40, 40, max_pos=4096, eps=1e-5),
+    "llama2_70b": _llama(8192, 28672, 80, 64, kv=8, max_pos=4096, eps=1e-5),
+}
+
+
+def default_llama_overrides() -> ConfigDict:
+    """The `--llama.FIELD=value` flag group: every field unset (None) unless given on the command line."""
+    return ConfigDict({key: placeholder(type(value)) for key, value in _DEFAULTS.items()})
+
+
+def get_llama_config(name: str, update_json: str = "", overrides: Optional[dict] = None) -> ConfigDict:
+    """Resolves a named preset, then `--update_llama_config` JSON, then `--llama.FIELD` overrides."""
+    if name not in LLAMA_PRESETS:
+        raise ValueError(f"--load_llama_config={name!r} is not a known config; "
+                         f"choose one of {sorted(LLAMA_PRESETS)}")
+    cfg = dict(_DEFAULTS, **LLAMA_PRESETS[name])
+    if update_json:
+        try:
+            updates = json.loads(update_json)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--update_llama_config is not valid JSON ({e}): {update_json!r}") from None
+        if not isinstance(updates, dict):
+            raise ValueError(f"--update_llama_config must be a JSON object, got {update_json!r}")
+        _merge(cfg, updates, "--update_llama_config")
+    _merge(cfg, {k: v for k, v in (overrides or {}).items() if v is not None}, "--llama")
+    _validate(cfg)
+    return ConfigDict(cfg)
+
+
+def _merge(cfg: dict, updates: dict, source: str) -> None:
+    for key, value in updates.items():
+        if key not in cfg:
+            near = difflib.get_close_matches(key, list(cfg), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ValueError(f"{source}: unknown LLaMA config field {key!r}{hint}")
+        cfg[key] = type(cfg[key])(value) if cfg[key] is not None and not isinstance(cfg[key], bool) else value
+
+
+def _validate(cfg: dict) -> None:
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    if cfg["hidden_size"] % heads:
+        raise ValueError(f"hidden_size={cfg['hidden_size']} is not divisible by num_attention_heads={heads}")
+    if heads % kv:
+        raise ValueError(f"num_attention_heads={heads} is not divisible by num_key_value_heads={kv}")
+    if (cfg["hidden_size"] // heads) % 2:
+        raise ValueError("head_dim (hidden_size / num_attention_heads) must be even for rotary embedding")
+    if not 0.0 <= cfg["fcm_min_ratio"] <= cfg["fcm_max_ratio"] <= 1.0:
+        raise ValueError("need 0 <= fcm_min_ratio <= fcm_max_ratio <= 1")
+    if cfg["remat_policy"] != "none" and not hasattr(jax.checkpoint_policies, cfg["remat_policy"]):
+        raise ValueError(f"remat_policy={cfg['remat_policy']!r}: use 'none' or a jax.checkpoint_policies name")
+
+
+def head_dim(config: ConfigDict) -> int:
+    return config.hidden_size // config.num_attention_heads
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)  # the statistic is always taken in fp32
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return normed.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def rotary_cos_sin(positions: jnp.ndarray, dim: int, theta: float) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """cos/sin tables of shape positions.shape + (dim,), half-split layout."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+    """Rotates x of shape (batch, seq, heads, head_dim); dimension j pairs with j + head_dim/2."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+class KVCache(NamedTuple):
+    """Decoding cache for all layers. `segment_ids` marks filled key slots (0 = empty or padding)."""
+    keys: jnp.ndarray          # (layers, batch, max_len, kv_heads, head_dim)
+    values: jnp.ndarray        # (layers, batch, max_len, kv_heads, head_dim)
+    segment_ids: jnp.ndarray   # (batch, max_len)
+    index: jnp.ndarray         # () next slot to write
+
+    @classmethod
+    def empty(cls, config: ConfigDict, batch: int, max_len: int, dtype: Any = jnp.float32) -> "KVCache":
+        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, head_dim(config))
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+class Attention(nn.Module):
+    config: ConfigDict
+    deterministic: bool
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, layer_cache=None, cache_index=None):
+        cfg = self.config
+        hd, heads, kv = head_dim(cfg), cfg.num_attention_heads, cfg.num_key_value_heads
+        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                                         kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
+        batch, seq = x.shape[:2]
+        q = apply_rotary(dense(heads * hd, "wq")(x).reshape(batch, seq, heads, hd), cos, sin)
+        k = apply_rotary(dense(kv * hd, "wk")(x).reshape(batch, seq, kv, hd), cos, sin)
+        v = dense(kv * hd, "wv")(x).reshape(batch, seq, kv, hd)
+        new_cache = None
+        if layer_cache is not None:
+            cache_k, cache_v = layer_cache
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+            new_cache = (k, v)
+        # Grouped-query attention: each of the kv heads serves `heads // kv` query heads.
+        q = q.reshape(batch, seq, kv, heads // kv, hd)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(self.dtype), preferred_element_type=jnp.float32)
+        scores = scores / np.sqrt(hd).astype(np.float32)
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=self.deterministic)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype)).reshape(batch, seq, heads * hd)
+        return dense(cfg.hidden_size, "wo")(out), new_cache
+
+
+class FeedForward(nn.Module):
+    config: ConfigDict
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                                         kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
+        return dense(cfg.hidden_size, "w2")(nn.silu(dense(cfg.intermediate_size, "w1")(x))
+                                            * dense(cfg.intermediate_size, "w3")(x))
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block. Written as a scan body: (carry, per-layer input) -> (carry, per-layer output)."""
+    config: ConfigDict
+    deterministic: bool
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, h, cos, sin, mask, cache_index, layer_cache):
+        cfg = self.config
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)
+        dropout = nn.Dropout(cfg.resid_pdrop)
+        attn_out, new_cache = Attention(cfg, self.deterministic, self.dtype, self.param_dtype, name="attention")(
+            norm("attention_norm")(h), cos, sin, mask, layer_cache, cache_index)
+        h = h + dropout(attn_out, deterministic=self.deterministic)
+        ff_out = FeedForward(cfg, self.dtype, self.param_dtype, name="feed_forward")(norm("ffn_norm")(h))
+        h = h + dropout(ff_out, deterministic=self.deterministic)
+        return h, (new_cache, h)
+
+
+class LlamaOutput(NamedTuple):
+    logits: Optional[jnp.ndarray]                     # (batch, seq, vocab), float32
+    hidden_states: Optional[tuple[jnp.ndarray, ...]]  # num_layers + 1 entries, as Hugging Face's
+    cache: Optional[KVCache]
+
+
+def attention_mask(q_slots, k_slots, q_segments, k_segments) -> jnp.ndarray:
+    """Causal and segment mask, (batch, q, k): a query sees earlier slots of its own segment."""
+    causal = q_slots[:, :, None] >= k_slots[:, None, :]
+    same = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
+    return causal & same
+
+
+def forgetful_mask(rng, segment_ids: jnp.ndarray, min_ratio: float, max_ratio: float) -> jnp.ndarray:
+    """FCM key mask (batch, 1, k): each row draws r ~ U[min, max] and hides that fraction of keys.
+
+    The first key of every segment stays visible, so no query is left with nothing to attend to.
+    """
+    ratio_rng, key_rng = jax.random.split(rng)
+    batch, seq = segment_ids.shape
+    ratio = jax.random.uniform(ratio_rng, (batch, 1), minval=min_ratio, maxval=max_ratio)
+    keep = jax.random.uniform(key_rng, (batch, seq)) >= ratio
+    first = jnp.concatenate([jnp.ones((batch, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return (keep | first)[:, None, :]
+
+
+class LlamaForCausalLM(nn.Module):
+    config: ConfigDict
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: jnp.ndarray, positions: Optional[jnp.ndarray] = None,
+                 segment_ids: Optional[jnp.ndarray] = None, deterministic: bool = True,
+                 cache: Optional[KVCache] = None, output_hidden_states: bool = False,
+                 return_logits: bool = True) -> LlamaOutput:
+        cfg = self.config
+        batch, seq = input_ids.shape
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(input_ids, dtype=jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                         embedding_init=nn.initializers.normal(cfg.initializer_range), name="embed_tokens")
+        h = nn.Dropout(cfg.embd_pdrop)(embed(input_ids), deterministic=deterministic)
+        cos, sin = rotary_cos_sin(positions, head_dim(cfg), cfg.rope_theta)
+
+        q_slots = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        if cache is None:
+            mask = attention_mask(q_slots, q_slots, segment_ids, segment_ids)
+            cache_index, layer_caches = None, None
+        else:
+            cache_index = cache.index
+            k_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache_index))
+            k_slots = jnp.broadcast_to(jnp.arange(k_segments.shape[1], dtype=jnp.int32), k_segments.shape)
+            mask = attention_mask(q_slots + cache_index, k_slots, segment_ids, k_segments)
+            layer_caches = (cache.keys, cache.values)
+        if not deterministic and cfg.fcm_max_ratio > 0:
+            mask = mask & forgetful_mask(self.make_rng("dropout"), segment_ids, cfg.fcm_min_ratio, cfg.fcm_max_ratio)
+
+        layer_cls = DecoderLayer
+        if cfg.remat_policy != "none":
+            layer_cls = nn.remat(DecoderLayer, policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
+                                 prevent_cse=not cfg.scan_layers)
+        layer_kwargs = dict(config=cfg, deterministic=deterministic, dtype=self.dtype, param_dtype=self.param_dtype)
+        if cfg.scan_layers:
+            stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                            length=cfg.num_hidden_layers)(**layer_kwargs, name="layers")
+            h_last, (new_layer_caches, per_layer) = stack(h, cos, sin, mask, cache_index, layer_caches)
+            layer_outputs = [per_layer[i] for i in range(cfg.num_hidden_layers)] if output_hidden_states else []
+        else:
+            layer_outputs, new_k, new_v = [], [], []
+            h_last = h
+            for i in range(cfg.num_hidden_layers):
+                layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+                h_last, (layer_new_cache, _) = layer_cls(**layer_kwargs, name=f"layers_{i}")(
+                    h_last, cos, sin, mask, cache_index, layer_cache)
+                layer_outputs.append(h_last)
+                if layer_new_cache is not None:
+                    new_k.append(layer_new_cache[0])
+                    new_v.append(layer_new_cache[1])
+            new_layer_caches = (jnp.stack(new_k), jnp.stack(new_v)) if cache is not None else None
+
+        h_final = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(h_last)
+        logits = None
+        if return_logits:
+            if cfg.tie_word_embeddings:
+                logits = embed.attend(h_final)
+            else:
+                logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  kernel_init=nn.initializers.normal(cfg.initializer_range), name="lm_head")(h_final)
+            logits = logits.astype(jnp.float32)
+        hidden_states = None
+        if output_hidden_states:  # Hugging Face convention: embeddings, then each layer, the last one normed
+            hidden_states = (h, *layer_outputs[:-1], h_final)
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(new_layer_caches[0], new_layer_caches[1], k_segments, cache.index + seq)
+        return LlamaOutput(logits, hidden_states, new_cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+
+def build_model(config: ConfigDict, dtype: str = "fp32", param_dtype: str = "fp32") -> LlamaForCausalLM:
+    return LlamaForCausalLM(config, dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype])
+
+
+def init_params(model: LlamaForCausalLM, rng: jax.Array) -> dict:
+    dummy = jnp.zeros((1, 8), jnp.int32)
+    return model.init({"params": rng}, dummy)["params"]
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+    """Scanned layout (`layers` with a leading layer axis) → `layers_{i}` subtrees. No-op if unscanned."""
+    if "layers" not in params:
+        return params
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], params["layers"])
+    return out
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+    """`layers_{i}` subtrees → the scanned layout. No-op if already scanned."""
+    if "layers" in params:
+        return params
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    out["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"] for i in range(num_layers)])
+    return out
+
+
+def param_count(params: Any) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def flops_per_token(config: ConfigDict, seq_length: int) -> float:
+    """Training FLOPs per token (forward + backward): 6·N for the matmuls plus attention scores."""
+    hd = head_dim(config)
+    per_layer = (config.hidden_size * hd * (config.num_attention_heads * 2 + config.num_key_value_heads * 2)
+                 + 3 * config.hidden_size * config.intermediate_size)
+    matmul_params = config.num_hidden_layers * per_layer + config.hidden_size * config.vocab_size
+    attention = config.num_hidden_layers * 2 * config.num_attention_heads * hd * seq_length
+    return 6.0 * matmul_params + 6.0 * attention

@@ -1,0 +1,159 @@
+"""The device mesh and the partition rules, declared once.
+
+The mesh has three axes, as in EasyLM: `dp` (pure data parallel), `fsdp` (data parallel with
+parameters and optimizer state sharded, ZeRO-3 style) and `mp` (tensor/model parallel, Megatron
+style). Rules map parameter paths to mesh axes; the model itself never mentions devices. The batch
+is sharded over (dp, fsdp). Where users outgrow one host, `jax.distributed` joins the hosts and
+every host feeds only its own slice of the global batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
+
+MESH_AXES = ("dp", "fsdp", "mp")
+BATCH_AXES = ("dp", "fsdp")
+
+# (regex on the '/'-joined parameter path, spec for the unscanned parameter). First match wins.
+PARTITION_RULES: tuple[tuple[str, P], ...] = (
+    (r"embed_tokens/embedding$", P("mp", "fsdp")),
+    (r"attention/(wq|wk|wv)/kernel$", P("fsdp", "mp")),
+    (r"attention/wo/kernel$", P("mp", "fsdp")),
+    (r"feed_forward/(w1|w3)/kernel$", P("fsdp", "mp")),
+    (r"feed_forward/w2/kernel$", P("mp", "fsdp")),
+    (r"norm/scale$", P(None)),
+    (r"lm_head/kernel$", P("fsdp", "mp")),
+)
+
+
+class ShardingError(ValueError):
+    pass
+
+
+def parse_mesh_dim(mesh_dim: str, num_devices: int) -> tuple[int, int, int]:
+    """'dp,fsdp,mp' with at most one -1, inferred from the device count."""
+    try:
+        dims = [int(x) for x in mesh_dim.split(",")]
+    except ValueError:
+        raise ShardingError(f"--mesh_dim={mesh_dim!r}: expected three integers 'dp,fsdp,mp', e.g. 1,1,-1") from None
+    if len(dims) != 3 or dims.count(-1) > 1 or any(d == 0 or d < -1 for d in dims):
+        raise ShardingError(f"--mesh_dim={mesh_dim!r}: expected three positive integers 'dp,fsdp,mp' "
+                            "with at most one -1")
+    known = int(np.prod([d for d in dims if d != -1]))
+    if -1 in dims:
+        if num_devices % known:
+            raise ShardingError(f"--mesh_dim={mesh_dim!r}: {num_devices} devices are not divisible by {known}")
+        dims[dims.index(-1)] = num_devices // known
+    if int(np.prod(dims)) != num_devices:
+        raise ShardingError(f"--mesh_dim={mesh_dim!r} has {int(np.prod(dims))} slots but there are "
+                            f"{num_devices} devices; make the product match or use -1 for one axis")
+    return tuple(dims)
+
+
+def make_mesh(mesh_dim: str = "1,-1,1", devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    shape = parse_mesh_dim(mesh_dim, len(devices))
+    try:  # topology-aware placement when the devices allow it (TPU slices)
+        grid = mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # noqa: BLE001 - CPU or unusual topologies: plain order is fine
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh, path: str) -> P:
+    """Drops mesh axes that do not divide a dimension (it is then replicated along them)."""
+    if len(shape) == len(spec) + 1:  # scanned layers carry a leading layer axis
+        spec = P(None, *spec)
+    fitted = []
+    for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        size = mesh.shape[axis] if axis is not None else 1
+        if axis is not None and dim % size:
+            logging.warning("%s: dimension %d is not divisible by mesh axis %s=%d; replicating it",
+                            path, dim, axis, size)
+            axis = None
+        fitted.append(axis)
+    return P(*fitted)
+
+
+def path_str(path: tuple) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def param_partition_specs(params: Any, mesh: Mesh) -> Any:
+    """PartitionSpecs for a parameter tree (arrays or ShapeDtypeStructs), from PARTITION_RULES."""
+    def spec_for(path, leaf):
+        name = path_str(path)
+        for pattern, spec in PARTITION_RULES:
+            if re.search(pattern, name):
+                return _fit(spec, tuple(leaf.shape), mesh, name)
+        raise ShardingError(f"no partition rule matches parameter {name!r}")
+    return jax.tree_util.tree_map_with_path(spec_for, params)
+
+
+def param_shardings(params: Any, mesh: Mesh) -> Any:
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), param_partition_specs(params, mesh))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["dp"] * mesh.shape["fsdp"]
+
+
+def check_batch_divisible(batch_size: int, mesh: Mesh, flag: str) -> None:
+    parts = data_parallel_size(mesh)
+    if batch_size % parts:
+        raise ShardingError(f"{flag}={batch_size} is not divisible by the data-parallel size dp*fsdp={parts} "
+                            f"of mesh {dict(mesh.shape)}")
+    if batch_size % jax.process_count():
+        raise ShardingError(f"{flag}={batch_size} is not divisible by the {jax.process_count()} hosts")
+
+
+def host_batch_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles the global batch from each host's slice (rows [i*b/n, (i+1)*b/n) on host i)."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-host
+# ----------------------------------------------------------------------------------------------
+
+def default_distributed_config() -> ConfigDict:
+    """`--jax_distributed.*`: arguments of jax.distributed.initialize (TPU pods need none of them)."""
+    return ConfigDict(dict(
+        initialize_jax_distributed=False,
+        coordinator_address="",
+        num_processes=-1,
+        process_id=-1,
+        local_device_ids="",
+    ))
+
+
+def initialize_distributed(config: ConfigDict) -> None:
+    if not config.initialize_jax_distributed:
+        return
+    kwargs: dict[str, Any] = {}
+    if config.coordinator_address:
+        kwargs["coordinator_address"] = config.coordinator_address
+    if config.num_processes >= 0:
+        kwargs["num_processes"] = config.num_processes
+    if config.process_id >= 0:
+        kwargs["process_id"] = config.process_id
+    if config.local_device_ids:
+        kwargs["local_device_ids"] = [int(x) for x in config.local_device_ids.split(",")]
+    jax.distributed.initialize(**kwargs)

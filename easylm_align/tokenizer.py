@@ -1,0 +1,74 @@
+"""SentencePiece tokenizer with EasyLM's BOS/EOS flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import sentencepiece as spm
+from ml_collections import ConfigDict
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEMO_TOKENIZER = ASSETS / "demo_tokenizer.model"
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+def default_config() -> ConfigDict:
+    """`--tokenizer.*`. The default vocabulary is the small demo model shipped with the package."""
+    return ConfigDict(dict(vocab_file=str(DEMO_TOKENIZER), add_bos_token=True, add_eos_token=True))
+
+
+class Tokenizer:
+    """Encodes text to ids. BOS/EOS are added by the text processors, guided by the flags here."""
+
+    def __init__(self, vocab_file: str, add_bos_token: bool = True, add_eos_token: bool = True):
+        path = Path(vocab_file)
+        if not path.is_file():
+            raise TokenizerError(f"--tokenizer.vocab_file={vocab_file!r}: no such file")
+        self.vocab_file = str(path)
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(path))
+        except (OSError, RuntimeError) as e:
+            raise TokenizerError(f"--tokenizer.vocab_file={vocab_file!r} is not a SentencePiece model: {e}") from None
+        self.add_bos_token = add_bos_token
+        self.add_eos_token = add_eos_token
+
+    @classmethod
+    def from_config(cls, config: ConfigDict) -> "Tokenizer":
+        return cls(config.vocab_file, config.add_bos_token, config.add_eos_token)
+
+    def __getstate__(self):  # picklable for data-loading worker processes
+        return (self.vocab_file, self.add_bos_token, self.add_eos_token)
+
+    def __setstate__(self, state):
+        self.__init__(*state)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.GetPieceSize()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        """LLaMA tokenizers have no pad piece; 0 (unk) pads, always under a zero mask."""
+        return max(self.sp.pad_id(), 0)
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.EncodeAsIds(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.sp.Encode(list(texts))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.Decode([int(i) for i in ids])

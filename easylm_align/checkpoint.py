@@ -3,8 +3,8 @@
 A checkpoint is an Orbax composite directory. Its items:
 
 * `params`     — the model parameters (Orbax PyTree; sharded arrays are written shard by shard);
-* `opt_state`  — the optimizer state (train checkpoints only);
-* `meta`       — JSON: step, RNG key, dataset position, the resolved config, the LLaMA config.
+* `train_state` — optimizer state, step and RNG key (train checkpoints only);
+* `meta`       — JSON: step, dataset position per host, the resolved flags, the LLaMA config.
 
 Training writes them under `output_dir/checkpoints/streaming_params_{step}` (EasyLM's name, so the
 seed's `--load_checkpoint=params::$save_path/*/streaming_params_1210` works unchanged).
@@ -112,3 +112,61 @@ def load_params_numpy(path: str) -> dict:
     with ocp.PyTreeCheckpointer() as ckptr:
         tree = ckptr.restore(ckpt / "params")
     return jax.tree_util.tree_map(np.asarray, tree)
+
+
+# ----------------------------------------------------------------------------------------------
+# Train checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def _restore_items(path: Path, params: Any, train_state: Any) -> tuple[Any, Any, dict]:
+    abstract = lambda tree: jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+    _check_shapes(path, params)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        restored = ckptr.restore(path, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract(params)),
+            train_state=ocp.args.StandardRestore(abstract(train_state)),
+            meta=ocp.args.JsonRestore()))
+    return restored["params"], restored["train_state"], restored["meta"]
+
+
+def load_train_state(path: str, params: Any, train_state: Any) -> tuple[Any, Any, dict]:
+    """`trainstate::PATH`: params, optimizer state, step and RNG (targets as in `load_params`)."""
+    ckpt = resolve_path(path)
+    if not (ckpt / "train_state").is_dir():
+        raise CheckpointError(f"{ckpt} holds no train state (a params-only checkpoint? use params::)")
+    return _restore_items(ckpt, params, train_state)
+
+
+class TrainCheckpointer:
+    """Keeps the latest checkpoint (every `save_model_freq` steps) and every milestone
+    (`save_milestone_freq`) under `output_dir/checkpoints/streaming_params_{step}`."""
+
+    def __init__(self, output_dir: Path, save_model_freq: int, save_milestone_freq: int):
+        self.save_model_freq, self.save_milestone_freq = save_model_freq, save_milestone_freq
+        self.directory = (Path(output_dir) / "checkpoints").absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=1, keep_period=save_milestone_freq or None,
+                                               step_prefix=STEP_PREFIX, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, item_names=("params", "train_state", "meta"),
+                                             options=options)
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def step_path(self, step: int) -> Path:
+        return self.directory / f"{STEP_PREFIX}_{step}"
+
+    def due(self, step: int) -> bool:
+        return any(freq > 0 and step % freq == 0 for freq in (self.save_model_freq, self.save_milestone_freq))
+
+    def save(self, step: int, params: Any, train_state: Any, meta: dict) -> None:
+        self.manager.save(step, force=True, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), train_state=ocp.args.StandardSave(train_state),
+            meta=ocp.args.JsonSave(meta)))
+
+    def restore_latest(self, params: Any, train_state: Any) -> tuple[Any, Any, dict]:
+        self.manager.wait_until_finished()
+        return _restore_items(self.step_path(self.latest_step()), params, train_state)
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -87,19 +87,35 @@ def path_str(path: tuple) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def param_partition_specs(params: Any, mesh: Mesh) -> Any:
-    """PartitionSpecs for a parameter tree (arrays or ShapeDtypeStructs), from PARTITION_RULES."""
+def partition_specs(tree: Any, mesh: Mesh, strict: bool = True) -> Any:
+    """PartitionSpecs for a tree (arrays or ShapeDtypeStructs) from PARTITION_RULES.
+
+    Optimizer states mirror the parameter tree, so their leaves' paths end with a parameter's path
+    and get its rule; leaves no rule matches (step counters) are replicated unless `strict`.
+    """
     def spec_for(path, leaf):
         name = path_str(path)
-        for pattern, spec in PARTITION_RULES:
-            if re.search(pattern, name):
-                return _fit(spec, tuple(leaf.shape), mesh, name)
-        raise ShardingError(f"no partition rule matches parameter {name!r}")
-    return jax.tree_util.tree_map_with_path(spec_for, params)
+        if leaf.ndim:
+            for pattern, spec in PARTITION_RULES:
+                if re.search(pattern, name):
+                    return _fit(spec, tuple(leaf.shape), mesh, name)
+        if strict:
+            raise ShardingError(f"no partition rule matches parameter {name!r}")
+        return P()
+    return jax.tree_util.tree_map_with_path(spec_for, tree)
+
+
+def param_partition_specs(params: Any, mesh: Mesh) -> Any:
+    return partition_specs(params, mesh, strict=True)
 
 
 def param_shardings(params: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), param_partition_specs(params, mesh))
+
+
+def state_shardings(tree: Any, mesh: Mesh) -> Any:
+    """Shardings for optimizer/train state: as the matching parameter, else replicated."""
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), partition_specs(tree, mesh, strict=False))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

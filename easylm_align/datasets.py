@@ -1,0 +1,290 @@
+"""Data sources and the resumable pipeline: source → text processor → packer → batches.
+
+Sources are registered by name (`--train_dataset.type=json|huggingface|…`); each owns a flag
+group (`--train_dataset.json_dataset.path`, `--train_dataset.huggingface_dataset.{path,name,…}`)
+that also carries EasyLM's `seq_length` and `batch_size`. Records are numbered in source order;
+host h of n reads records with `number % n == h`. The position (epoch, next record, packer
+buffer) is saved with every checkpoint, so a resumed run sees exactly the batches an
+uninterrupted one would. Processing can run in `num_workers` processes; order is preserved.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import multiprocessing
+from collections import Counter
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, NamedTuple, Optional
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from easylm_align import text_processors
+from easylm_align.packing import Packer
+from easylm_align.tokenizer import ASSETS, Tokenizer
+
+DEMO_CORPUS = ASSETS / "demo_corpus.jsonl"
+SOURCES: dict[str, type["Source"]] = {}
+
+
+class DataError(ValueError):
+    pass
+
+
+class Record(NamedTuple):
+    example: Optional[dict]  # None: a blank or skipped line (it still takes a record number)
+    location: str            # "file:line" or "dataset[index]", for error messages
+    bad: bool = False
+
+
+def register_source(name: str):
+    def wrap(cls):
+        cls.name = name
+        SOURCES[name] = cls
+        return cls
+    return wrap
+
+
+class Source:
+    name: ClassVar[str]
+    config_key: ClassVar[str]
+
+    @staticmethod
+    def default_config() -> ConfigDict:
+        raise NotImplementedError
+
+    def __init__(self, config: ConfigDict, flag: str):
+        self.config = config
+        self.flag = flag  # e.g. "--train_dataset.json_dataset", for error messages
+
+    def records(self, start: int) -> Iterator[Record]:
+        """One epoch of records, from record number `start`."""
+        raise NotImplementedError
+
+
+@register_source("json")
+class JsonSource(Source):
+    """Local JSON-lines files (one example per line) or JSON files holding a list (Alpaca's)."""
+    config_key = "json_dataset"
+
+    @staticmethod
+    def default_config() -> ConfigDict:
+        return ConfigDict(dict(path=str(DEMO_CORPUS), seq_length=128, batch_size=8, on_bad_line="error"))
+
+    def __init__(self, config: ConfigDict, flag: str):
+        super().__init__(config, flag)
+        if config.on_bad_line not in ("error", "skip"):
+            raise DataError(f"{flag}.on_bad_line={config.on_bad_line!r}: use 'error' or 'skip'")
+        self.files = sorted(glob.glob(config.path)) if any(c in config.path for c in "*?[") else [config.path]
+        self.files = [f for f in self.files if Path(f).is_file()]
+        if not config.path or not self.files:
+            raise DataError(f"{flag}.path={config.path!r} matches no file")
+
+    def records(self, start: int) -> Iterator[Record]:
+        number = 0
+        for path in self.files:
+            with open(path, encoding="utf-8") as f:
+                head = f.read(4096).lstrip()
+                f.seek(0)
+                if head.startswith("["):
+                    examples = self._load_list(f, path)
+                    if number + len(examples) <= start:
+                        number += len(examples)
+                        continue
+                    for i, example in enumerate(examples):
+                        if number >= start:
+                            yield Record(example, f"{path}[{i}]")
+                        number += 1
+                    continue
+                for line_no, line in enumerate(f, 1):
+                    if number >= start:
+                        yield self._parse_line(line, path, line_no)
+                    number += 1
+
+    def _load_list(self, f, path: str) -> list:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        if not all(isinstance(x, dict) for x in data):
+            raise DataError(f"{path}: expected a JSON list of objects")
+        return data
+
+    def _parse_line(self, line: str, path: str, line_no: int) -> Record:
+        location = f"{path}:{line_no}"
+        if not line.strip():
+            return Record(None, location)
+        try:
+            example = json.loads(line)
+            if not isinstance(example, dict):
+                raise json.JSONDecodeError("not a JSON object", line, 0)
+        except json.JSONDecodeError as e:
+            if self.config.on_bad_line == "skip":
+                return Record(None, location, bad=True)
+            raise DataError(f"{location}: invalid JSON line ({e.msg}); pass {self.flag}.on_bad_line=skip "
+                            "to skip such lines") from None
+        return Record(example, location)
+
+
+@register_source("huggingface")
+class HuggingfaceSource(Source):
+    """`datasets.load_dataset(path, name, split=…, streaming=…, data_files=…)`: hub data sets, the
+    local cache, or local files (`path=json`, `data_files=…/alpaca_data.json`)."""
+    config_key = "huggingface_dataset"
+
+    @staticmethod
+    def default_config() -> ConfigDict:
+        return ConfigDict(dict(path="", name="", split="train", streaming=True, data_files="",
+                               seq_length=512, batch_size=8))
+
+    def __init__(self, config: ConfigDict, flag: str):
+        super().__init__(config, flag)
+        import datasets as hf_datasets  # heavy import, only when used
+
+        if not config.path:
+            raise DataError(f"{flag}.path is empty")
+        data_files = config.data_files or None
+        if data_files and not glob.glob(data_files):
+            raise DataError(f"{flag}.data_files={data_files!r} matches no file")
+        try:
+            self.dataset = hf_datasets.load_dataset(config.path, config.name or None, split=config.split,
+                                                    streaming=config.streaming, data_files=data_files)
+        except Exception as e:  # noqa: BLE001 - the datasets library raises many kinds
+            raise DataError(f"{flag}: could not load data set path={config.path!r} name={config.name!r} "
+                            f"split={config.split!r}: {type(e).__name__}: {e}") from None
+
+    def records(self, start: int) -> Iterator[Record]:
+        if self.config.streaming:
+            data = self.dataset.skip(start) if start else self.dataset
+        else:
+            data = (self.dataset[i] for i in range(start, len(self.dataset)))
+        for i, example in enumerate(data, start):
+            yield Record(dict(example), f"{self.config.path}[{i}]")
+
+
+def default_config(dataset_type: str = "json") -> ConfigDict:
+    """`--train_dataset.*` / `--eval_dataset.*`: source type, one group per source, the processor."""
+    cfg = dict(type=dataset_type, text_processor=text_processors.default_config(),
+               separate_segments=True, num_workers=0)
+    cfg.update({cls.config_key: cls.default_config() for cls in SOURCES.values()})
+    return ConfigDict(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Processing, in this process or in workers
+# ----------------------------------------------------------------------------------------------
+
+_WORKER_PROCESSOR: Optional[text_processors.TextProcessor] = None
+
+
+def _init_worker(processor: text_processors.TextProcessor) -> None:
+    global _WORKER_PROCESSOR
+    _WORKER_PROCESSOR = processor
+
+
+def _process(processor, number: int, index: int, record: Record):
+    if record.example is None:
+        return number, record, None
+    try:
+        return number, record, processor(record.example, index)
+    except text_processors.ProcessorError as e:
+        return number, record, e
+
+
+def _process_chunk(chunk: list) -> list:
+    return [_process(_WORKER_PROCESSOR, *item) for item in chunk]
+
+
+def _chunks(items: Iterator, size: int) -> Iterator[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class DatasetIterator:
+    """Yields host-local batches forever (epochs loop); `state_dict()` is its exact position."""
+
+    def __init__(self, config: ConfigDict, tokenizer: Tokenizer, flag: str = "--train_dataset",
+                 process_index: int = 0, process_count: int = 1):
+        if config.type not in SOURCES:
+            raise DataError(f"{flag}.type={config.type!r}: choose one of {sorted(SOURCES)}")
+        source_cls = SOURCES[config.type]
+        group = config[source_cls.config_key]
+        group_flag = f"{flag}.{source_cls.config_key}"
+        if group.batch_size % process_count:
+            raise DataError(f"{group_flag}.batch_size={group.batch_size} is not divisible by {process_count} hosts")
+        self.seq_length, self.batch_size = group.seq_length, group.batch_size
+        self.source = source_cls(group, group_flag)
+        self.processor = text_processors.build(config.text_processor, tokenizer)
+        self.packer = Packer(group.seq_length, group.batch_size // process_count, config.separate_segments)
+        self.num_workers = config.num_workers
+        self.process_index, self.process_count = process_index, process_count
+        self.epoch, self.next_record = 0, 0
+        self.stats: Counter = Counter()
+        self._batches: Optional[Iterator] = None
+        self._pool = None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "next_record": self.next_record, "packer": self.packer.state_dict(),
+                "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.next_record = state["epoch"], state["next_record"]
+        self.packer.load_state_dict(state["packer"])
+        self.stats = Counter(state["stats"])
+        self._batches = None
+
+    def __iter__(self) -> "DatasetIterator":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._batches is None:
+            self._batches = self._generate()
+        return next(self._batches)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool = None
+
+    def _epoch_items(self, start: int) -> Iterator[tuple[int, int, Record]]:
+        for number, record in enumerate(self.source.records(start), start):
+            if number % self.process_count == self.process_index:
+                # Each epoch code-mixes differently, but identically on every rerun.
+                yield number, self.epoch * 2**32 + number, record
+
+    def _processed(self, start: int) -> Iterator:
+        items = self._epoch_items(start)
+        if self.num_workers <= 0:
+            return (_process(self.processor, *item) for item in items)
+        if self._pool is None:  # spawn: forking a process that runs JAX threads is unsafe
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = ctx.Pool(self.num_workers, initializer=_init_worker, initargs=(self.processor,))
+        results = self._pool.imap(_process_chunk, _chunks(items, 64))
+        return (r for chunk in results for r in chunk)
+
+    def _generate(self) -> Iterator[dict[str, np.ndarray]]:
+        while True:
+            start, added = self.next_record, 0
+            for number, record, result in self._processed(start):
+                if isinstance(result, Exception):
+                    raise DataError(f"{record.location}: {result}")
+                self.next_record = number + 1
+                if record.example is None:
+                    self.stats["skipped_lines"] += record.bad
+                    continue
+                self.packer.add(result.tokens, result.loss_mask)
+                added += 1
+                self.stats["examples"] += 1
+                self.stats.update(result.stats._asdict())
+                while self.packer.ready():
+                    yield self.packer.pop()
+            if start == 0 and added == 0:
+                raise DataError(f"{self.source.flag}: the data set has no examples")
+            self.epoch, self.next_record = self.epoch + 1, 0

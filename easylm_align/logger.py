@@ -1,0 +1,79 @@
+"""Training metrics: a JSON line per logged step (`metrics.jsonl`), TensorBoard events, throughput
+and estimated model-FLOPs utilisation (MFU)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+from ml_collections import ConfigDict
+
+# Dense bf16 peak FLOP/s per device, by `device_kind` prefix (vendors' figures).
+PEAK_FLOPS = {
+    "TPU v2": 45e12, "TPU v3": 123e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "TPU v5p": 459e12, "TPU v6": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12, "NVIDIA A800": 312e12,
+}
+
+
+def default_config() -> ConfigDict:
+    return ConfigDict(dict(output_dir="", tensorboard=True, peak_flops_per_device=0.0))
+
+
+def peak_flops_per_device(override: float = 0.0) -> Optional[float]:
+    if override > 0:
+        return override
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), None)
+
+
+class MetricsLogger:
+    def __init__(self, config: ConfigDict, output_dir: Path, flops_per_token: float, resume_step: int = 0):
+        self.is_main = jax.process_index() == 0
+        self.path = output_dir / "metrics.jsonl"
+        self.flops_per_token = flops_per_token
+        self.peak = peak_flops_per_device(config.peak_flops_per_device)
+        self.num_devices = jax.device_count()
+        self._last_time, self._tokens = time.perf_counter(), 0
+        self.writer = None
+        if not self.is_main:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(resume_step)
+        if config.tensorboard:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def _truncate_after(self, step: int) -> None:
+        """A run killed after its last checkpoint logged steps that the resumed run will log again."""
+        if not self.path.exists():
+            return
+        rows = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(row + "\n" for row in rows))
+
+    def count_tokens(self, n: int) -> None:
+        self._tokens += n
+
+    def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        now = time.perf_counter()
+        tokens_per_s = self._tokens / max(now - self._last_time, 1e-9)
+        self._last_time, self._tokens = now, 0
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}, "tokens_per_s": tokens_per_s,
+               "mfu": (tokens_per_s * self.flops_per_token / (self.num_devices * self.peak)) if self.peak else None}
+        if self.is_main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.writer is not None:
+                for k, v in row.items():
+                    if k != "step" and v is not None:
+                        self.writer.add_scalar(k, v, step)
+                self.writer.flush()
+        return row
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,78 @@
+"""AdamW with linear warmup and cosine decay, gradient clipping and accumulation (optax).
+
+The flags are EasyLM's (`--optimizer.adamw_optimizer.lr=2e-5` …). With
+`accumulate_gradient_steps=k` every train step consumes one batch and the weights change every
+k-th step (optax.MultiSteps averages the k gradients), so k steps of batch b equal one step of
+batch k·b. Schedule steps count weight updates.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from ml_collections import ConfigDict
+
+from easylm_align.sharding import path_str
+
+
+def default_config() -> ConfigDict:
+    return ConfigDict(dict(
+        type="adamw",
+        accumulate_gradient_steps=1,
+        adamw_optimizer=ConfigDict(dict(
+            init_lr=0.0,
+            lr=3e-3,
+            end_lr=3e-4,
+            lr_warmup_steps=10,
+            lr_decay_steps=100,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            clip_gradient=1.0,
+            weight_decay=0.1,
+            bf16_momentum=False,
+        )),
+    ))
+
+
+def lr_schedule(config: ConfigDict) -> optax.Schedule:
+    """Linear warmup from init_lr to lr over lr_warmup_steps, then cosine to end_lr at lr_decay_steps."""
+    c = config.adamw_optimizer
+    if c.lr_decay_steps <= c.lr_warmup_steps:
+        raise ValueError(f"--optimizer.adamw_optimizer.lr_decay_steps={c.lr_decay_steps} must be larger than "
+                         f"lr_warmup_steps={c.lr_warmup_steps}")
+    return optax.warmup_cosine_decay_schedule(init_value=c.init_lr, peak_value=c.lr, warmup_steps=c.lr_warmup_steps,
+                                              decay_steps=c.lr_decay_steps, end_value=c.end_lr)
+
+
+def decay_mask(params: Any) -> Any:
+    """Weight decay applies to weight matrices and embeddings, never to RMSNorm scales."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: not path_str(path).endswith("norm/scale"), params)
+
+
+def build(config: ConfigDict) -> tuple[optax.GradientTransformation, Callable[[Any], jnp.ndarray]]:
+    """Returns the optimizer and a function from its state to the current learning rate."""
+    if config.type != "adamw":
+        raise ValueError(f"--optimizer.type={config.type!r}: only 'adamw' is implemented")
+    if config.accumulate_gradient_steps < 1:
+        raise ValueError("--optimizer.accumulate_gradient_steps must be >= 1")
+    c = config.adamw_optimizer
+    schedule = lr_schedule(config)
+    tx = optax.chain(
+        optax.clip_by_global_norm(c.clip_gradient) if c.clip_gradient > 0 else optax.identity(),
+        optax.adamw(schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=decay_mask,
+                    mu_dtype=jnp.bfloat16 if c.bf16_momentum else None),
+    )
+    k = config.accumulate_gradient_steps
+    if k > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=k)
+
+    def current_lr(opt_state: Any) -> jnp.ndarray:
+        inner = opt_state.inner_opt_state if k > 1 else opt_state
+        # Adam's and the schedule's counters both count weight updates; either will do.
+        return schedule(optax.tree_utils.tree_get_all_with_path(inner, "count")[0][1])
+
+    return tx, current_lr

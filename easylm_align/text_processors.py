@@ -1,0 +1,179 @@
+"""Text processors: one example (a dict) → tokens and a loss mask.
+
+Processors are registered by name; `--train_dataset.text_processor.type` picks one (left empty,
+`alpaca=True` picks `alpaca` and otherwise `fields`, as EasyLM's flags do). A new processor is a
+new subclass with `@register("name")`; the train loop never changes.
+
+Every processor can code-mix its text with a MUSE dictionary (COMMIT): `codemix_dict_path`,
+`codemix_ratio`. What gets mixed is the processor's business (the Alpaca processor keeps its
+template intact when `block_codemix_in_template=True`). Randomness is seeded by
+(`codemix_seed`, example index), so a resumed run produces the same examples.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar, NamedTuple, Optional, Sequence
+
+from ml_collections import ConfigDict
+
+from easylm_align.alpaca_templates import get_alpaca_template
+from easylm_align.codemix import CodeMixer, MixStats
+from easylm_align.tokenizer import Tokenizer
+
+PROCESSORS: dict[str, type["TextProcessor"]] = {}
+
+
+class ProcessorError(ValueError):
+    """A problem with one example; the dataset adds the file and line."""
+
+
+class Processed(NamedTuple):
+    tokens: list[int]
+    loss_mask: list[float]
+    stats: MixStats
+
+
+class Segment(NamedTuple):
+    """A piece of text tokenized on its own (or one special token); `loss`: train on it."""
+    text: str
+    loss: bool
+    token_id: Optional[int] = None
+
+
+def default_config() -> ConfigDict:
+    return ConfigDict(dict(
+        type="",
+        fields="text",
+        subfield_separator=" ",
+        alpaca=False,
+        alpaca_lang="en",
+        codemix_dict_path="",
+        codemix_ratio=0.0,
+        codemix_seed=0,
+        block_codemix_in_template=True,
+    ))
+
+
+def register(name: str) -> Callable[[type["TextProcessor"]], type["TextProcessor"]]:
+    def wrap(cls):
+        cls.name = name
+        PROCESSORS[name] = cls
+        return cls
+    return wrap
+
+
+def build(config: ConfigDict, tokenizer: Tokenizer) -> "TextProcessor":
+    name = config.type or ("alpaca" if config.alpaca else "fields")
+    if name not in PROCESSORS:
+        raise ValueError(f"--*.text_processor.type={name!r}: choose one of {sorted(PROCESSORS)}")
+    return PROCESSORS[name](config, tokenizer)
+
+
+class TextProcessor:
+    name: ClassVar[str]
+
+    def __init__(self, config: ConfigDict, tokenizer: Tokenizer):
+        self.config = config
+        self.tokenizer = tokenizer
+        if not 0.0 <= config.codemix_ratio <= 1.0:
+            raise ValueError(f"--*.text_processor.codemix_ratio={config.codemix_ratio}: must be in [0, 1]")
+        self.mixer = None
+        if config.codemix_dict_path:
+            self.mixer = CodeMixer.from_file(config.codemix_dict_path, config.codemix_ratio, config.codemix_seed)
+
+    def segments(self, example: dict, index: int) -> tuple[list[Segment], MixStats]:
+        """The processor's own logic: the example as text segments (code-mixing done where wanted)."""
+        raise NotImplementedError
+
+    def __call__(self, example: dict, index: int) -> Processed:
+        segments, stats = self.segments(example, index)
+        encoded = iter(self.tokenizer.encode_batch([s.text for s in segments if s.token_id is None]))
+        tokens, mask = [], []
+        if self.tokenizer.add_bos_token:
+            tokens.append(self.tokenizer.bos_id)
+            mask.append(0.0)
+        for seg in segments:
+            ids = [seg.token_id] if seg.token_id is not None else next(encoded)
+            tokens += ids
+            mask += [1.0 if seg.loss else 0.0] * len(ids)
+        if self.tokenizer.add_eos_token:
+            tokens.append(self.tokenizer.eos_id)
+            mask.append(1.0)
+        return Processed(tokens, mask, stats)
+
+    def mix(self, texts: Sequence[str], index: int) -> tuple[list[str], MixStats]:
+        if self.mixer is None:
+            return list(texts), MixStats(0, 0, 0)
+        return self.mixer.mix_fields(texts, index)
+
+
+def get_field(example: dict, name: str) -> str:
+    if name not in example:
+        raise ProcessorError(f"example has no field {name!r} (it has {sorted(example)})")
+    value = example[name]
+    return "" if value is None else str(value)
+
+
+@register("fields")
+class FieldsProcessor(TextProcessor):
+    """EasyLM's `fields` syntax: `[prompt],answer` (brackets: no loss), `a+b` joins fields with
+    `subfield_separator`, and `<|bos|>` / `<|eos|>` insert the special tokens. With a code-mix
+    dictionary this is COMMIT's code-mixed continual causal LM (`fields=text`)."""
+
+    SPECIAL = {"<|bos|>": "bos_id", "<|eos|>": "eos_id"}
+
+    def __init__(self, config: ConfigDict, tokenizer: Tokenizer):
+        super().__init__(config, tokenizer)
+        self.spec = []  # (names or special, loss)
+        for item in config.fields.split(","):
+            item = item.strip()
+            loss = not (item.startswith("[") and item.endswith("]"))
+            item = item.strip("[]")
+            if not item:
+                raise ValueError(f"--*.text_processor.fields={config.fields!r}: empty field name")
+            self.spec.append((item.split("+"), loss))
+
+    def segments(self, example: dict, index: int) -> tuple[list[Segment], MixStats]:
+        texts = [self.config.subfield_separator.join(get_field(example, n) for n in names)
+                 for names, _ in self.spec if names[0] not in self.SPECIAL]
+        mixed, stats = self.mix(texts, index)
+        mixed = iter(mixed)
+        segments = []
+        for names, loss in self.spec:
+            if names[0] in self.SPECIAL:
+                segments.append(Segment("", loss, getattr(self.tokenizer, self.SPECIAL[names[0]])))
+            else:
+                segments.append(Segment(next(mixed), loss))
+        return segments, stats
+
+
+@register("alpaca")
+class AlpacaProcessor(TextProcessor):
+    """Stanford Alpaca prompts: loss on the response and EOS only.
+
+    Unlike COMMIT's original code, the response's first token is trained (theirs skipped it by an
+    off-by-one in the mask). With a code-mix dictionary: `block_codemix_in_template=True` mixes
+    instruction, input and output and never the template; False mixes the whole prompt, template
+    included (the paper's "naive code-mix").
+    """
+
+    def __init__(self, config: ConfigDict, tokenizer: Tokenizer):
+        super().__init__(config, tokenizer)
+        self.template = get_alpaca_template(config.alpaca_lang)
+
+    def segments(self, example: dict, index: int) -> tuple[list[Segment], MixStats]:
+        for key in ("instruction", "output"):
+            if not get_field(example, key).strip():
+                raise ProcessorError(f"Alpaca example has an empty or missing {key!r}")
+        instruction, inp, output = (get_field(example, "instruction"),
+                                    str(example.get("input") or ""), get_field(example, "output"))
+        if self.config.block_codemix_in_template:
+            (instruction, inp, output), stats = self.mix([instruction, inp, output], index)
+            prompt = self.format_prompt(instruction, inp)
+        else:
+            (prompt, output), stats = self.mix([self.format_prompt(instruction, inp), output], index)
+        return [Segment(prompt, loss=False), Segment(output, loss=True)], stats
+
+    def format_prompt(self, instruction: str, inp: str) -> str:
+        template = self.template.with_input if inp.strip() else self.template.without_input
+        return template.format(instruction=instruction, input=inp)

@@ -1,0 +1,228 @@
+"""`python -m easylm_align.train`: the train loop. It only wires the other modules together.
+
+With no flags it trains the tiny `debug` LLaMA on the demo corpus shipped in the package, on
+whatever devices JAX sees (the CPU on a laptop), in about a minute. Every COMMIT flag from the
+paper's README works as in EasyLM (see README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from easylm_align import checkpoint, datasets, logger, model, objectives, optimizer, sharding, tokenizer
+from easylm_align.config import FLAGS, define_flags_with_default, flags_to_dict, parse_flags_or_exit
+
+DEFAULTS = define_flags_with_default(
+    seed=42,
+    mesh_dim="1,-1,1",
+    dtype="fp32",
+    param_dtype="fp32",
+    total_steps=300,
+    load_llama_config="debug",
+    update_llama_config="",
+    load_checkpoint="",
+    log_freq=20,
+    save_model_freq=0,
+    save_milestone_freq=0,
+    eval_steps=0,
+    objective="clm",
+    tokenizer=tokenizer.default_config(),
+    train_dataset=datasets.default_config(),
+    eval_dataset=datasets.default_config(),
+    optimizer=optimizer.default_config(),
+    llama=model.default_llama_overrides(),
+    objectives=objectives.default_config(),
+    logger=logger.default_config(),
+    jax_distributed=sharding.default_distributed_config(),
+)
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def _gather_dataset_states(state: dict) -> dict[str, dict]:
+    """Every host's data position, so each resumes its own slice (one host: nothing to gather)."""
+    if jax.process_count() == 1:
+        return {"0": state}
+    blob = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([blob.size]))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:blob.size] = blob
+    blobs = multihost_utils.process_allgather(padded)
+    return {str(i): json.loads(bytes(blobs[i][:int(sizes[i][0])]).decode()) for i in range(jax.process_count())}
+
+
+class Trainer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.mesh = sharding.make_mesh(cfg.mesh_dim)
+        self.llama_config = model.get_llama_config(cfg.load_llama_config, cfg.update_llama_config,
+                                                   cfg.llama.to_dict())
+        self.tokenizer = tokenizer.Tokenizer.from_config(cfg.tokenizer)
+        if self.tokenizer.vocab_size > self.llama_config.vocab_size:
+            raise ValueError(f"--tokenizer.vocab_file has {self.tokenizer.vocab_size} pieces but the model's "
+                             f"vocab_size is {self.llama_config.vocab_size}")
+        if cfg.objective not in objectives.OBJECTIVES:
+            raise ValueError(f"--objective={cfg.objective!r}: choose one of {sorted(objectives.OBJECTIVES)}")
+        self.train_data = self._dataset(cfg.train_dataset, "--train_dataset")
+        self.eval_data = self._dataset(cfg.eval_dataset, "--eval_dataset") if cfg.eval_steps > 0 else None
+        self.model = model.build_model(self.llama_config, cfg.dtype, cfg.param_dtype)
+        self.tx, self.current_lr = optimizer.build(cfg.optimizer)
+        self.output_dir = Path(cfg.logger.output_dir or f"outputs/{time.strftime('%Y%m%d-%H%M%S')}").absolute()
+
+    def _dataset(self, config, flag: str) -> datasets.DatasetIterator:
+        data = datasets.DatasetIterator(config, self.tokenizer, flag, jax.process_index(), jax.process_count())
+        group = f"{flag}.{datasets.SOURCES[config.type].config_key}"
+        sharding.check_batch_divisible(data.batch_size, self.mesh, f"{group}.batch_size")
+        return data
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _init_state(self, rng: jax.Array) -> tuple[Any, dict]:
+        params = model.init_params(self.model, rng)
+        return params, self._fresh_train_state(params, rng)
+
+    def _fresh_train_state(self, params: Any, rng: jax.Array) -> dict:
+        return {"opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32),
+                "rng": jax.random.key_data(jax.random.fold_in(rng, 1))}
+
+    def _build_state(self, ckpt: checkpoint.TrainCheckpointer) -> tuple[Any, dict]:
+        rng = jax.random.PRNGKey(self.cfg.seed)
+        abstract_params, abstract_state = jax.eval_shape(self._init_state, rng)
+        self.param_sh = sharding.param_shardings(abstract_params, self.mesh)
+        self.state_sh = sharding.state_shardings(abstract_state, self.mesh)
+        targets = lambda tree, sh: jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+        params_t, state_t = targets(abstract_params, self.param_sh), targets(abstract_state, self.state_sh)
+        kind, path = checkpoint.parse_load_checkpoint(self.cfg.load_checkpoint)
+        if ckpt.latest_step() is not None:  # resume this run: weights, optimizer, step, RNG and data
+            params, state, meta = ckpt.restore_latest(params_t, state_t)
+            self.train_data.load_state_dict(meta["dataset"][str(jax.process_index())])
+            logging.info("resumed from %s", ckpt.step_path(ckpt.latest_step()))
+            return params, state
+        if kind == "trainstate":
+            params, state, _ = checkpoint.load_train_state(path, params_t, state_t)
+            return params, state
+        if kind == "params":
+            params = checkpoint.load_params(path, params_t)
+            state = jax.jit(self._fresh_train_state, out_shardings=self.state_sh)(params, rng)
+            return params, state
+        return jax.jit(self._init_state, out_shardings=(self.param_sh, self.state_sh))(rng)
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def _train_step(self, params, state, batch):
+        loss_fn = objectives.OBJECTIVES[self.cfg.objective]
+        rng, step_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+        (_, metrics), grads = jax.value_and_grad(
+            lambda p: loss_fn(self.model, p, batch, step_rng, False, self.cfg.objectives), has_aux=True)(params)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], params)
+        params = jax.tree_util.tree_map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+        metrics = dict(metrics, gradient_norm=jax.numpy.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                                                                 for g in jax.tree_util.tree_leaves(grads))),
+                       learning_rate=self.current_lr(opt_state))
+        return params, {"opt_state": opt_state, "step": state["step"] + 1, "rng": jax.random.key_data(rng)}, metrics
+
+    def _eval_step(self, params, batch):
+        _, metrics = objectives.OBJECTIVES[self.cfg.objective](
+            self.model, params, batch, jax.random.PRNGKey(0), True, self.cfg.objectives)
+        return metrics
+
+    # -- loop ----------------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        cfg = self.cfg
+        ckpt = checkpoint.TrainCheckpointer(self.output_dir, cfg.save_model_freq, cfg.save_milestone_freq)
+        params, state = self._build_state(ckpt)
+        step = int(state["step"])
+        batch_sh, repl = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
+        train_step = jax.jit(self._train_step, in_shardings=(self.param_sh, self.state_sh, batch_sh),
+                             out_shardings=(self.param_sh, self.state_sh, repl), donate_argnums=(0, 1))
+        eval_step = jax.jit(self._eval_step, in_shardings=(self.param_sh, batch_sh), out_shardings=repl)
+        flops = model.flops_per_token(self.llama_config, self.train_data.seq_length)
+        metrics_log = logger.MetricsLogger(cfg.logger, self.output_dir, flops, resume_step=step)
+        if jax.process_index() == 0:
+            (self.output_dir / "config.json").write_text(json.dumps(flags_to_dict(), indent=2))
+        last_saved = ckpt.latest_step()
+        meta = lambda data_state: {"step": step, "dataset": _gather_dataset_states(data_state),
+                                   "flags": flags_to_dict(), "llama_config": self.llama_config.to_dict()}
+        progress = tqdm(total=cfg.total_steps, initial=step, disable=jax.process_index() != 0, desc="train")
+        try:
+            if step < cfg.total_steps:
+                batch, data_state = next(self.train_data), self.train_data.state_dict()
+            while step < cfg.total_steps:
+                params, state, metrics = train_step(params, state, sharding.host_batch_to_global(batch, self.mesh))
+                step += 1
+                metrics_log.count_tokens(batch["input_tokens"].size * jax.process_count())
+                trained_state = data_state
+                if step < cfg.total_steps:  # prepare the next batch while the device works
+                    batch, data_state = next(self.train_data), self.train_data.state_dict()
+                loss = float(metrics["loss"])
+                if not np.isfinite(loss):
+                    where = f"the last good checkpoint is {ckpt.step_path(last_saved)}" if last_saved else \
+                        "no checkpoint was saved before it"
+                    raise TrainingDiverged(f"non-finite loss ({loss}) at step {step}; stopped; {where}")
+                progress.update(1)
+                if step % cfg.log_freq == 0 or step == cfg.total_steps:
+                    row = dict(metrics, **self._data_metrics())
+                    if self.eval_data is not None:
+                        row.update(self._evaluate(eval_step, params))
+                    row = metrics_log.log(step, row)
+                    progress.set_postfix(loss=f"{row['loss']:.4f}")
+                if ckpt.due(step) or step == cfg.total_steps:
+                    ckpt.save(step, params, state, meta(trained_state))
+                    last_saved = step
+        finally:
+            progress.close()
+            ckpt.close()
+            metrics_log.close()
+            self.train_data.close()
+        logging.info("finished at step %d; checkpoints in %s", step, ckpt.directory)
+        return self.output_dir
+
+    def _data_metrics(self) -> dict[str, float]:
+        s = self.train_data.stats
+        out = {"data/examples": s["examples"], "data/epoch": self.train_data.epoch}
+        if s["skipped_lines"]:
+            out["data/skipped_lines"] = s["skipped_lines"]
+        if s["words_seen"]:
+            out.update({f"codemix/{k}": s[k] for k in ("words_seen", "words_in_dict", "words_replaced")})
+            out["codemix/replaced_fraction"] = s["words_replaced"] / max(s["words_in_dict"], 1)
+        return out
+
+    def _evaluate(self, eval_step, params) -> dict[str, float]:
+        rows = [eval_step(params, sharding.host_batch_to_global(next(self.eval_data), self.mesh))
+                for _ in range(self.cfg.eval_steps)]
+        return {f"eval_{k}": float(np.mean([r[k] for r in rows])) for k in ("loss", "accuracy")}
+
+
+def main(argv) -> None:
+    del argv
+    sharding.initialize_distributed(FLAGS.jax_distributed)
+    try:
+        output_dir = Trainer(FLAGS).run()
+    except TrainingDiverged as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
+    except (ValueError, FileNotFoundError) as e:
+        logging.debug("user error", exc_info=True)
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    print(f"done: metrics in {output_dir / 'metrics.jsonl'}, checkpoints in {output_dir / 'checkpoints'}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags_or_exit)

@@ -1,0 +1,163 @@
+r"""Code-mixes a text or JSON file with a MUSE dictionary and prints word statistics.
+
+    python -m easylm_align.tools.codemix_file --dict=dicts/en-hi.txt --ratio=0.5 --seed=0 \
+        --input=FILE --output=FILE [--field=text[,title]] [--format=auto]
+
+Formats: ``text`` (each line is one example; its 0-based line number is the example index),
+``jsonl`` (one JSON object per line; the index counts records, blank lines skipped) and
+``json`` (a JSON list of objects; the index is the list position). ``auto`` picks ``jsonl``
+or ``json`` for ``.jsonl`` / ``.json`` files (a ``.json`` file that does not start with ``[``
+is read as JSON lines) and ``text`` otherwise. In JSON records only the ``--field``s are
+mixed; they are mixed together as one example, like :meth:`CodeMixer.mix_fields`, so the
+output matches what a training run with the same seed sees for that example.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from absl import app, flags
+
+from easylm_align.codemix import CodeMixer, MixStats
+
+_DICT = flags.DEFINE_string("dict", None, "MUSE dictionary: one 'source translation' per line.")
+_RATIO = flags.DEFINE_float("ratio", None, "codemix_ratio: chance of replacing a dictionary word.")
+_SEED = flags.DEFINE_integer("seed", 0, "With each example's index, fixes that example's mixing.")
+_INPUT = flags.DEFINE_string("input", None, "File to code-mix.")
+_OUTPUT = flags.DEFINE_string("output", None, "Where to write the code-mixed file.")
+_FIELD = flags.DEFINE_string("field", "text", "Comma-separated fields to mix in JSON records.")
+_FORMAT = flags.DEFINE_enum("format", "auto", ["auto", "text", "jsonl", "json"], "Input format.")
+
+
+class InputError(Exception):
+    """A problem with the input file, reported as one line naming the file and line."""
+
+
+def _detect_format(path: str, head: str) -> str:
+    if path.endswith(".jsonl"):
+        return "jsonl"
+    if path.endswith(".json"):
+        return "json" if head.lstrip().startswith("[") else "jsonl"
+    return "text"
+
+
+def _mix_record(
+    mixer: CodeMixer, record: Any, fields: Sequence[str], index: int, where: str
+) -> tuple[Any, MixStats]:
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for field in fields:
+        if not isinstance(record.get(field), str):
+            problem = "missing" if field not in record else "not a string"
+            raise InputError(
+                f"{where}: field {field!r} is {problem} (record keys: {', '.join(record)})"
+            )
+    mixed, stats = mixer.mix_fields([record[f] for f in fields], index)
+    return {**record, **dict(zip(fields, mixed))}, stats
+
+
+def _lines(content: str) -> list[str]:
+    """Lines split on "\n" only, with their ends: str.splitlines would also split on
+    characters such as U+2028, which JSON strings may hold unescaped."""
+    lines = [line + "\n" for line in content.split("\n")]
+    lines[-1] = lines[-1][:-1]
+    return lines if lines[-1] else lines[:-1]
+
+
+def _mix_text(mixer: CodeMixer, content: str) -> Iterator[tuple[str, MixStats]]:
+    for index, line in enumerate(_lines(content)):
+        mixed, stats = mixer.mix_fields((line,), index)
+        yield mixed[0], stats
+
+
+def _mix_jsonl(
+    mixer: CodeMixer, content: str, fields: Sequence[str], path: str
+) -> Iterator[tuple[str, MixStats]]:
+    index = 0
+    for lineno, line in enumerate(_lines(content), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        mixed, stats = _mix_record(mixer, record, fields, index, where)
+        index += 1
+        yield json.dumps(mixed, ensure_ascii=False) + "\n", stats
+
+
+def codemix_file(
+    mixer: CodeMixer, input_path: str, output_path: str, fields: Sequence[str], fmt: str = "auto"
+) -> MixStats:
+    """Code-mixes ``input_path`` into ``output_path``; returns the summed statistics."""
+    try:
+        with open(input_path, encoding="utf-8", newline="") as f:
+            content = f.read()
+    except FileNotFoundError:
+        raise InputError(f"{input_path}: input file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{input_path}: cannot read: {e}") from None
+    if fmt == "auto":
+        fmt = _detect_format(input_path, content[:100])
+
+    total = MixStats()
+    if fmt == "json":
+        try:
+            records = json.loads(content)
+        except json.JSONDecodeError as e:
+            raise InputError(
+                f"{input_path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})"
+            ) from None
+        if not isinstance(records, list):
+            raise InputError(f"{input_path}: expected a JSON list of objects")
+        mixed_records = []
+        for index, record in enumerate(records):
+            where = f"{input_path}: record {index}"
+            mixed, stats = _mix_record(mixer, record, fields, index, where)
+            mixed_records.append(mixed)
+            total += stats
+        out = json.dumps(mixed_records, ensure_ascii=False, indent=4) + "\n"
+    else:
+        pieces = (
+            _mix_text(mixer, content)
+            if fmt == "text"
+            else _mix_jsonl(mixer, content, fields, input_path)
+        )
+        chunks = []
+        for chunk, stats in pieces:
+            chunks.append(chunk)
+            total += stats
+        out = "".join(chunks)
+    try:
+        with open(output_path, "w", encoding="utf-8", newline="") as f:
+            f.write(out)
+    except OSError as e:
+        raise InputError(f"{output_path}: cannot write: {e}") from None
+    return total
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    fields = [f.strip() for f in _FIELD.value.split(",") if f.strip()]
+    if not fields:
+        raise app.UsageError("--field must name at least one field")
+    try:
+        mixer = CodeMixer.from_file(_DICT.value, _RATIO.value, _SEED.value)
+        stats = codemix_file(mixer, _INPUT.value, _OUTPUT.value, fields, _FORMAT.value)
+    except (InputError, ValueError) as e:  # DictionaryError and a bad ratio are ValueErrors
+        sys.exit(f"codemix_file: error: {e}")
+    in_dict_share = stats.words_in_dict / stats.words_seen if stats.words_seen else 0.0
+    print(f"words seen:               {stats.words_seen:,}")
+    print(f"words in dictionary:      {stats.words_in_dict:,} ({in_dict_share:.1%} of seen)")
+    print(f"words replaced:           {stats.words_replaced:,}")
+    print(f"replaced / in dictionary: {stats.replaced_ratio:.4f} (codemix_ratio {mixer.ratio})")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["dict", "ratio", "input", "output"])
+    app.run(main)

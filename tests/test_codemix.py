@@ -1,0 +1,320 @@
+"""COMMIT code-mixing: dictionary loading, mixing semantics, determinism, the CLI tool and the
+Alpaca templates, on the real MUSE en-hi dictionary and Alpaca data where it matters."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from easylm_align.alpaca_templates import (
+    ALPACA_TEMPLATES,
+    get_alpaca_template,
+    template_parts,
+)
+from easylm_align.codemix import CodeMixer, DictionaryError, MixStats, load_muse_dictionary
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+SMALL_DICT = {"water": ("पानी",), "cold": ("ठंडा",), "is": ("है",)}
+
+
+@pytest.fixture(scope="module")
+def en_hi(shared_data):
+    return load_muse_dictionary(shared_data / "dicts" / "en-hi.txt")
+
+
+@pytest.fixture(scope="module")
+def alpaca_texts(shared_data):
+    with open(shared_data / "alpaca" / "alpaca_data.json", encoding="utf-8") as f:
+        records = json.load(f)[:3000]
+    return [[r["instruction"], r["input"], r["output"]] for r in records]
+
+
+def _skeleton(text):
+    """The whitespace runs of ``text``, in order."""
+    return re.findall(r"\s+", text)
+
+
+# --- mixing semantics -------------------------------------------------------------------------
+
+
+def test_punctuation_around_a_word_survives():
+    mixer = CodeMixer(SMALL_DICT, ratio=1.0)
+    text = '"Water," he said: (cold)… «water» ¿water? —cold— [water]. water\'s'
+    assert mixer.mix(text, 0) == '"पानी," he said: (ठंडा)… «पानी» ¿पानी? —ठंडा— [पानी]. water\'s'
+
+
+def test_punctuation_only_tokens_are_not_words():
+    mixed, stats = CodeMixer(SMALL_DICT, ratio=1.0).mix_fields(["-- water ... ¡! is"], 0)
+    assert mixed == ["-- पानी ... ¡! है"]
+    assert stats == MixStats(words_seen=2, words_in_dict=2, words_replaced=2)
+
+
+def test_whitespace_is_preserved_exactly():
+    mixer = CodeMixer(SMALL_DICT, ratio=1.0)
+    text = "  water\tis\n\ncold \u00a0water\r\n  is\u2003cold  "
+    mixed = mixer.mix(text, 7)
+    assert mixed == "  पानी\tहै\n\nठंडा \u00a0पानी\r\n  है\u2003ठंडा  "
+    assert _skeleton(mixed) == _skeleton(text)
+
+
+def test_words_not_in_dictionary_are_untouched():
+    mixer = CodeMixer(SMALL_DICT, ratio=1.0)
+    text = "The river water is very cold today, isn't it?"
+    mixed = mixer.mix(text, 3)
+    assert mixed == "The river पानी है very ठंडा today, isn't it?"
+
+
+def test_exact_lookup_before_lowercase():
+    mixer = CodeMixer({"apple": ("a1",), "Apple": ("A1",)}, ratio=1.0)
+    assert mixer.mix("Apple apple APPLE (Apple)", 0) == "A1 a1 a1 (A1)"
+
+
+def test_ratio_zero_is_identity_and_ratio_one_replaces_every_dictionary_word(alpaca_texts):
+    examples = alpaca_texts[:300]
+    identity = CodeMixer(SMALL_DICT, ratio=0.0)
+    # Markers that cannot occur in Alpaca show which words were replaced.
+    vocab = {w.lower().strip(".,;:!?\"'()") for ts in examples for t in ts for w in t.split()}
+    marker_dict = {w: (f"⟦{i}⟧",) for i, w in enumerate(sorted(vocab)) if w and i % 2 == 0}
+    full = CodeMixer(marker_dict, ratio=1.0)
+    zero = CodeMixer(marker_dict, ratio=0.0)
+    for index, texts in enumerate(examples):
+        assert identity.mix_fields(texts, index)[0] == texts
+        unchanged, zero_stats = zero.mix_fields(texts, index)
+        assert unchanged == texts and zero_stats.words_replaced == 0
+        mixed, stats = full.mix_fields(texts, index)
+        assert stats.words_replaced == stats.words_in_dict == zero_stats.words_in_dict
+        assert sum(t.count("⟦") for t in mixed) == stats.words_replaced
+        assert [_skeleton(t) for t in mixed] == [_skeleton(t) for t in texts]
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.5, 0.9])
+def test_replaced_fraction_matches_ratio_on_alpaca(en_hi, alpaca_texts, ratio):
+    mixer = CodeMixer(en_hi, ratio=ratio, seed=1)
+    stats = sum(mixer.mix_fields(texts, i)[1] for i, texts in enumerate(alpaca_texts))
+    assert stats.words_in_dict > 50_000  # the dictionary covers a good share of Alpaca
+    assert abs(stats.replaced_ratio - ratio) < 0.01, stats
+
+
+def test_translations_are_chosen_uniformly():
+    mixer = CodeMixer({"word": ("x", "y", "z")}, ratio=0.5)
+    counts = Counter(mixer.mix(" ".join(["word"] * 30_000), 0).split())
+    assert abs(counts["word"] / 30_000 - 0.5) < 0.015
+    for choice in "xyz":
+        assert abs(counts[choice] / 15_000 - 1 / 3) < 0.02, counts
+
+
+def test_mix_stats_add_and_sum():
+    a, b = MixStats(3, 2, 1), MixStats(10, 5, 4)
+    assert a + b == MixStats(13, 7, 5)
+    assert sum([a, b]) == MixStats(13, 7, 5)
+    assert sum([], MixStats()) == MixStats(0, 0, 0)
+    assert MixStats(10, 4, 1).replaced_ratio == 0.25 and MixStats().replaced_ratio == 0.0
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.01, math.nan])
+def test_ratio_out_of_range_is_rejected(ratio):
+    with pytest.raises(ValueError, match="codemix_ratio"):
+        CodeMixer(SMALL_DICT, ratio=ratio)
+
+
+# --- determinism ----------------------------------------------------------------------------
+
+
+def test_same_seed_and_index_give_the_same_output_in_any_call_order(en_hi, alpaca_texts):
+    examples = alpaca_texts[:200]
+    forward = CodeMixer(en_hi, ratio=0.5, seed=3)
+    backward = CodeMixer(en_hi, ratio=0.5, seed=3)
+    expected = [forward.mix_fields(texts, i) for i, texts in enumerate(examples)]
+    got = [backward.mix_fields(examples[i], i) for i in reversed(range(len(examples)))]
+    assert got[::-1] == expected
+    other_seed = CodeMixer(en_hi, ratio=0.5, seed=4)
+    assert [other_seed.mix_fields(t, i)[0] for i, t in enumerate(examples)] != [
+        e[0] for e in expected
+    ]
+
+
+def test_different_indices_mix_independently():
+    words = [f"w{i}" for i in range(4000)]
+    mixer = CodeMixer({w: (w.upper(),) for w in words}, ratio=0.5)
+    text = " ".join(words)
+
+    def decisions(index):
+        return [w.isupper() for w in mixer.mix(text, index).split()]
+
+    first, second = decisions(0), decisions(1)
+    agreement = sum(a == b for a, b in zip(first, second)) / len(words)
+    assert abs(agreement - 0.5) < 0.04  # independent fair coins agree half the time
+    assert abs(sum(first) / len(words) - 0.5) < 0.04
+
+
+def test_mix_fields_draws_across_fields_like_one_text():
+    mixer = CodeMixer(SMALL_DICT, ratio=0.5, seed=9)
+    fields = ["water is cold " * 20, "cold water " * 20]
+    mixed, stats = mixer.mix_fields(fields, 11)
+    assert mixer.mix_fields(fields, 11) == (mixed, stats)
+    assert stats.words_seen == stats.words_in_dict == 100
+    assert mixer.mix(fields[0], 11) == mixed[0]
+
+
+# --- dictionary loading ---------------------------------------------------------------------
+
+
+def test_load_dictionary_formats(tmp_path):
+    path = tmp_path / "d.txt"
+    path.write_text(
+        "# a comment\nthe\tदी\n\nwater पानी\nwater जल\nwater पानी\n  cold  ठंडा  \n",
+        encoding="utf-8",
+    )
+    assert load_muse_dictionary(path) == {
+        "the": ("दी",),
+        "water": ("पानी", "जल"),
+        "cold": ("ठंडा",),
+    }
+
+
+def test_dictionary_is_cached_and_reloaded_when_changed(tmp_path):
+    path = tmp_path / "d.txt"
+    path.write_text("a b\n", encoding="utf-8")
+    first = load_muse_dictionary(path)
+    assert load_muse_dictionary(str(path)) is first
+    path.write_text("a b\nc d\n", encoding="utf-8")
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000_000))
+    assert load_muse_dictionary(path) == {"a": ("b",), "c": ("d",)}
+
+
+def test_missing_dictionary(tmp_path):
+    path = tmp_path / "nope.txt"
+    with pytest.raises(DictionaryError, match=re.escape(str(path))):
+        load_muse_dictionary(path)
+
+
+def test_empty_dictionary(tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_text("# only a comment\n\n", encoding="utf-8")
+    with pytest.raises(DictionaryError, match=re.escape(f"{path}: dictionary is empty")):
+        load_muse_dictionary(path)
+
+
+@pytest.mark.parametrize("bad_line, columns", [("lonely", 1), ("a b c", 3)])
+def test_malformed_dictionary_line(tmp_path, bad_line, columns):
+    path = tmp_path / "bad.txt"
+    path.write_text(f"a b\n\n{bad_line}\nc d\n", encoding="utf-8")
+    with pytest.raises(DictionaryError) as info:
+        load_muse_dictionary(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:3: expected two columns") and f"got {columns}" in message
+    assert isinstance(info.value, ValueError)
+
+
+def test_real_dictionaries_load_fast(shared_data):
+    start = time.perf_counter()
+    en_el = load_muse_dictionary(shared_data / "dicts" / "en-el.txt")  # 56k lines
+    assert time.perf_counter() - start < 1.0
+    assert len(en_el) > 40_000 and all(isinstance(v, tuple) and v for v in en_el.values())
+
+
+def test_repo_dictionaries_match_shared_data(shared_data):
+    for name in ("en-hi", "hi-en", "en-el", "el-en", "en-th", "th-en", "en-zh", "zh-en"):
+        shipped = (REPO_ROOT / "dicts" / f"{name}.txt").read_bytes()
+        assert shipped == (shared_data / "dicts" / f"{name}.txt").read_bytes(), name
+
+
+# --- command-line tool ----------------------------------------------------------------------
+
+
+def _run_tool(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "easylm_align.tools.codemix_file", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONHASHSEED": "123"},  # hashing must not matter
+        timeout=60,
+    )
+
+
+def test_tool_mixes_text_and_jsonl_like_the_library(tmp_path, shared_data, en_hi, alpaca_texts):
+    dict_path = shared_data / "dicts" / "en-hi.txt"
+    lines = [t[2] for t in alpaca_texts[:50] if "\n" not in t[2]]
+    text_in, text_out = tmp_path / "in.txt", tmp_path / "out.txt"
+    text_in.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = _run_tool(f"--dict={dict_path}", "--ratio=0.5", "--seed=2",
+                       f"--input={text_in}", f"--output={text_out}")
+    assert result.returncode == 0, result.stderr
+    mixer = CodeMixer(en_hi, ratio=0.5, seed=2)
+    expected = [mixer.mix(line + "\n", i) for i, line in enumerate(lines)]
+    assert text_out.read_text(encoding="utf-8") == "".join(expected)
+    stats = sum(mixer.mix_fields([line + "\n"], i)[1] for i, line in enumerate(lines))
+    assert f"words seen:               {stats.words_seen:,}" in result.stdout
+    assert f"words replaced:           {stats.words_replaced:,}" in result.stdout
+    assert f"replaced / in dictionary: {stats.replaced_ratio:.4f}" in result.stdout
+
+    records = [
+        {"id": i, "instruction": t[0], "output": t[2]} for i, t in enumerate(alpaca_texts[:40])
+    ]
+    jsonl_in, jsonl_out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    jsonl_in.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    result = _run_tool(f"--dict={dict_path}", "--ratio=0.9", f"--input={jsonl_in}",
+                       f"--output={jsonl_out}", "--field=instruction,output")
+    assert result.returncode == 0, result.stderr
+    got = [json.loads(line) for line in jsonl_out.read_text(encoding="utf-8").splitlines()]
+    mixer = CodeMixer(en_hi, ratio=0.9, seed=0)
+    for i, (record, out) in enumerate(zip(records, got, strict=True)):
+        instruction, output = mixer.mix_fields([record["instruction"], record["output"]], i)[0]
+        assert out == {"id": i, "instruction": instruction, "output": output}
+
+
+def test_tool_reports_bad_input_in_one_line(tmp_path, shared_data):
+    dict_path = shared_data / "dicts" / "en-hi.txt"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": oops}\n', encoding="utf-8")
+    missing = tmp_path / "missing.txt"
+    cases = [
+        ([f"--input={bad}"], f"{bad}:2: invalid JSON"),
+        ([f"--input={missing}"], f"{missing}: input file not found"),
+        ([f"--input={bad}", "--field=title"], f"{bad}:1: field 'title' is missing"),
+    ]
+    for extra, expected in cases:
+        result = _run_tool(f"--dict={dict_path}", "--ratio=0.5",
+                           f"--output={tmp_path / 'out'}", *extra)
+        assert result.returncode != 0
+        [line] = result.stderr.strip().splitlines()  # one line, no traceback
+        assert line.startswith(f"codemix_file: error: {expected}"), line
+
+
+# --- Alpaca templates -----------------------------------------------------------------------
+
+
+def test_alpaca_templates_have_the_right_slots():
+    assert set(ALPACA_TEMPLATES) == {"en", "hi", "el", "th", "zh"}
+    assert ALPACA_TEMPLATES["en"].with_input.startswith(
+        "Below is an instruction that describes a task, paired with an input"
+    )
+    values = {"instruction": "INSTR", "input": "INP"}
+    for lang, template in ALPACA_TEMPLATES.items():
+        for text, slots in ((template.with_input, ["instruction", "input"]),
+                            (template.without_input, ["instruction"])):
+            parts = template_parts(text)
+            assert [slot for _, slot in parts if slot] == slots, lang
+            assert parts[-1][1] is None and re.search(r"\n### \S+[:：]\n$", parts[-1][0]), lang
+            rebuilt = "".join(literal + (values[slot] if slot else "") for literal, slot in parts)
+            assert rebuilt == text.format(**values)
+
+
+def test_unknown_alpaca_language():
+    assert get_alpaca_template("hi") is ALPACA_TEMPLATES["hi"]
+    with pytest.raises(ValueError, match="alpaca_lang 'xx'; available: el, en, hi, th, zh"):
+        get_alpaca_template("xx")
+
+
+def test_template_parts_rejects_formatted_slots():
+    with pytest.raises(ValueError, match="plain name"):
+        template_parts("### Instruction:\n{instruction!r}")

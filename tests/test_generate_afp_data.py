@@ -1,0 +1,241 @@
+"""AFP data generation: directions, pairing, repeat counts, determinism, naming, input errors."""
+
+import collections
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from easylm_align.tools import generate_afp_data as gen
+
+ASSET = Path(gen.__file__).resolve().parents[1] / "assets" / "afp_sample.jsonl"
+LANG_OF_NAME = {name: code for code, name in gen.LANG_NAMES.items()}
+
+
+@pytest.fixture(scope="module")
+def instruct(shared_data):
+    return gen.load_aligned(shared_data / "instruct_x", ["en", "zh"])
+
+
+def _index(data):
+    """{(lang, prompt head): [record index]} to trace samples back to records."""
+    out = {}
+    for lang, records in data.items():
+        for i, r in enumerate(records):
+            head = f"{r['instruction']} {r['input']}" if r["input"] else r["instruction"]
+            out.setdefault((lang, head), []).append(i)
+    return out
+
+
+def _trace(sample, data, index):
+    """The record index a cross-lingual instruction sample was built from (prompt in its source
+    language, output from the same record in the target language named in the prompt)."""
+    prompt = sample["clm_text"][: sample["clm_prompt_len"]]
+    m = re.search(r" Answer in (\w+): $", prompt)
+    assert m, prompt
+    tgt = LANG_OF_NAME[m.group(1)]
+    output = sample["clm_text"][sample["clm_prompt_len"] :]
+    matches = [
+        i for lang in data for i in index.get((lang, prompt[: m.start()]), []) if data[tgt][i]["output"] == output
+    ]
+    assert matches, sample["clm_text"][:100]
+    return matches[0]
+
+
+@pytest.mark.parametrize("cross", [0.5, 0.2])
+def test_bilingual_direction_frequencies(shared_data, instruct, cross):
+    stats = collections.Counter()
+    samples = gen.generate(
+        "bilingual", ["en", "zh"], bactrian_dir=shared_data / "instruct_x",
+        cross_probability=cross, repeat=3, seed=1, stats=stats,
+    )
+    n = len(instruct["en"])
+    assert len(samples) == 3 * n == sum(stats.values())
+    expected = {"en->zh": cross / 2, "zh->en": cross / 2, "en->en": (1 - cross) / 2, "zh->zh": (1 - cross) / 2}
+    assert set(stats) == set(expected)
+    for direction, p in expected.items():
+        assert abs(stats[direction] / len(samples) - p) < 0.02, (direction, stats)
+    # The target language named in the text agrees with the counts.
+    to_zh = sum(" Answer in Chinese: " in s["clm_text"][: s["clm_prompt_len"]] for s in samples)
+    assert to_zh == stats["en->zh"] + stats["zh->zh"]
+
+
+def test_bilingual_samples_come_from_aligned_records(shared_data, instruct):
+    samples = gen.generate("bilingual", ["en", "zh"], bactrian_dir=shared_data / "instruct_x", repeat=3, seed=0)
+    pairs = {(a["instruction"], b["instruction"]) for a, b in zip(instruct["en"], instruct["zh"])}
+    index = _index(instruct)
+    uses = collections.Counter()
+    for s in samples:
+        assert (s["sent0"], s["sent1"]) in pairs  # pivot (en) first, same id
+        assert set(s) == {"sent0", "sent1", "clm_text", "clm_prompt_len"}
+        uses[_trace(s, instruct, index)] += 1
+    # repeat=3: every record is used exactly three times.
+    assert set(uses.values()) == {3} and len(uses) == len(instruct["en"])
+
+
+def test_fractional_repeat_uses_distinct_records(shared_data, instruct):
+    samples = gen.generate("bilingual", ["en", "zh"], bactrian_dir=shared_data / "instruct_x", repeat=0.1, seed=3)
+    n = len(instruct["en"])
+    assert len(samples) == int(0.1 * n)
+    index = _index(instruct)
+    used = [_trace(s, instruct, index) for s in samples]
+    assert len(set(used)) == len(used)
+
+
+def test_translation_mode(shared_data):
+    path = shared_data / "parallel" / "tatoeba.en-zh.tsv"
+    pairs = set(gen.read_translation_file(path, "en", "zh"))
+    stats = collections.Counter()
+    samples = gen.generate("translation", ["en", "zh"], translation_file=path, change_probability=0.3,
+                           repeat=3, seed=0, stats=stats)
+    assert len(samples) == 3000
+    assert abs(stats["zh->en"] / 3000 - 0.3) < 0.03 and stats["en->zh"] + stats["zh->en"] == 3000
+    formats = collections.Counter()
+    for s in samples:
+        assert (s["sent0"], s["sent1"]) in pairs or (s["sent1"], s["sent0"]) in pairs
+        prompt = s["clm_text"][: s["clm_prompt_len"]]
+        assert s["clm_text"][s["clm_prompt_len"] :] == s["sent1"]
+        assert prompt.startswith(s["sent0"] + " ")
+        formats["=" if prompt.endswith(" = ") else "translate"] += 1
+        if not prompt.endswith(" = "):
+            lang = "Chinese" if (s["sent0"], s["sent1"]) in pairs else "English"
+            assert prompt == f"{s['sent0']} Translate into {lang}: "
+    assert abs(formats["="] / 3000 - 0.5) < 0.03
+
+
+def test_translation_file_with_language_header(shared_data):
+    pairs = gen.read_translation_file(shared_data / "parallel" / "pud.en-hi-th-zh.tsv", "th", "hi")
+    assert len(pairs) == 1000
+    assert pairs[0][1].startswith("“संयुक्त") and pairs[0][0].startswith("“แม้ว่า")
+
+
+def _write_bx(directory, lang, records):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{lang}.json").write_text(json.dumps(records, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def _records(lang, n, prefix=""):
+    return [
+        {"instruction": f"{prefix}instr {lang} {i}", "input": f"in {lang} {i}" if i % 2 else "",
+         "id": f"alpaca-{i:05d}", "output": f"out {lang} {i}"}
+        for i in range(n)
+    ]
+
+
+def test_crosslingual_direction_frequencies(tmp_path):
+    for lang in ("en", "zh", "hi"):
+        _write_bx(tmp_path, lang, _records(lang, 400))
+    stats = collections.Counter()
+    samples = gen.generate("crosslingual", ["en", "zh", "hi"], bactrian_dir=tmp_path, cross_probability=0.5,
+                           change_probability=0.5, repeat=10, seed=0, stats=stats)
+    assert len(samples) == 4000
+    expected = {"en->en": 1 / 6, "zh->zh": 1 / 6, "hi->hi": 1 / 6,
+                "en->zh": 0.125, "zh->en": 0.125, "en->hi": 0.125, "hi->en": 0.125}
+    assert set(stats) == set(expected)  # never between two non-pivot languages
+    for direction, p in expected.items():
+        assert abs(stats[direction] / 4000 - p) < 0.025, (direction, stats)
+    for s in samples:  # pairs: pivot first, aligned by id
+        m = re.fullmatch(r"instr en (\d+)", s["sent0"])
+        assert m and re.fullmatch(rf"instr (zh|hi) {m.group(1)}", s["sent1"])
+
+
+def test_same_seed_same_file_and_names(shared_data, tmp_path):
+    argv = ["--mode", "bilingual", "--languages", "en", "zh", "--cross-probability", "0.5", "--repeat", "3",
+            "--bactrian-dir", str(shared_data / "instruct_x")]
+    for out, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        assert gen.main([*argv, "--output-dir", str(tmp_path / out), "--seed", seed]) == 0
+    files = [tmp_path / d / "AFP.en_zh.X0.5.R3.0.json" for d in "abc"]
+    assert files[0].read_bytes() == files[1].read_bytes() != files[2].read_bytes()
+    lines = files[0].read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 3 * 2957 and json.loads(lines[0])["clm_text"]
+    trans = ["--mode", "translation", "--languages", "en", "zh", "--change-probability", "0.5", "--repeat", "3",
+             "--translation-file", str(shared_data / "parallel" / "tatoeba.en-zh.tsv"), "--output-dir", str(tmp_path)]
+    assert gen.main(trans) == 0 and (tmp_path / "AFP.en-zh-trans.C0.5.R3.0.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "mode, langs, expected",
+    [
+        ("bilingual", ["en", "zh"], "AFP.en_zh.X0.5.R3.0.json"),
+        ("crosslingual", ["en", "zh", "ar"], "AFP.en_zh_ar.X0.5.C0.5.R3.0.json"),
+        ("translation", ["en", "zh"], "AFP.en-zh-trans.C0.5.R3.0.json"),
+    ],
+)
+def test_output_filename(mode, langs, expected):
+    assert gen.output_filename(mode, langs, 0.5, 0.5, 3) == expected
+
+
+def test_asset_is_reproducible(shared_data):
+    """easylm_align/assets/afp_sample.jsonl is this command's output (see assets/README.md)."""
+    samples = gen.generate("bilingual", ["en", "zh"], bactrian_dir=shared_data / "instruct_x",
+                           cross_probability=0.5, repeat=0.1, seed=0)
+    expected = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+    assert ASSET.read_text(encoding="utf-8") == expected
+
+
+# ---------------------------------------------------------------------------- input errors
+
+
+def test_mismatched_ids_name_file_and_line(tmp_path):
+    en, zh = _records("en", 5), _records("zh", 5)
+    zh[3]["id"] = "alpaca-99999"
+    _write_bx(tmp_path, "en", en)
+    _write_bx(tmp_path, "zh", zh)
+    line = next(i for i, t in enumerate((tmp_path / "zh.json").read_text().splitlines(), 1) if "alpaca-99999" in t)
+    with pytest.raises(gen.AfpDataError, match=rf"zh\.json:{line - 3}: id 'alpaca-99999' does not occur in .*en\.json"):
+        gen.generate("bilingual", ["en", "zh"], bactrian_dir=tmp_path)
+
+
+def test_missing_id_in_other_language_names_pivot_line(tmp_path):
+    en, zh = _records("en", 5), _records("zh", 4)
+    _write_bx(tmp_path, "en", en)
+    _write_bx(tmp_path, "zh", zh)
+    line = next(i for i, t in enumerate((tmp_path / "en.json").read_text().splitlines(), 1) if "alpaca-00004" in t)
+    with pytest.raises(gen.AfpDataError, match=rf"en\.json:{line - 3}: id 'alpaca-00004' does not occur in .*zh\.json"):
+        gen.generate("bilingual", ["en", "zh"], bactrian_dir=tmp_path)
+
+
+def test_duplicate_id_and_bad_json(tmp_path):
+    en = _records("en", 3)
+    en[2]["id"] = en[0]["id"]
+    _write_bx(tmp_path, "en", en)
+    _write_bx(tmp_path, "zh", _records("zh", 3))
+    with pytest.raises(gen.AfpDataError, match=r"en\.json:\d+: duplicate id 'alpaca-00000' \(first at line 2\)"):
+        gen.generate("bilingual", ["en", "zh"], bactrian_dir=tmp_path)
+    good = '{"id": "a", "instruction": "x",\n   "input": "", "output": "y"\n  }'
+    (tmp_path / "en.json").write_text(f"[\n  {good},\n  {{oops}}\n]")
+    with pytest.raises(gen.AfpDataError, match=r"en\.json:5: invalid JSON"):
+        gen.read_instruction_file(tmp_path / "en.json")
+    (tmp_path / "en.json").write_text('[\n  {"id": "a", "instruction": "x", "input": null}\n]')
+    with pytest.raises(gen.AfpDataError, match=r"en\.json:2: record lacks a string field 'output'"):
+        gen.read_instruction_file(tmp_path / "en.json")
+
+
+def test_tsv_line_without_tab(tmp_path):
+    path = tmp_path / "pairs.tsv"
+    path.write_text("Hello.\t你好。\nGood night.\t晚安。\nno tab here\n", encoding="utf-8")
+    with pytest.raises(gen.AfpDataError, match=r"pairs\.tsv:3: no tab"):
+        gen.generate("translation", ["en", "zh"], translation_file=path)
+    path.write_text("a\tb\tc\n", encoding="utf-8")
+    with pytest.raises(gen.AfpDataError, match=r"pairs\.tsv:1: expected 2 tab-separated fields, got 3"):
+        gen.read_translation_file(path, "en", "zh")
+
+
+def test_missing_files_and_bad_arguments(tmp_path, capsys):
+    _write_bx(tmp_path, "en", _records("en", 2))
+    with pytest.raises(FileNotFoundError, match=r"zh\.json"):
+        gen.generate("bilingual", ["en", "zh"], bactrian_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"nope\.tsv"):
+        gen.generate("translation", ["en", "zh"], translation_file=tmp_path / "nope.tsv")
+    with pytest.raises(ValueError, match=r"unknown language code 'xx'"):
+        gen.generate("bilingual", ["en", "xx"], bactrian_dir=tmp_path)
+    with pytest.raises(ValueError, match="exactly 2 languages"):
+        gen.generate("bilingual", ["en", "zh", "hi"], bactrian_dir=tmp_path)
+    with pytest.raises(ValueError, match="3 or more"):
+        gen.generate("crosslingual", ["en", "zh"], bactrian_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"cross_probability must be in \[0, 1\]"):
+        gen.generate("bilingual", ["en", "zh"], bactrian_dir=tmp_path, cross_probability=1.5)
+    assert gen.main(["--languages", "en", "zh", "--bactrian-dir", str(tmp_path), "--output-dir", str(tmp_path)]) == 2
+    assert "zh.json" in capsys.readouterr().err
+    assert gen.language_name("el") == "Greek" and gen.language_name("th") == "Thai"

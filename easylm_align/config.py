@@ -23,6 +23,9 @@ def define_flags_with_default(**defaults: Any) -> dict[str, Any]:
     """Defines one absl flag per keyword; ConfigDicts become dotted flag groups."""
     for name, value in defaults.items():
         if isinstance(value, ConfigDict):
+            # ml_collections applies `--name.x.y=` overrides from sys.argv while defining the flag,
+            # so misspelt names in this group must be caught before that.
+            _exit_on_unknown(sys.argv, _leaf_names(name, value), prefix=f"{name}.")
             config_flags.DEFINE_config_dict(name, value)
         elif isinstance(value, bool):
             flags.DEFINE_bool(name, value, None)
@@ -56,36 +59,42 @@ def known_flag_names() -> list[str]:
     return names
 
 
-def check_flag_names(argv: Sequence[str]) -> None:
-    """Raises flags.Error naming the first unknown `--flag` (and the nearest known one)."""
-    known = set(known_flag_names())
+def check_flag_names(argv: Sequence[str], known: Sequence[str], prefix: str = "") -> None:
+    """Raises flags.Error naming the first unknown `--flag` (and the nearest known one).
+
+    Only names starting with `prefix` are checked."""
+    known_set = set(known)
     for arg in argv[1:]:
         if arg == "--":
             break
         if not arg.startswith("-") or arg == "-":
             continue
         name = arg.lstrip("-").split("=", 1)[0]
-        if name in known or (name.startswith("no") and name[2:] in known):
+        if not name.startswith(prefix) or name in known_set or (name.startswith("no") and name[2:] in known_set):
             continue
         near = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
         hint = f"; did you mean --{near[0]}?" if near else ""
         raise flags.Error(f"unknown flag --{name}{hint}")
 
 
-def parse_flags_or_exit(argv: Sequence[str]) -> list[str]:
-    """absl `flags_parser` for app.run: clear one-line errors for misspelt or malformed flags."""
+def _exit_on_unknown(argv: Sequence[str], known: Sequence[str], prefix: str = "") -> None:
     try:
-        check_flag_names(argv)
-        return FLAGS(argv)
-    except (flags.Error, ValueError, KeyError, TypeError, AttributeError) as e:
+        check_flag_names(argv, known, prefix)
+    except flags.Error as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
 
 
-def flags_to_dict() -> dict[str, Any]:
-    """The resolved value of every flag this program defined (saved with checkpoints)."""
-    out = {}
-    for name in _DEFINED:
-        value = getattr(FLAGS, name)
-        out[name] = value.to_dict() if isinstance(value, ConfigDict) else value
-    return out
+def parse_flags_or_exit(argv: Sequence[str]) -> list[str]:
+    """absl `flags_parser` for app.run: clear one-line errors for misspelt or malformed flags."""
+    _exit_on_unknown(argv, known_flag_names())
+    try:
+        return FLAGS(argv)
+    except (flags.Error, ValueError, KeyError, TypeError, AttributeError) as e:  # malformed values
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+
+
+def parsed_config() -> ConfigDict:
+    """The parsed value of every flag this program defined, as one ConfigDict."""
+    return ConfigDict({name: getattr(FLAGS, name) for name in _DEFINED})

@@ -49,6 +49,9 @@ def register_source(name: str):
 class Source:
     name: ClassVar[str]
     config_key: ClassVar[str]
+    # The iterator that turns this source into batches; a source with its own batch layout (AFP's
+    # pairs + CLM rows) names its own class with the same interface as DatasetIterator.
+    iterator_cls: ClassVar[Optional[type]] = None
 
     @staticmethod
     def default_config() -> ConfigDict:
@@ -279,12 +282,29 @@ class DatasetIterator:
                 if record.example is None:
                     self.stats["skipped_lines"] += record.bad
                     continue
-                self.packer.add(result.tokens, result.loss_mask)
                 added += 1
                 self.stats["examples"] += 1
                 self.stats.update(result.stats._asdict())
-                while self.packer.ready():
-                    yield self.packer.pop()
+                yield from self._batches_from(result)
             if start == 0 and added == 0:
                 raise DataError(f"{self.source.flag}: the data set has no examples")
             self.epoch, self.next_record = self.epoch + 1, 0
+
+    def _batches_from(self, result) -> Iterator[dict[str, np.ndarray]]:
+        """Takes one processed example; yields the batches it completes (subclasses batch differently)."""
+        self.packer.add(result.tokens, result.loss_mask)
+        while self.packer.ready():
+            yield self.packer.pop()
+
+
+def build_iterator(config: ConfigDict, tokenizer: Tokenizer, flag: str = "--train_dataset",
+                   process_index: int = 0, process_count: int = 1) -> DatasetIterator:
+    """The batch iterator for `config.type`: the source's own, or the packing DatasetIterator."""
+    if config.type not in SOURCES:
+        raise DataError(f"{flag}.type={config.type!r}: choose one of {sorted(SOURCES)}")
+    cls = SOURCES[config.type].iterator_cls or DatasetIterator
+    return cls(config, tokenizer, flag, process_index, process_count)
+
+
+# Sources defined in other modules register themselves on import.
+from easylm_align import afp_data  # noqa: E402,F401  (afp, codemix_pairs)

@@ -59,7 +59,7 @@ def _llama(h, i, layers, heads, kv=None, max_pos=2048, eps=1e-6, **extra):
 
 # Named configurations for --load_llama_config. LLaMA-1 sizes follow EasyLM's names.
 LLAMA_PRESETS: dict[str, dict[str, Any]] = {
-    "debug": _llama(128, 352, 2, 4, kv=2, max_pos=1024),
+    "debug": _llama(128, 352, 2, 4, kv=2, max_pos=1024, vocab_size=4096),
     "1b": _llama(2048, 5504, 22, 16),
     "3b": _llama(3200, 8640, 26, 32),
     "7b": _llama(4096, 11008, 32, 32),

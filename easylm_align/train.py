@@ -7,6 +7,7 @@ paper's README works as in EasyLM (see README.md).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import sys
@@ -18,11 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app
+from absl import logging as absl_logging
 from jax.experimental import multihost_utils
+from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from easylm_align import checkpoint, datasets, logger, model, objectives, optimizer, sharding, tokenizer
-from easylm_align.config import FLAGS, define_flags_with_default, flags_to_dict, parse_flags_or_exit
+from easylm_align.config import FLAGS, define_flags_with_default, parse_flags_or_exit, parsed_config
 
 DEFAULTS = define_flags_with_default(
     seed=42,
@@ -49,6 +52,11 @@ DEFAULTS = define_flags_with_default(
 )
 
 
+def default_config() -> ConfigDict:
+    """All train flags as one ConfigDict (for running the trainer from Python)."""
+    return ConfigDict(copy.deepcopy(DEFAULTS))
+
+
 class TrainingDiverged(RuntimeError):
     pass
 
@@ -66,7 +74,7 @@ def _gather_dataset_states(state: dict) -> dict[str, dict]:
 
 
 class Trainer:
-    def __init__(self, cfg):
+    def __init__(self, cfg: ConfigDict):
         self.cfg = cfg
         self.mesh = sharding.make_mesh(cfg.mesh_dim)
         self.llama_config = model.get_llama_config(cfg.load_llama_config, cfg.update_llama_config,
@@ -84,7 +92,7 @@ class Trainer:
         self.output_dir = Path(cfg.logger.output_dir or f"outputs/{time.strftime('%Y%m%d-%H%M%S')}").absolute()
 
     def _dataset(self, config, flag: str) -> datasets.DatasetIterator:
-        data = datasets.DatasetIterator(config, self.tokenizer, flag, jax.process_index(), jax.process_count())
+        data = datasets.build_iterator(config, self.tokenizer, flag, jax.process_index(), jax.process_count())
         group = f"{flag}.{datasets.SOURCES[config.type].config_key}"
         sharding.check_batch_divisible(data.batch_size, self.mesh, f"{group}.batch_size")
         return data
@@ -155,10 +163,10 @@ class Trainer:
         flops = model.flops_per_token(self.llama_config, self.train_data.seq_length)
         metrics_log = logger.MetricsLogger(cfg.logger, self.output_dir, flops, resume_step=step)
         if jax.process_index() == 0:
-            (self.output_dir / "config.json").write_text(json.dumps(flags_to_dict(), indent=2))
+            (self.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         last_saved = ckpt.latest_step()
         meta = lambda data_state: {"step": step, "dataset": _gather_dataset_states(data_state),
-                                   "flags": flags_to_dict(), "llama_config": self.llama_config.to_dict()}
+                                   "flags": cfg.to_dict(), "llama_config": self.llama_config.to_dict()}
         progress = tqdm(total=cfg.total_steps, initial=step, disable=jax.process_index() != 0, desc="train")
         try:
             if step < cfg.total_steps:
@@ -211,9 +219,11 @@ class Trainer:
 
 def main(argv) -> None:
     del argv
+    if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO; keep the console readable
+        absl_logging.set_verbosity(absl_logging.WARNING)
     sharding.initialize_distributed(FLAGS.jax_distributed)
     try:
-        output_dir = Trainer(FLAGS).run()
+        output_dir = Trainer(parsed_config()).run()
     except TrainingDiverged as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
@@ -224,5 +234,10 @@ def main(argv) -> None:
     print(f"done: metrics in {output_dir / 'metrics.jsonl'}, checkpoints in {output_dir / 'checkpoints'}")
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    # Expand --flagfile first, so the unknown-flag check also sees the flags inside the file.
+    return parse_flags_or_exit(FLAGS.read_flags_from_files(argv, force_gnu=False))
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags_or_exit)
+    app.run(main, flags_parser=_parse_flags)

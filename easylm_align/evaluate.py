@@ -1,0 +1,207 @@
+"""`python -m easylm_align.evaluate`: extractive QA (XQuAD, MLQA) by greedy generation, EM and F1.
+
+Reproduces the OpenGPT-X harness tasks COMMIT reports (`ogx_xquad_{lang}`, `ogx_xquad_en{lang}`,
+`ogx_mlqa_{lang}`) on an Orbax checkpoint, without exporting to Hugging Face; the prompt, stopping
+rule and metrics are documented in `easylm_align.evaluation.squad`. Example:
+
+    python -m easylm_align.evaluate --load_checkpoint=params::ckpt --load_llama_config=7b \\
+        --tokenizer.vocab_file=tokenizer.model --eval.squad_file=xquad.hi.json --eval.lang=hi \\
+        --eval.prompt_lang=en --eval.output=report.json
+
+The report (JSON) holds the configuration, every example (prompt, prediction, gold answers,
+scores) and the aggregate; a one-line table is printed. `evaluate_squad` is the in-process entry
+point for tools that already hold a model (the sweep).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from absl import app
+from absl import logging as absl_logging
+from jax.sharding import Mesh
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+from easylm_align import checkpoint, model, sharding, tokenizer
+from easylm_align.config import FLAGS, define_flags_with_default, parse_flags_or_exit
+from easylm_align.evaluation import squad
+from easylm_align.generation import GreedyDecoder
+
+
+def default_eval_config() -> ConfigDict:
+    """`--eval.*`."""
+    return ConfigDict(dict(
+        squad_file="",         # SQuAD v1.1-format JSON: xquad.hi.json, MLQA test-context-hi-question-hi.json
+        lang="",               # language of the data (picks the prompt labels unless prompt_lang is set)
+        prompt_lang="",        # language of the Background/Question/Answer labels; '' = lang, 'en' = ogx_xquad_en{lang}
+        prompt_style="xquad",  # 'xquad' (no space after the question label) or 'mlqa' (one space)
+        shots=0,               # demonstrations drawn from the same file (COMMIT: 0)
+        seed=42,               # demonstration sampling
+        max_new_tokens=32,
+        batch_size=8,
+        max_examples=-1,       # evaluate the first N questions; -1 = all
+        add_bos_token=False,   # the harness's hf-causal-experimental encodes prompts without BOS
+        output="",             # report JSON path; '' = print only
+    ))
+
+
+def default_flags() -> dict[str, Any]:
+    """The command line's flags and defaults. Defined only when run as a program, so that tools
+    importing `evaluate_squad` next to the trainer do not define the shared flag names twice."""
+    return dict(
+        load_checkpoint="",
+        load_llama_config="7b",
+        update_llama_config="",
+        mesh_dim="1,-1,1",
+        dtype="fp32",
+        param_dtype="fp32",
+        tokenizer=tokenizer.default_config(),
+        llama=model.default_llama_overrides(),
+        eval=default_eval_config(),
+        jax_distributed=sharding.default_distributed_config(),
+    )
+
+
+def task_name(config: ConfigDict) -> str:
+    """The harness-style name: xquad_hi, xquad_enhi (English labels on Hindi data), mlqa_hi."""
+    prompt_lang = config.prompt_lang or config.lang
+    prefix = "en" if prompt_lang == "en" and config.lang != "en" else ""
+    return f"{config.prompt_style}_{prefix}{config.lang}"
+
+
+def _check_eval_config(config: ConfigDict) -> None:
+    if not config.lang:
+        raise ValueError("--eval.lang is required (the language of the data, e.g. hi)")
+    squad.prompt_labels(config.prompt_lang or config.lang)
+    if config.prompt_style not in squad.PROMPT_STYLES:
+        raise ValueError(f"--eval.prompt_style={config.prompt_style!r}: use one of {sorted(squad.PROMPT_STYLES)}")
+    if config.shots < 0 or config.batch_size < 1 or config.max_new_tokens < 1:
+        raise ValueError("--eval.shots must be >= 0, --eval.batch_size and --eval.max_new_tokens >= 1")
+
+
+def evaluate_squad(params: Any, llama: model.LlamaForCausalLM, tok: tokenizer.Tokenizer,
+                   examples: Sequence[squad.QAExample], config: ConfigDict, mesh: Mesh | None,
+                   decoder: GreedyDecoder | None = None) -> dict:
+    """Generates an answer for each example and scores it; returns the report dict.
+
+    `examples` is the whole file: demonstrations are drawn from all of it, while only the first
+    `config.max_examples` are evaluated. Prompts are decoded in batches of similar length. Pass
+    the same `decoder` to repeated calls (e.g. one per language) to reuse its compiled functions.
+    """
+    _check_eval_config(config)
+    decoder = decoder or GreedyDecoder(llama, tok, config.max_new_tokens, mesh)
+    if decoder.max_new_tokens != config.max_new_tokens:
+        raise ValueError(f"decoder.max_new_tokens={decoder.max_new_tokens} but --eval.max_new_tokens="
+                         f"{config.max_new_tokens}")
+    labels = squad.prompt_labels(config.prompt_lang or config.lang)
+    subset = list(examples[:config.max_examples] if config.max_examples > 0 else examples)
+    prompts = [squad.build_prompt(ex, labels, squad.choose_demonstrations(examples, i, config.shots, config.seed),
+                                  config.prompt_style) for i, ex in enumerate(subset)]
+    bos = [tok.bos_id] if config.add_bos_token else []
+    token_ids = [bos + ids for ids in tok.encode_batch(prompts)]
+
+    predictions: list[str] = [""] * len(subset)
+    generated: list[list[int]] = [[] for _ in subset]
+    order = sorted(range(len(subset)), key=lambda i: len(token_ids[i]))  # similar lengths share a batch
+    start_time = time.time()
+    for start in tqdm(range(0, len(order), config.batch_size), desc=task_name(config), leave=False,
+                      disable=jax.process_index() != 0):
+        rows = order[start:start + config.batch_size]
+        out = decoder.generate(params, [token_ids[i] for i in rows], config.batch_size)
+        for i, ids, text in zip(rows, out.token_ids, out.texts):
+            generated[i], predictions[i] = ids, text
+    seconds = time.time() - start_time
+
+    records = []
+    for ex, prompt, ids, gen, pred in zip(subset, prompts, token_ids, generated, predictions):
+        records.append(dict(id=ex.id, prompt=prompt, prediction=pred, golds=list(ex.answers),
+                            prompt_tokens=len(ids), truncated=len(ids) > decoder.max_prompt_length,
+                            generated_tokens=len(gen), **squad.score_prediction(pred, ex.answers)))
+
+    def mean(key: str) -> float:  # percent, as SQuAD reports
+        return 100.0 * float(np.mean([r[key] for r in records]))
+
+    aggregate = dict(task=task_name(config), num_examples=len(records),
+                     exact_match=mean("em"), f1=mean("f1"),
+                     squad_v1_exact_match=mean("squad_v1_em"), squad_v1_f1=mean("squad_v1_f1"),
+                     truncated_prompts=sum(r["truncated"] for r in records),
+                     generated_tokens=sum(r["generated_tokens"] for r in records),
+                     seconds=seconds, compilations=decoder.num_compilations)
+    return {"config": config.to_dict(), "aggregate": aggregate, "examples": records}
+
+
+def format_table(report: dict) -> str:
+    agg = report["aggregate"]
+    header = f"{'task':<14}{'n':>6}{'EM':>8}{'F1':>8}{'EM(v1.1)':>10}{'F1(v1.1)':>10}"
+    row = (f"{agg['task']:<14}{agg['num_examples']:>6}{agg['exact_match']:>8.2f}{agg['f1']:>8.2f}"
+           f"{agg['squad_v1_exact_match']:>10.2f}{agg['squad_v1_f1']:>10.2f}")
+    return f"{header}\n{row}"
+
+
+def run(cfg: Any) -> dict:
+    """Everything `main` does, from a flags-like object (FLAGS, or a ConfigDict of `default_flags()`)."""
+    ev = cfg.eval
+    _check_eval_config(ev)
+    if not ev.squad_file:
+        raise ValueError("--eval.squad_file is required")
+    kind, path = checkpoint.parse_load_checkpoint(cfg.load_checkpoint)
+    if not kind:
+        raise ValueError("--load_checkpoint=params::PATH is required")
+    for name in (cfg.dtype, cfg.param_dtype):
+        if name not in model.DTYPES:
+            raise ValueError(f"dtype {name!r}: use one of {sorted(model.DTYPES)}")
+    # Cheap checks first, so a wrong path fails before anything is compiled or read.
+    tok = tokenizer.Tokenizer.from_config(cfg.tokenizer)
+    examples = squad.load_squad(ev.squad_file)
+    ckpt_path = checkpoint.resolve_path(path)
+    llama_config = model.get_llama_config(cfg.load_llama_config, cfg.update_llama_config, cfg.llama.to_dict())
+    if tok.vocab_size > llama_config.vocab_size:
+        raise ValueError(f"--tokenizer.vocab_file has {tok.vocab_size} pieces but the model's vocab_size is "
+                         f"{llama_config.vocab_size}")
+
+    mesh = sharding.make_mesh(cfg.mesh_dim)
+    llama = model.build_model(llama_config, cfg.dtype, cfg.param_dtype)
+    abstract = jax.eval_shape(lambda: model.init_params(llama, jax.random.PRNGKey(0)))
+    target = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                    abstract, sharding.param_shardings(abstract, mesh))
+    params = checkpoint.load_params(str(ckpt_path), target)
+
+    report = evaluate_squad(params, llama, tok, examples, ev, mesh)
+    report["config"] = dict(report["config"], load_checkpoint=cfg.load_checkpoint,
+                            load_llama_config=cfg.load_llama_config, update_llama_config=cfg.update_llama_config,
+                            vocab_file=cfg.tokenizer.vocab_file, dtype=cfg.dtype)
+    if ev.output and jax.process_index() == 0:
+        out = Path(ev.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    return report
+
+
+def main(argv) -> None:
+    del argv
+    if not FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    sharding.initialize_distributed(FLAGS.jax_distributed)
+    try:
+        report = run(FLAGS)
+    except (ValueError, FileNotFoundError) as e:
+        logging.debug("user error", exc_info=True)
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    if jax.process_index() == 0:
+        print(format_table(report))
+        if FLAGS.eval.output:
+            print(f"report: {FLAGS.eval.output}")
+
+
+if __name__ == "__main__":
+    define_flags_with_default(**default_flags())
+    app.run(main, flags_parser=parse_flags_or_exit)

@@ -1,0 +1,277 @@
+"""Extractive QA in SQuAD v1.1 format (XQuAD, MLQA): loading, prompts, exact match and F1.
+
+Pure Python: the model side lives in `easylm_align.generation` and `easylm_align.evaluate`.
+
+What COMMIT ran, and how this module matches it
+-----------------------------------------------
+COMMIT scores its models with the OpenGPT-X fork of lm-evaluation-harness (0.3-era, `main.py
+--model hf-causal-experimental`), tasks `ogx_xquad_{lang}` / `ogx_mlqa_{lang}`. The task code
+(`lm_eval/tasks/opengptx/xquad.py` and `mlqa.py`, as stored in EleutherAI/lm-evaluation-harness
+@ 1212e404 / 3a6561ed) shows:
+
+* **Prompt.** ``BACKGROUND + "\\n\\n" + context + "\\n\\n" + QUESTION + question + "\\n\\n" + ANSWER``
+  with per-language label words (`PROMPT_LABELS`, copied as data from that file). XQuAD glues the
+  question to its label with no space (``"Question:Who ..."``); MLQA puts one space there
+  (`style="mlqa"`). The prompt ends at ``"Answer:"`` with no trailing space.
+* **English labels on target-language data** (`ogx_xquad_en{lang}`): these tasks are not in the
+  stored fork; COMMIT's README only names them ("run evaluation with English prompt"). They are
+  taken to be the same task with the English labels, which is `prompt_lang="en"` here.
+* **Few-shot** (the tasks are zero-shot in COMMIT). The harness draws demonstrations from the
+  evaluation split itself (XQuAD has no train split), drops the test document, and renders each
+  as its prompt followed by ``" " + answers[0]``, joined by blank lines. The harness uses one
+  random stream over all documents; here each example's draw is seeded by ``(seed, example id)``,
+  so it does not depend on evaluation order or on `max_examples`.
+* **Stopping.** ``greedy_until(ctx, ["\\n"])``: generation stops at the first newline (or EOS) and
+  the continuation is cut there. The harness allows 256 new tokens; the evaluator's default is 32.
+* **Tokens.** `hf-causal-experimental` encodes with ``add_special_tokens=False``, so no BOS.
+* **Metric.** `ogx_xquad` uses Hugging Face's ``squad`` metric, i.e. the official SQuAD v1.1
+  script: lowercase, strip ASCII punctuation (`string.punctuation`), drop English articles,
+  collapse whitespace, whitespace tokens for F1, max over gold answers, scaled to 0-100. That
+  leaves the Hindi danda "।" and CJK/Thai punctuation in place and gives whitespace F1 on Chinese
+  and Thai, where there are no spaces. `ogx_mlqa` uses MLQA's script instead: all Unicode
+  punctuation (category P*) plus `string.punctuation`, and "mixed segmentation" for Chinese
+  (each CJK character is a token).
+
+Here both are computed. ``mode="squad_v1"`` is the official v1.1 script (the number comparable to
+COMMIT's `ogx_xquad` tables). ``mode="multilingual"`` (the default) removes P* and ASCII
+punctuation, removes English articles a/an/the as SQuAD does, and tokenises by script for F1
+and EM: every CJK ideograph (and kana) is one token, as in MLQA; Thai, which has no spaces and
+no segmenter among our dependencies, is split into characters too, each combining vowel or tone
+mark kept with its base consonant; other scripts split on whitespace. So "北京" vs "北京市" scores
+partial F1, and "दिल्ली।" matches "दिल्ली".
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import string
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+
+class SquadFormatError(ValueError):
+    """A SQuAD-format file that cannot be read; the message names the file and the record."""
+
+
+@dataclass(frozen=True)
+class QAExample:
+    id: str
+    context: str
+    question: str
+    answers: tuple[str, ...]
+    title: str = ""
+
+
+def load_squad(path: str | Path) -> list[QAExample]:
+    """Reads a SQuAD v1.1-format JSON file (`{"data": [{"paragraphs": [{"context", "qas"}]}]}`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SquadFormatError(f"{path}: no such file")
+    try:
+        root = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SquadFormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(root, dict) or not isinstance(root.get("data"), list):
+        raise SquadFormatError(f"{path}: expected a JSON object with a 'data' list (SQuAD v1.1 format)")
+
+    examples: list[QAExample] = []
+    seen: set[str] = set()
+    for a, article in enumerate(root["data"]):
+        where_article = f"article {a}"
+        paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
+        if not isinstance(paragraphs, list):
+            raise SquadFormatError(f"{path}: {where_article}: missing 'paragraphs' list")
+        title = article.get("title", "") or ""
+        for p, paragraph in enumerate(paragraphs):
+            where_paragraph = f"{where_article}, paragraph {p}"
+            if not isinstance(paragraph, dict) or not isinstance(paragraph.get("context"), str):
+                raise SquadFormatError(f"{path}: {where_paragraph}: missing 'context' string")
+            if not isinstance(paragraph.get("qas"), list):
+                raise SquadFormatError(f"{path}: {where_paragraph}: missing 'qas' list")
+            for q, qa in enumerate(paragraph["qas"]):
+                examples.append(_read_qa(path, f"{where_paragraph}, question {q}", qa, paragraph["context"],
+                                         title, seen))
+    if not examples:
+        raise SquadFormatError(f"{path}: contains no questions")
+    return examples
+
+
+def _read_qa(path: Path, where: str, qa: object, context: str, title: str, seen: set[str]) -> QAExample:
+    if not isinstance(qa, dict):
+        raise SquadFormatError(f"{path}: {where}: expected an object, got {type(qa).__name__}")
+    qid = qa.get("id")
+    if not isinstance(qid, str) or not qid:
+        raise SquadFormatError(f"{path}: {where}: missing 'id'")
+    label = f"{path}: question {qid!r} ({where})"
+    if qid in seen:
+        raise SquadFormatError(f"{label}: duplicate id")
+    seen.add(qid)
+    if not isinstance(qa.get("question"), str):
+        raise SquadFormatError(f"{label}: missing 'question' string")
+    if "answers" not in qa:
+        raise SquadFormatError(f"{label}: missing 'answers'")
+    answers = qa["answers"]
+    if not isinstance(answers, list) or not all(isinstance(x, dict) and isinstance(x.get("text"), str)
+                                                for x in answers):
+        raise SquadFormatError(f"{label}: 'answers' must be a list of objects with a 'text' string")
+    if not answers:
+        raise SquadFormatError(f"{label}: 'answers' is empty (unanswerable SQuAD v2 questions are not supported)")
+    return QAExample(qid, context, qa["question"], tuple(x["text"] for x in answers), title)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts
+# ----------------------------------------------------------------------------------------------
+
+class PromptLabels(NamedTuple):
+    background: str
+    question: str
+    answer: str
+
+
+# The OpenGPT-X task's label words, per language (its earlier revision used "Ιστορικό:",
+# "ερώτηση:", "απάντηση:" for Greek).
+PROMPT_LABELS: dict[str, PromptLabels] = {
+    "en": PromptLabels("Background:", "Question:", "Answer:"),
+    "ar": PromptLabels(":معرفتي", ":سؤال", ":إجابه"),
+    "de": PromptLabels("Hintergrund:", "Frage:", "Antwort:"),
+    "el": PromptLabels("Πληροφορίες ιστορικού:", "Ερώτηση:", "Απάντηση:"),
+    "es": PromptLabels("antecedentes:", "pregunta:", "respuesta:"),
+    "hi": PromptLabels("पृष्ठभूमि:", "सवाल:", "उत्तर:"),
+    "ro": PromptLabels("fundal:", "întrebare:", "Răspuns:"),
+    "ru": PromptLabels("задний план:", "вопрос:", "отвечать:"),
+    "th": PromptLabels("พื้นหลัง:", "คำถาม:", "ตอบ:"),
+    "tr": PromptLabels("arka fon:", "soru:", "Cevap:"),
+    "vi": PromptLabels("lý lịch:", "câu hỏi:", "câu trả lời:"),
+    "zh": PromptLabels("背景:", "問題:", "答案:"),
+}
+
+# What separates the question label from the question in each task family.
+PROMPT_STYLES = {"xquad": "", "mlqa": " "}
+
+
+def prompt_labels(lang: str) -> PromptLabels:
+    try:
+        return PROMPT_LABELS[lang]
+    except KeyError:
+        raise ValueError(f"no prompt labels for language {lang!r}; known: {sorted(PROMPT_LABELS)}") from None
+
+
+def question_block(example: QAExample, labels: PromptLabels, style: str = "xquad") -> str:
+    """One example without its answer, ending at the answer label (no trailing space)."""
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt style {style!r}: use one of {sorted(PROMPT_STYLES)}")
+    return (f"{labels.background}\n\n{example.context}\n\n"
+            f"{labels.question}{PROMPT_STYLES[style]}{example.question}\n\n{labels.answer}")
+
+
+def build_prompt(example: QAExample, labels: PromptLabels, demonstrations: Sequence[QAExample] = (),
+                 style: str = "xquad") -> str:
+    """Demonstrations (each answered with its first gold answer), then the test question."""
+    shots = [question_block(d, labels, style) + " " + d.answers[0] for d in demonstrations]
+    return "\n\n".join(shots + [question_block(example, labels, style)])
+
+
+def choose_demonstrations(examples: Sequence[QAExample], index: int, shots: int, seed: int) -> list[QAExample]:
+    """`shots` other examples of the same file, drawn by a generator seeded with (seed, example id)."""
+    if shots <= 0:
+        return []
+    if shots > len(examples) - 1:
+        raise ValueError(f"{shots} demonstrations requested but the file has only {len(examples) - 1} other questions")
+    rng = random.Random(f"{seed}:{examples[index].id}")
+    picks = rng.sample(range(len(examples) - 1), shots)
+    return [examples[i if i < index else i + 1] for i in picks]  # skip the test example itself
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+
+METRIC_MODES = ("multilingual", "squad_v1")
+
+_ASCII_PUNCT = frozenset(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+# CJK ideographs (unified, extension A, compatibility) and kana: one token per character.
+_CJK_RANGES = ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2FA1F))
+
+
+def _is_cjk(ch: str) -> bool:
+    code = ord(ch)
+    return any(lo <= code <= hi for lo, hi in _CJK_RANGES)
+
+
+def _is_thai(ch: str) -> bool:
+    return 0x0E00 <= ord(ch) <= 0x0E7F
+
+
+def normalize_answer(text: str, mode: str = "multilingual") -> str:
+    """SQuAD normalisation: lowercase, drop punctuation, drop articles, collapse whitespace."""
+    if mode == "multilingual":
+        text = "".join(ch for ch in text.lower()
+                       if ch not in _ASCII_PUNCT and not unicodedata.category(ch).startswith("P"))
+    else:
+        text = "".join(ch for ch in text.lower() if ch not in _ASCII_PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def _script_tokens(text: str) -> list[str]:
+    """Whitespace tokens, with CJK characters and Thai character clusters split out."""
+    tokens: list[str] = []
+    for word in text.split():
+        run, thai_open = "", False
+        for ch in word:
+            if _is_cjk(ch) or _is_thai(ch):
+                if run:
+                    tokens.append(run)
+                    run = ""
+                if thai_open and _is_thai(ch) and unicodedata.category(ch) in ("Mn", "Mc"):
+                    tokens[-1] += ch  # combining vowel / tone mark stays with its consonant
+                else:
+                    tokens.append(ch)
+                thai_open = _is_thai(ch)
+            else:
+                run += ch
+                thai_open = False
+        if run:
+            tokens.append(run)
+    return tokens
+
+
+def answer_tokens(text: str, mode: str = "multilingual") -> list[str]:
+    """The tokens F1 and EM compare, after normalisation."""
+    if mode not in METRIC_MODES:
+        raise ValueError(f"metric mode {mode!r}: use one of {METRIC_MODES}")
+    normalized = normalize_answer(text, mode)
+    return _script_tokens(normalized) if mode == "multilingual" else normalized.split()
+
+
+def _f1(pred: list[str], gold: list[str]) -> float:
+    same = sum((Counter(pred) & Counter(gold)).values())
+    if same == 0:  # as SQuAD v1.1: also 0 when both are empty
+        return 0.0
+    precision, recall = same / len(pred), same / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(prediction: str, golds: Sequence[str], mode: str = "multilingual") -> float:
+    """1.0 if the prediction equals any gold answer after normalisation."""
+    pred = answer_tokens(prediction, mode)
+    return float(any(pred == answer_tokens(g, mode) for g in golds))
+
+
+def f1_score(prediction: str, golds: Sequence[str], mode: str = "multilingual") -> float:
+    """Token-overlap F1, the maximum over gold answers."""
+    pred = answer_tokens(prediction, mode)
+    return max(_f1(pred, answer_tokens(g, mode)) for g in golds)
+
+
+def score_prediction(prediction: str, golds: Sequence[str]) -> dict[str, float]:
+    """EM/F1 in both modes for one prediction (each in [0, 1])."""
+    return {"em": exact_match(prediction, golds), "f1": f1_score(prediction, golds),
+            "squad_v1_em": exact_match(prediction, golds, "squad_v1"),
+            "squad_v1_f1": f1_score(prediction, golds, "squad_v1")}

@@ -79,8 +79,9 @@ def check_flag_names(argv: Sequence[str], known: Sequence[str], prefix: str = ""
 
 def _exit_on_unknown(argv: Sequence[str], known: Sequence[str], prefix: str = "") -> None:
     try:
-        check_flag_names(argv, known, prefix)
-    except flags.Error as e:
+        expanded = [argv[0], *FLAGS.read_flags_from_files(list(argv[1:]), force_gnu=False)]  # --flagfile
+        check_flag_names(expanded, known, prefix)
+    except (flags.Error, OSError) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
 

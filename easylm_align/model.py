@@ -102,7 +102,9 @@ def _merge(cfg: dict, updates: dict, source: str) -> None:
             near = difflib.get_close_matches(key, list(cfg), n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise ValueError(f"{source}: unknown LLaMA config field {key!r}{hint}")
-        cfg[key] = type(cfg[key])(value) if cfg[key] is not None and not isinstance(cfg[key], bool) else value
+        if isinstance(cfg[key], bool) and not isinstance(value, bool):
+            raise ValueError(f"{source}: {key} must be true or false, got {value!r}")
+        cfg[key] = value if isinstance(cfg[key], bool) else type(cfg[key])(value)
 
 
 def _validate(cfg: dict) -> None:

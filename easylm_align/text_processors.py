@@ -162,9 +162,7 @@ class AlpacaProcessor(TextProcessor):
         self.template = get_alpaca_template(config.alpaca_lang)
 
     def segments(self, example: dict, index: int) -> tuple[list[Segment], MixStats]:
-        for key in ("instruction", "output"):
-            if not get_field(example, key).strip():
-                raise ProcessorError(f"Alpaca example has an empty or missing {key!r}")
+        # Missing keys are errors; an empty output is not (Alpaca has 28: only EOS is trained).
         instruction, inp, output = (get_field(example, "instruction"),
                                     str(example.get("input") or ""), get_field(example, "output"))
         if self.config.block_codemix_in_template:

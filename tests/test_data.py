@@ -77,7 +77,8 @@ def test_alpaca_bad_records_and_language(tok):
     with pytest.raises(text_processors.ProcessorError, match="'instruction'"):
         p({"output": "x"}, 0)
     with pytest.raises(text_processors.ProcessorError, match="'output'"):
-        p({"instruction": "x", "output": ""}, 0)
+        p({"instruction": "x", "input": ""}, 0)
+    assert sum(p({"instruction": "x", "output": ""}, 0).loss_mask) == 1  # only EOS, as in real Alpaca
     with pytest.raises(ValueError, match="alpaca_lang"):
         processor(tok, alpaca=True, alpaca_lang="xx")
 

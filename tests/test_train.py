@@ -261,3 +261,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert meta["step"] < int(message.split("at step ")[1].split(";")[0])
     rows = read_metrics(tmp_path)
     assert all(math.isfinite(r["loss"]) for r in rows)
+
+
+@pytest.mark.parametrize("flagfile", sorted((REPO_ROOT / "configs").glob("*.flags")), ids=lambda p: p.name)
+def test_config_files_name_only_real_flags(flagfile):
+    from easylm_align import config
+    argv = ["train", *config.FLAGS.read_flags_from_files([f"--flagfile={flagfile}"], force_gnu=False)]
+    assert len(argv) > 5
+    config.check_flag_names(argv, config.known_flag_names())

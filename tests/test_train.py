@@ -121,9 +121,13 @@ def test_resume_gives_the_metrics_of_an_uninterrupted_run(tmp_path):
 
 
 def test_milestones_are_kept_and_params_load(tmp_path):
-    train.Trainer(make_config(tmp_path / "run", total_steps=4, save_model_freq=1, save_milestone_freq=2)).run()
+    train.Trainer(make_config(tmp_path / "run", total_steps=4, save_model_freq=1, save_milestone_freq=2,
+                              eval_steps=2, log_freq=2, eval_dataset__json_dataset__seq_length=32,
+                              eval_dataset__json_dataset__batch_size=8)).run()
     kept = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
     assert kept == ["streaming_params_2", "streaming_params_4"]
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [2, 4] and all(math.isfinite(r["eval_loss"]) for r in rows)
     # params:: accepts the seed's glob form and starts a new run from those weights.
     cfg = make_config(tmp_path / "next", total_steps=1,
                       load_checkpoint=f"params::{tmp_path}/run/*/streaming_params_2")

@@ -5,6 +5,9 @@ AFP's contrastive objective and poolers live here too (see `contrastive_loss`, `
 
 from __future__ import annotations
 
+import re
+from typing import Optional, Sequence
+
 import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
@@ -25,7 +28,13 @@ def cross_entropy_loss_and_accuracy(logits: jnp.ndarray, targets: jnp.ndarray,
 
 def default_config() -> ConfigDict:
     """`--objectives.*`: weights and options of the training objectives."""
-    return ConfigDict(dict(clm_weight=1.0))
+    return ConfigDict(dict(
+        clm_weight=1.5,             # AFP: total = cl_weight * L_cl + clm_weight * L_clm
+        cl_weight=1.0,
+        pooler="last-1",            # AFP's default: last token after the first decoder block
+        temperature=0.05,           # cosine similarity is divided by it
+        hard_negative_weight=0.0,   # logit offset of each row's own hard negative (SimCSE's)
+    ))
 
 
 def clm_loss(model, params, batch: dict, rng, deterministic: bool, config) -> tuple[jnp.ndarray, dict]:
@@ -36,5 +45,110 @@ def clm_loss(model, params, batch: dict, rng, deterministic: bool, config) -> tu
     return loss, {"loss": loss, "accuracy": accuracy, "loss_tokens": batch["loss_masks"].sum()}
 
 
+# ----------------------------------------------------------------------------------------------
+# AFP: poolers and the contrastive (InfoNCE) loss
+# ----------------------------------------------------------------------------------------------
+
+# Named multi-layer poolers (AFP's `Pooler`): reduction and Hugging Face hidden-state indices,
+# where 0 is the embedding output and -1 the last layer after the final norm.
+_NAMED_POOLERS = {
+    "avg_first_last": ("avg", (1, -1)),   # "first" is block 1, not the embeddings
+    "avg_top2": ("avg", (-1, -2)),
+    "last_first_last": ("last", (1, -1)),
+    "last_top2": ("last", (-1, -2)),
+    "avg": ("avg", (-1,)),
+    "last": ("last", (-1,)),
+}
+_LAYER_POOLER = re.compile(r"(last|avg|max)-(-?\d+)")
+
+
+def parse_pooler(name: str, num_hidden_states: int) -> tuple[str, tuple[int, ...]]:
+    """`last-K` / `avg-K` / `max-K` (K indexes the hidden states, 0 = embeddings) or a named pooler
+    → (reduction, non-negative hidden-state indices)."""
+    match = _LAYER_POOLER.fullmatch(name)
+    if match:
+        reduction, layers = match.group(1), (int(match.group(2)),)
+    elif name in _NAMED_POOLERS:
+        reduction, layers = _NAMED_POOLERS[name]
+    else:
+        raise ValueError(f"--objectives.pooler={name!r}: use last-K, avg-K, max-K (K = 0..{num_hidden_states - 1}, "
+                         f"0 = embeddings) or one of {sorted(_NAMED_POOLERS)}")
+    if not all(-num_hidden_states <= k < num_hidden_states for k in layers):
+        raise ValueError(f"--objectives.pooler={name!r}: the model has hidden states 0..{num_hidden_states - 1}")
+    return reduction, tuple(k % num_hidden_states for k in layers)
+
+
+def pool(hidden_states: Sequence[jnp.ndarray], mask: jnp.ndarray, pooler: str) -> jnp.ndarray:
+    """Sentence embeddings (batch, hidden) from per-layer states (batch, seq, hidden); `mask` is 1 on
+    real tokens. Layers are averaged first; padding never contributes, wherever it is."""
+    reduction, layers = parse_pooler(pooler, len(hidden_states))
+    h = sum(hidden_states[k].astype(jnp.float32) for k in layers) / len(layers)
+    real = mask.astype(bool)
+    if reduction == "last":  # the last real token (AFP's `mask.sum() - 1`, which assumes right padding)
+        last = jnp.max(jnp.where(real, jnp.arange(mask.shape[1]), 0), axis=1)
+        return jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+    if reduction == "avg":
+        weights = real.astype(jnp.float32)[..., None]
+        return (h * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
+    # max: over real tokens only (AFP multiplies by the mask, so its pads count as zeros)
+    return jnp.max(jnp.where(real[..., None], h, jnp.finfo(jnp.float32).min), axis=1)
+
+
+def _cosine_logits(a: jnp.ndarray, b: jnp.ndarray, temperature: float) -> jnp.ndarray:
+    """cos(a_i, b_j) / temperature for all i, j (torch's CosineSimilarity, eps 1e-8)."""
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    norms = jnp.linalg.norm(a, axis=-1)[:, None] * jnp.linalg.norm(b, axis=-1)[None, :]
+    return (a @ b.T) / jnp.maximum(norms, 1e-8) / temperature
+
+
+def contrastive_loss(anchors: jnp.ndarray, positives: jnp.ndarray, temperature: float,
+                     hard_negatives: Optional[jnp.ndarray] = None,
+                     hard_negative_weight: float = 0.0) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """One-directional InfoNCE (supervised SimCSE): row i's target is positive i; every other
+    positive (and every hard negative) in the batch is a negative. Returns (loss, accuracy).
+
+    The arrays hold the whole (global) batch: under `jit` with batch-sharded inputs the (B, B)
+    similarity matrix spans all devices, so the negatives come from the global batch.
+    """
+    if temperature <= 0:
+        raise ValueError(f"--objectives.temperature={temperature}: must be positive")
+    logits = _cosine_logits(anchors, positives, temperature)
+    if hard_negatives is not None:
+        offset = hard_negative_weight * jnp.eye(anchors.shape[0], dtype=jnp.float32)
+        logits = jnp.concatenate([logits, _cosine_logits(anchors, hard_negatives, temperature) + offset], axis=1)
+    diagonal = jnp.diagonal(logits)
+    loss = jnp.mean(jax.nn.logsumexp(logits, axis=1) - diagonal)
+    accuracy = jnp.mean(jnp.argmax(logits, axis=1) == jnp.arange(anchors.shape[0]))
+    return loss, accuracy
+
+
+def sentence_embeddings(model, params, tokens: jnp.ndarray, masks: jnp.ndarray, pooler: str, rng,
+                        deterministic: bool) -> jnp.ndarray:
+    """Pooled embeddings of (batch, sentences, length) right-padded token ids → (batch, sentences, hidden).
+
+    One forward over all sentences; padding is segment 0, so no real token attends to it.
+    """
+    batch, sentences, length = tokens.shape
+    flat_masks = masks.reshape(batch * sentences, length).astype(jnp.int32)
+    out = model.apply({"params": params}, tokens.reshape(batch * sentences, length), segment_ids=flat_masks,
+                      deterministic=deterministic, output_hidden_states=True, return_logits=False,
+                      rngs={"dropout": rng})
+    return pool(out.hidden_states, flat_masks, pooler).reshape(batch, sentences, -1)
+
+
+def afp_loss(model, params, batch: dict, rng, deterministic: bool, config) -> tuple[jnp.ndarray, dict]:
+    """AFP: `cl_weight` · InfoNCE over the pairs `cl_tokens[:, 0]` → `cl_tokens[:, 1]` (a third
+    column: hard negatives) + `clm_weight` · causal LM on the packed rows. `accuracy` is the CLM's."""
+    cl_rng, clm_rng = jax.random.split(rng)
+    z = sentence_embeddings(model, params, batch["cl_tokens"], batch["cl_masks"], config.pooler, cl_rng,
+                            deterministic)
+    hard = z[:, 2] if z.shape[1] > 2 else None
+    cl, cl_accuracy = contrastive_loss(z[:, 0], z[:, 1], config.temperature, hard, config.hard_negative_weight)
+    clm, clm_metrics = clm_loss(model, params, batch, clm_rng, deterministic, config)
+    loss = config.cl_weight * cl + config.clm_weight * clm
+    return loss, {"loss": loss, "accuracy": clm_metrics["accuracy"], "cl_loss": cl, "cl_accuracy": cl_accuracy,
+                  "clm_loss": clm, "clm_accuracy": clm_metrics["accuracy"], "loss_tokens": clm_metrics["loss_tokens"]}
+
+
 # name -> loss function(model, params, batch, rng, deterministic, config) -> (loss, metrics)
-OBJECTIVES = {"clm": clm_loss}
+OBJECTIVES = {"clm": clm_loss, "afp": afp_loss}

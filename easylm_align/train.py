@@ -204,8 +204,9 @@ class Trainer:
     def _data_metrics(self) -> dict[str, float]:
         s = self.train_data.stats
         out = {"data/examples": s["examples"], "data/epoch": self.train_data.epoch}
-        if s["skipped_lines"]:
-            out["data/skipped_lines"] = s["skipped_lines"]
+        for key in ("skipped_lines", "truncated_sentences", "clm_tokens_dropped"):  # the last two: afp_data
+            if s[key]:
+                out[f"data/{key}"] = s[key]
         if s["words_seen"]:
             out.update({f"codemix/{k}": s[k] for k in ("words_seen", "words_in_dict", "words_replaced")})
             out["codemix/replaced_fraction"] = s["words_replaced"] / max(s["words_in_dict"], 1)
@@ -234,10 +235,5 @@ def main(argv) -> None:
     print(f"done: metrics in {output_dir / 'metrics.jsonl'}, checkpoints in {output_dir / 'checkpoints'}")
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    # Expand --flagfile first, so the unknown-flag check also sees the flags inside the file.
-    return parse_flags_or_exit(FLAGS.read_flags_from_files(argv, force_gnu=False))
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=parse_flags_or_exit)

@@ -1,0 +1,291 @@
+"""Pair sources for contrastive alignment: per step, sentence pairs plus a causal-LM batch.
+
+Two source types share one batch layout and one iterator (`PairBatchIterator`):
+
+* `afp` — AFP's training files (`tools/generate_afp_data.py`): JSON lines with `sent0`, `sent1`,
+  `clm_text`, `clm_prompt_len` and optionally `hard_neg` (a third sentence, used as a hard
+  negative when the data set's first example has it; then every example must). A `.tsv` file
+  of `sent0<TAB>sent1[<TAB>hard_neg]` rows works too, with AFP's fallback CLM text
+  `"{sent0} = {sent1}"` (prompt `"{sent0} = "`).
+* `codemix_pairs` (an extension, not AFP's method; docs/AFP.md) — any text, JSON lines with a
+  `text` field or a plain text file with one sentence per line; each sentence is paired with its
+  COMMIT code-mixed version (`--*.text_processor.codemix_dict_path/ratio/seed`) and the CLM
+  side trains on the code-mixed text.
+
+Every step takes `batch_size` examples and yields, with that leading dimension:
+
+* `cl_tokens`, `cl_masks` (batch, 2 or 3, pair_length), int32: the sentences, BOS-prefixed as the
+  tokenizer flags say, never EOS (as AFP's Hugging Face tokenizers encode them), truncated and
+  right-padded to `pair_length`; the mask is 1 on real tokens;
+* `input_tokens`, `target_tokens`, `loss_masks`, `segment_ids`, `positions` (batch, seq_length):
+  the same examples' CLM texts packed by `packing.Packer` into `batch` rows (AFP's
+  `clm_block_size` is `seq_length`). As in AFP, the CLM rows hold exactly this step's examples:
+  what does not fit is dropped (`data/clm_tokens_dropped`), and a short step is padded with
+  segment 0. Unlike AFP, packed examples do not attend to each other
+  (`--*.separate_segments`), and only output tokens and EOS are targets.
+
+The position in the stream is DatasetIterator's (epoch, next record), so runs resume exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, NamedTuple, Optional
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from easylm_align import text_processors
+from easylm_align.codemix import MixStats
+from easylm_align.datasets import (DEMO_CORPUS, DataError, DatasetIterator, JsonSource, Record,
+                                   register_source)
+from easylm_align.packing import Packer
+from easylm_align.text_processors import ProcessorError, get_field
+from easylm_align.tokenizer import ASSETS, Tokenizer
+
+AFP_SAMPLE = ASSETS / "afp_sample.jsonl"
+HARD_NEGATIVE = "hard_neg"
+
+
+def split_tokens(tokenizer: Tokenizer, text: str, prefix_chars: int) -> tuple[list[int], int]:
+    """Token ids of `text` and how many of them belong to its first `prefix_chars` characters.
+
+    `text` is tokenized whole (what the model sees); the prefix's share is the longest common
+    prefix with the tokenization of `text[:prefix_chars]` (AFP's rule), so a token straddling the
+    boundary (`"▁D"` of `": Dear"`) counts as after it, whatever the tokenizer does at the seam.
+    """
+    ids = tokenizer.encode(text)
+    if prefix_chars <= 0:
+        return ids, 0
+    n = 0
+    for a, b in zip(ids, tokenizer.encode(text[:prefix_chars])):
+        if a != b:
+            break
+        n += 1
+    return ids, n
+
+
+class PairExample(NamedTuple):
+    """One processed example: a `text_processors.Processed` (the CLM side) plus its sentences."""
+    tokens: list[int]
+    loss_mask: list[float]
+    stats: MixStats
+    sentences: list[list[int]]  # sent0, sent1[, hard_neg], each at most pair_length tokens
+    truncated: int              # how many sentences were cut to pair_length
+
+
+class PairProcessor(text_processors.TextProcessor):
+    """Example → `PairExample`. Subclasses choose the texts (`texts`); tokenization is shared.
+
+    The code-mix settings are the text processor's (`--*.text_processor.codemix_*`).
+    """
+
+    def __init__(self, config: ConfigDict, tokenizer: Tokenizer, pair_length: int, num_sentences: int = 2):
+        super().__init__(config, tokenizer)
+        self.pair_length, self.num_sentences = pair_length, num_sentences
+
+    def texts(self, example: dict, index: int) -> tuple[list[str], str, int, MixStats]:
+        """(sentences, CLM text, its prompt length in characters, code-mix stats)."""
+        raise NotImplementedError
+
+    def __call__(self, example: dict, index: int) -> PairExample:
+        sentences, clm_text, prompt_chars, stats = self.texts(example, index)
+        bos = [self.tokenizer.bos_id] if self.tokenizer.add_bos_token else []
+        eos = [self.tokenizer.eos_id] if self.tokenizer.add_eos_token else []
+        encoded = [bos + ids for ids in self.tokenizer.encode_batch(sentences)]
+        ids, n_prompt = split_tokens(self.tokenizer, clm_text, prompt_chars)
+        tokens = bos + ids + eos
+        mask = [0.0] * (len(bos) + n_prompt) + [1.0] * (len(ids) - n_prompt + len(eos))
+        truncated = sum(len(s) > self.pair_length for s in encoded)
+        return PairExample(tokens, mask, stats, [s[:self.pair_length] for s in encoded], truncated)
+
+
+def _sentence(example: dict, name: str) -> str:
+    text = get_field(example, name)
+    if not text.strip():
+        raise ProcessorError(f"field {name!r} is empty")
+    return text
+
+
+class AfpProcessor(PairProcessor):
+    """AFP's fields. With a code-mix dictionary, the CLM prompt and output are mixed (the pairs never)."""
+
+    def texts(self, example: dict, index: int) -> tuple[list[str], str, int, MixStats]:
+        names = ["sent0", "sent1"] + [HARD_NEGATIVE] * (self.num_sentences == 3)
+        if self.num_sentences == 2 and HARD_NEGATIVE in example:
+            raise ProcessorError(f"example has {HARD_NEGATIVE!r} but the data set's first example has not; "
+                                 "give it to every example or to none")
+        sentences = [_sentence(example, name) for name in names]
+        clm_text = get_field(example, "clm_text")
+        if "clm_prompt_len" not in example:
+            raise ProcessorError(f"example has no field 'clm_prompt_len' (it has {sorted(example)})")
+        prompt_chars = example["clm_prompt_len"]
+        if not isinstance(prompt_chars, int) or isinstance(prompt_chars, bool) or prompt_chars < 0:
+            raise ProcessorError(f"clm_prompt_len must be a non-negative integer, got {prompt_chars!r}")
+        if prompt_chars > len(clm_text):
+            raise ProcessorError(f"clm_prompt_len={prompt_chars} is longer than clm_text "
+                                 f"({len(clm_text)} characters)")
+        (prompt, output), stats = self.mix([clm_text[:prompt_chars], clm_text[prompt_chars:]], index)
+        return sentences, prompt + output, len(prompt), stats
+
+
+class CodemixPairProcessor(PairProcessor):
+    """A sentence and its code-mixed version; the CLM text is the mixed one, all of it a target."""
+
+    def __init__(self, config: ConfigDict, tokenizer: Tokenizer, pair_length: int, text_field: str):
+        super().__init__(config, tokenizer, pair_length)
+        if self.mixer is None:
+            raise DataError("codemix_pairs needs a dictionary: set --train_dataset.text_processor.codemix_dict_path "
+                            "(and codemix_ratio)")
+        self.text_field = text_field
+
+    def texts(self, example: dict, index: int) -> tuple[list[str], str, int, MixStats]:
+        text = _sentence(example, self.text_field)
+        (mixed,), stats = self.mix([text], index)
+        return [text, mixed], mixed, 0, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources
+# ----------------------------------------------------------------------------------------------
+
+class PairSource(JsonSource):
+    """A source of pair examples: JSON files as JsonSource reads them, files of another format (by
+    suffix) line by line; it builds the processor that turns its examples into `PairExample`s."""
+
+    def __init__(self, config: ConfigDict, flag: str):
+        super().__init__(config, flag)
+        if len({self.is_json(f) for f in self.files}) > 1:
+            raise DataError(f"{flag}.path={config.path!r} mixes JSON and other files; use one format")
+
+    def is_json(self, path: str) -> bool:
+        raise NotImplementedError
+
+    def parse_text_line(self, line: str, location: str) -> Record:
+        raise NotImplementedError
+
+    def records(self, start: int) -> Iterator[Record]:
+        if self.is_json(self.files[0]):
+            yield from super().records(start)
+            return
+        number = 0
+        for path in self.files:
+            with open(path, encoding="utf-8") as f:
+                for line_no, line in enumerate(f, 1):
+                    if number >= start:
+                        line = line.rstrip("\r\n")
+                        location = f"{path}:{line_no}"
+                        yield self.parse_text_line(line, location) if line.strip() else Record(None, location)
+                    number += 1
+
+    def processor(self, text_config: ConfigDict, tokenizer: Tokenizer) -> PairProcessor:
+        raise NotImplementedError
+
+
+class PairBatchIterator(DatasetIterator):
+    """DatasetIterator for pair sources: the same stream, position and workers; batches of
+    `batch_size` examples as pairs plus the CLM rows packed from them (module docstring)."""
+
+    def __init__(self, config: ConfigDict, tokenizer: Tokenizer, flag: str = "--train_dataset",
+                 process_index: int = 0, process_count: int = 1):
+        super().__init__(config, tokenizer, flag, process_index, process_count)
+        self.processor = self.source.processor(config.text_processor, tokenizer)
+        if self.processor.pair_length < 1:
+            raise DataError(f"{self.source.flag}.pair_length={self.processor.pair_length} must be positive")
+        self.pad_id = tokenizer.pad_id
+        self._pending: list[PairExample] = []  # always empty between batches, so not part of the state
+
+    def _batches_from(self, result: PairExample) -> Iterator[dict[str, np.ndarray]]:
+        self._pending.append(result)
+        self.stats["truncated_sentences"] += result.truncated
+        if len(self._pending) == self.packer.batch_size:
+            yield self._pop()
+
+    def _pop(self) -> dict[str, np.ndarray]:
+        examples, self._pending = self._pending, []
+        shape = (len(examples), self.processor.num_sentences, self.processor.pair_length)
+        cl_tokens, cl_masks = np.full(shape, self.pad_id, np.int32), np.zeros(shape, np.int32)
+        for row, example in enumerate(examples):
+            for col, ids in enumerate(example.sentences):
+                cl_tokens[row, col, :len(ids)] = ids
+                cl_masks[row, col, :len(ids)] = 1
+
+        real = 0
+        for example in examples:
+            self.packer.add(example.tokens, example.loss_mask)
+            real += len(example.tokens)
+        missing = self.packer.chunk + 1 - real  # pop() takes one token beyond the chunk (the last target)
+        if missing > 0:
+            self.packer.add([self.pad_id] * missing, [0.0] * missing)
+        else:
+            self.stats["clm_tokens_dropped"] += -missing
+        batch = self.packer.pop()
+        padding = np.arange(self.packer.chunk).reshape(batch["segment_ids"].shape) >= real
+        batch["segment_ids"][padding] = 0
+        batch["positions"][padding] = 0
+        # A fresh packer: the rest of this step's CLM text is dropped, not carried over (AFP's rule),
+        # so the CLM rows stay in step with the pairs and the packer is empty between batches.
+        self.packer = Packer(self.packer.seq_length, self.packer.batch_size, self.packer.separate_segments)
+        return dict(batch, cl_tokens=cl_tokens, cl_masks=cl_masks)
+
+
+@register_source("afp")
+class AfpSource(PairSource):
+    """AFP JSON lines (or `sent0<TAB>sent1[<TAB>hard_neg]` TSV); see the module docstring."""
+    config_key = "afp_dataset"
+    iterator_cls = PairBatchIterator
+
+    @staticmethod
+    def default_config() -> ConfigDict:
+        return ConfigDict(dict(path=str(AFP_SAMPLE), seq_length=512, batch_size=8, pair_length=128,
+                               on_bad_line="error"))
+
+    def __init__(self, config: ConfigDict, flag: str):
+        super().__init__(config, flag)
+        self.num_sentences = 3 if HARD_NEGATIVE in (self._first_example() or {}) else 2
+
+    def _first_example(self) -> Optional[dict]:
+        records = self.records(0)
+        try:
+            return next((r.example for r in records if r.example is not None), None)
+        finally:
+            records.close()
+
+    def is_json(self, path: str) -> bool:
+        return not path.endswith(".tsv")
+
+    def parse_text_line(self, line: str, location: str) -> Record:
+        fields = line.split("\t")
+        if len(fields) not in (2, 3):
+            if self.config.on_bad_line == "skip":
+                return Record(None, location, bad=True)
+            raise DataError(f"{location}: expected 2 or 3 tab-separated fields (sent0, sent1[, hard_neg]), "
+                            f"got {len(fields)}")
+        example = dict(zip(("sent0", "sent1", HARD_NEGATIVE), fields))
+        prompt = f"{fields[0]} = "
+        return Record(dict(example, clm_text=prompt + fields[1], clm_prompt_len=len(prompt)), location)
+
+    def processor(self, text_config: ConfigDict, tokenizer: Tokenizer) -> PairProcessor:
+        return AfpProcessor(text_config, tokenizer, self.config.pair_length, self.num_sentences)
+
+
+@register_source("codemix_pairs")
+class CodemixPairsSource(PairSource):
+    """Any text paired with its code-mixed version: `.json`/`.jsonl` files (field `text_field`) or
+    plain text, one sentence per line."""
+    config_key = "codemix_pairs_dataset"
+    iterator_cls = PairBatchIterator
+
+    @staticmethod
+    def default_config() -> ConfigDict:
+        return ConfigDict(dict(path=str(DEMO_CORPUS), text_field="text", seq_length=512, batch_size=8,
+                               pair_length=128, on_bad_line="error"))
+
+    def is_json(self, path: str) -> bool:
+        return Path(path).suffix in (".json", ".jsonl")
+
+    def parse_text_line(self, line: str, location: str) -> Record:
+        return Record({self.config.text_field: line}, location)
+
+    def processor(self, text_config: ConfigDict, tokenizer: Tokenizer) -> PairProcessor:
+        return CodemixPairProcessor(text_config, tokenizer, self.config.pair_length, self.config.text_field)

@@ -1,0 +1,190 @@
+"""`python -m easylm_align.evaluate_icl`: few-shot classification (PAWS-X, XNLI, XCOPA) by log-likelihood.
+
+AFP's in-context-learning evaluation (docs/AFP_NOTES.md §5) on an Orbax checkpoint: prompts and
+demonstrations from `evaluation.icl_tasks`, each candidate continuation scored by
+`evaluation.loglik.LoglikScorer`, the argmax of the summed log-likelihood (`acc`, AFP's metric)
+and of the per-character one (`acc_norm`). Example (AFP's `pawsx_en-zh_seed0` grid):
+
+    python -m easylm_align.evaluate_icl --load_checkpoint=params::ckpt --load_llama_config=7b \\
+        --tokenizer.vocab_file=tokenizer.model --icl.tasks=pawsx --icl.prompt_langs=en \\
+        --icl.sample_langs=en,zh --icl.shots=0,5 --icl.data_dir=../shared/data --icl.output=report.json
+
+The report (JSON) holds the configuration, one entry per setting under AFP's metric name
+(`pawsx_zh_s5_i0`: task, prompt and sample language, shots, seed, acc, acc_norm, n) and AFP's
+averages (`avg_all`, `avg_zero`); a table is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+from absl import app
+from absl import logging as absl_logging
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+from easylm_align import checkpoint, model, sharding, tokenizer
+from easylm_align.config import FLAGS, define_flags_with_default, parse_flags_or_exit
+from easylm_align.evaluation import icl_tasks
+from easylm_align.evaluation.loglik import LoglikScorer
+
+
+def default_icl_config() -> ConfigDict:
+    """`--icl.*`."""
+    return ConfigDict(dict(
+        tasks="pawsx",          # comma-separated: pawsx, xnli, xcopa
+        prompt_langs="en",      # demonstration/template language per sample language (one: for all)
+        sample_langs="en,zh",   # test-set languages
+        shots="0,5",
+        seeds="0",              # demonstration draws (AFP's infer_seeds); zero-shot runs once
+        data_dir="",            # holds pawsx/, xnli/, xcopa/ (e.g. ../shared/data)
+        limit=-1,               # the first N test examples per language; -1 = all
+        batch_size=8,           # sequences per forward; a multiple of dp*fsdp
+        add_bos_token=True,     # AFP's Hugging Face tokenizer prepends BOS
+        eos_text="</s>",        # literal text read as the EOS id (AFP's connector); '' = plain text
+        output="",              # report JSON path; '' = print only
+    ))
+
+
+def default_flags() -> dict[str, Any]:
+    """The command line's flags. Defined only when run as a program (see `evaluate.default_flags`)."""
+    return dict(
+        load_checkpoint="",
+        load_llama_config="7b",
+        update_llama_config="",
+        mesh_dim="1,-1,1",
+        dtype="fp32",
+        param_dtype="fp32",
+        tokenizer=tokenizer.default_config(),
+        llama=model.default_llama_overrides(),
+        icl=default_icl_config(),
+        jax_distributed=sharding.default_distributed_config(),
+    )
+
+
+def _split(value: str, flag: str, cast: Callable = str) -> list:
+    try:
+        items = [cast(x.strip()) for x in str(value).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--icl.{flag}={value!r}: expected a comma-separated list") from None
+    if not items:
+        raise ValueError(f"--icl.{flag} is empty")
+    return items
+
+
+def settings_from_config(config: ConfigDict) -> list[icl_tasks.EvalSetting]:
+    """Every (task, prompt language, sample language, shots, seed) of the `--icl.*` grid."""
+    sample_langs = _split(config.sample_langs, "sample_langs")
+    prompt_langs = _split(config.prompt_langs, "prompt_langs")
+    if len(prompt_langs) == 1:
+        prompt_langs *= len(sample_langs)
+    if len(prompt_langs) != len(sample_langs):
+        raise ValueError(f"--icl.prompt_langs={config.prompt_langs!r} needs one language, or one per "
+                         f"--icl.sample_langs={config.sample_langs!r}")
+    shots, seeds = _split(config.shots, "shots", int), _split(config.seeds, "seeds", int)
+    settings = []
+    for task in _split(config.tasks, "tasks"):
+        icl_tasks.get_task(task)
+        settings += icl_tasks.afp_settings(task, prompt_langs, sample_langs, shots, seeds)
+    return settings
+
+
+def build_suite(config: ConfigDict) -> tuple[list[icl_tasks.EvalSetting], dict[str, list[icl_tasks.Request]]]:
+    """The settings and their requests (reads the data files; cheap, so done before loading a model)."""
+    if not config.data_dir:
+        raise ValueError("--icl.data_dir is required (the directory holding pawsx/, xnli/, xcopa/)")
+    settings = settings_from_config(config)
+    return settings, icl_tasks.build_suite(settings, config.data_dir, config.limit if config.limit > 0 else None)
+
+
+def score_suite(settings: list[icl_tasks.EvalSetting], suite: dict[str, list[icl_tasks.Request]],
+                scorer: icl_tasks.Scorer) -> dict:
+    """Accuracy per setting (keyed by AFP's metric name) and AFP's averages of `acc` and `acc_norm`."""
+    results = {}
+    for s in tqdm(settings, desc="icl", leave=False, disable=jax.process_index() != 0):
+        scores = icl_tasks.aggregate(icl_tasks.score_requests(suite[s.key], scorer))
+        results[s.key] = dict(task=s.task, prompt_lang=s.prompt_lang, sample_lang=s.sample_lang, shots=s.shots,
+                              seed=s.seed, **scores)
+    averages = {metric: icl_tasks.afp_averages({k: r[metric] for k, r in results.items()})
+                for metric in ("acc", "acc_norm")}
+    return {"results": results, "averages": averages}
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{'setting':<20}{'prompt':>7}{'sample':>7}{'shots':>6}{'n':>6}{'acc':>8}{'acc_norm':>10}"]
+    for key, r in report["results"].items():
+        lines.append(f"{key:<20}{r['prompt_lang']:>7}{r['sample_lang']:>7}{r['shots']:>6}{r['n']:>6}"
+                     f"{r['acc']:>8.4f}{r['acc_norm']:>10.4f}")
+    for name in report["averages"]["acc"]:
+        acc, norm = report["averages"]["acc"][name], report["averages"]["acc_norm"][name]
+        lines.append(f"{name:<46}{acc:>8.4f}{norm:>10.4f}")
+    return "\n".join(lines)
+
+
+def load_model(cfg: Any) -> tuple[Any, model.LlamaForCausalLM, tokenizer.Tokenizer, Any]:
+    """Params (sharded on the `--mesh_dim` mesh), model, tokenizer and mesh from the common flags."""
+    kind, path = checkpoint.parse_load_checkpoint(cfg.load_checkpoint)
+    if not kind:
+        raise ValueError("--load_checkpoint=params::PATH is required")
+    for name in (cfg.dtype, cfg.param_dtype):
+        if name not in model.DTYPES:
+            raise ValueError(f"dtype {name!r}: use one of {sorted(model.DTYPES)}")
+    tok = tokenizer.Tokenizer.from_config(cfg.tokenizer)
+    ckpt_path = checkpoint.resolve_path(path)
+    llama_config = model.get_llama_config(cfg.load_llama_config, cfg.update_llama_config, cfg.llama.to_dict())
+    if tok.vocab_size > llama_config.vocab_size:
+        raise ValueError(f"--tokenizer.vocab_file has {tok.vocab_size} pieces but the model's vocab_size is "
+                         f"{llama_config.vocab_size}")
+    mesh = sharding.make_mesh(cfg.mesh_dim)
+    llama = model.build_model(llama_config, cfg.dtype, cfg.param_dtype)
+    abstract = jax.eval_shape(lambda: model.init_params(llama, jax.random.PRNGKey(0)))
+    target = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                    abstract, sharding.param_shardings(abstract, mesh))
+    return checkpoint.load_params(str(ckpt_path), target), llama, tok, mesh
+
+
+def run(cfg: Any) -> dict:
+    """Everything `main` does, from a flags-like object (FLAGS, or a ConfigDict of `default_flags()`)."""
+    ic = cfg.icl
+    settings, suite = build_suite(ic)
+    params, llama, tok, mesh = load_model(cfg)
+    scorer = LoglikScorer(llama, tok, params, mesh, ic.batch_size, ic.add_bos_token, ic.eos_text)
+    start = time.time()
+    report = score_suite(settings, suite, scorer)
+    report["config"] = dict(ic.to_dict(), load_checkpoint=cfg.load_checkpoint, load_llama_config=cfg.load_llama_config,
+                            update_llama_config=cfg.update_llama_config, vocab_file=cfg.tokenizer.vocab_file,
+                            dtype=cfg.dtype)
+    report["seconds"], report["compilations"] = time.time() - start, scorer.num_compilations
+    if ic.output and jax.process_index() == 0:
+        out = Path(ic.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    return report
+
+
+def main(argv) -> None:
+    del argv
+    if not FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    sharding.initialize_distributed(FLAGS.jax_distributed)
+    try:
+        report = run(FLAGS)
+    except (ValueError, FileNotFoundError) as e:
+        logging.debug("user error", exc_info=True)
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    if jax.process_index() == 0:
+        print(format_table(report))
+        if FLAGS.icl.output:
+            print(f"report: {FLAGS.icl.output}")
+
+
+if __name__ == "__main__":
+    define_flags_with_default(**default_flags())
+    app.run(main, flags_parser=parse_flags_or_exit)

@@ -1,0 +1,376 @@
+"""AFP: contrastive loss (global negatives on a sharded mesh), poolers, the pair + CLM data, the
+code-mixed pair source, the log-likelihood scorer, and generate → train → ICL eval end to end."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+from easylm_align import afp_data, datasets, model, objectives, sharding
+from easylm_align.codemix import CodeMixer
+from easylm_align.evaluation import icl_tasks
+from easylm_align.evaluation.loglik import LoglikScorer
+from easylm_align.tokenizer import DEMO_TOKENIZER, Tokenizer
+from easylm_align.tools import generate_afp_data
+
+TINY = json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "max_position_embeddings": 128})
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer(str(DEMO_TOKENIZER))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The debug LLaMA shrunk further (vocab 4096 = the demo tokenizer's); NumPy-drawn params of a
+    scale that gives visibly different states (and no slow eager init)."""
+    llama = model.build_model(model.get_llama_config("debug", TINY))
+    rng = np.random.default_rng(0)
+    shapes = jax.eval_shape(lambda: model.init_params(llama, jax.random.PRNGKey(0)))
+    params = jax.tree_util.tree_map(
+        lambda x: jnp.asarray(1.0 + 0.1 * rng.standard_normal(x.shape) if x.ndim == 1
+                              else rng.standard_normal(x.shape) / np.sqrt(x.shape[0]), jnp.float32), shapes)
+    return llama, params
+
+
+def embed(llama, params, tokens, masks, poolers):
+    """`sentence_embeddings` for each pooler, jitted together (one compilation)."""
+    fn = jax.jit(lambda p, t, m: [objectives.sentence_embeddings(llama, p, t, m, pooler, jax.random.PRNGKey(0),
+                                                                 True) for pooler in poolers])
+    return [np.asarray(x) for x in fn(params, tokens, masks)]
+
+
+def objectives_config(**overrides):
+    cfg = objectives.default_config()
+    cfg.update(overrides)
+    return cfg
+
+
+def afp_config(path, **group):
+    cfg = datasets.default_config("afp")
+    cfg.afp_dataset.update({**dict(path=str(path), batch_size=4, seq_length=64, pair_length=16), **group})
+    return cfg
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Contrastive loss
+
+
+def numpy_infonce(z1, z2, temperature, z3=None, weight=0.0):
+    def cos(a, b):
+        return (a @ b.T) / (np.linalg.norm(a, axis=1)[:, None] * np.linalg.norm(b, axis=1)[None, :])
+
+    logits = cos(z1, z2) / temperature
+    if z3 is not None:
+        logits = np.concatenate([logits, cos(z1, z3) / temperature + weight * np.eye(len(z1))], axis=1)
+    top = logits.max(axis=1)
+    lse = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+    return np.mean(lse - np.diag(logits)), np.mean(logits.argmax(axis=1) == np.arange(len(z1)))
+
+
+def test_contrastive_loss_matches_numpy():
+    rng = np.random.default_rng(0)
+    z1, z2, z3 = (rng.standard_normal((16, 32)) for _ in range(3))
+    z2 = z1 + 0.8 * z2  # positives resemble their anchors: accuracy strictly between 0 and 1
+    for temperature in (0.05, 1.0):
+        loss, acc = objectives.contrastive_loss(jnp.asarray(z1, jnp.float32), jnp.asarray(z2, jnp.float32),
+                                                temperature)
+        ref_loss, ref_acc = numpy_infonce(z1, z2, temperature)
+        assert float(loss) == pytest.approx(ref_loss, abs=1e-5)
+        assert float(acc) == ref_acc
+    loss, _ = objectives.contrastive_loss(*(jnp.asarray(z, jnp.float32) for z in (z1, z2)), 0.05,
+                                          jnp.asarray(z3, jnp.float32), hard_negative_weight=0.7)
+    assert float(loss) == pytest.approx(numpy_infonce(z1, z2, 0.05, z3, 0.7)[0], abs=1e-5)
+
+
+def test_negatives_are_global_on_a_sharded_mesh(tiny):
+    mesh = sharding.make_mesh("2,2,2")
+    one_device = jax.devices()[:1]
+    rng = np.random.default_rng(1)
+    z1 = rng.standard_normal((16, 32)).astype(np.float32)
+    z2 = 0.5 * z1 + rng.standard_normal((16, 32)).astype(np.float32)
+    loss = jax.jit(lambda a, b: objectives.contrastive_loss(a, b, 0.05)[0])
+    single = float(loss(*jax.device_put((z1, z2), one_device[0])))
+    sharded_inputs = jax.device_put((z1, z2), sharding.batch_sharding(mesh))
+    assert len(sharded_inputs[0].sharding.device_set) == 8
+    assert float(loss(*sharded_inputs)) == pytest.approx(single, abs=1e-5)
+    per_shard = np.mean([float(loss(z1[i:i + 4], z2[i:i + 4])) for i in range(0, 16, 4)])
+    assert per_shard < single - 0.5  # what per-device negatives (3 instead of 15) would have given
+
+    # The whole objective, params sharded by the partition rules, batch over (dp, fsdp).
+    llama, params = tiny
+    batch = {"cl_tokens": rng.integers(3, 4096, (8, 2, 16)).astype(np.int32),
+             "cl_masks": (np.arange(16) < rng.integers(2, 17, (8, 2, 1))).astype(np.int32),
+             "input_tokens": rng.integers(3, 4096, (8, 32)).astype(np.int32),
+             "target_tokens": rng.integers(3, 4096, (8, 32)).astype(np.int32),
+             "loss_masks": np.ones((8, 32), np.float32), "segment_ids": np.ones((8, 32), np.int32),
+             "positions": np.tile(np.arange(32, dtype=np.int32), (8, 1))}
+    cfg = objectives_config()
+    afp = jax.jit(lambda p, b: objectives.afp_loss(llama, p, b, jax.random.PRNGKey(0), True, cfg)[1])
+    single = afp(jax.device_put(params, one_device[0]), jax.device_put(batch, one_device[0]))
+    abstract = jax.eval_shape(lambda: params)
+    on_mesh = afp(jax.device_put(params, sharding.param_shardings(abstract, mesh)),
+                  sharding.host_batch_to_global(batch, mesh))
+    for key in ("loss", "cl_loss", "clm_loss", "cl_accuracy"):
+        assert float(on_mesh[key]) == pytest.approx(float(single[key]), abs=1e-5), key
+    assert float(single["loss"]) == pytest.approx(float(single["cl_loss"]) + 1.5 * float(single["clm_loss"]),
+                                                  rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Poolers
+
+
+def test_poolers_pick_real_tokens():
+    rng = np.random.default_rng(2)
+    lengths = np.array([6, 3, 1])
+    mask = (np.arange(6) < lengths[:, None]).astype(np.int32)
+    states = [rng.standard_normal((3, 6, 4)).astype(np.float32) for _ in range(3)]
+    noisy = [np.where(mask[..., None], h, 1e3) for h in states]  # same real tokens, huge padding
+    for k in range(3):
+        for name, ref in (("last", lambda h, n: h[n - 1]), ("avg", lambda h, n: h[:n].mean(0)),
+                          ("max", lambda h, n: h[:n].max(0))):
+            out = np.asarray(objectives.pool(noisy, jnp.asarray(mask), f"{name}-{k}"))
+            np.testing.assert_allclose(out, [ref(states[k][b], n) for b, n in enumerate(lengths)], rtol=1e-6)
+    first_last = objectives.pool(noisy, jnp.asarray(mask), "avg_first_last")
+    np.testing.assert_allclose(first_last, objectives.pool([(states[1] + states[2]) / 2], mask, "avg-0"), rtol=1e-6)
+    top2 = objectives.pool(noisy, jnp.asarray(mask), "avg_top2")
+    np.testing.assert_allclose(top2, objectives.pool([(states[2] + states[1]) / 2], mask, "avg-0"), rtol=1e-6)
+    for bad in ("last-3", "mean-1", "cls"):
+        with pytest.raises(ValueError, match="pooler"):
+            objectives.pool(states, jnp.asarray(mask), bad)
+
+
+def test_padding_never_reaches_the_pooled_sentence(tiny):
+    """Through the model: a right-padded sentence pools as it does alone, for every pooler kind."""
+    llama, params = tiny
+    ids = np.array([1, 50, 60, 70, 80], np.int32)
+    padded = np.zeros((1, 1, 12), np.int32)
+    padded[0, 0, :5] = ids
+    padded[0, 0, 5:] = 99  # junk, not zeros
+    poolers = ("last-1", "avg-1", "max-2", "avg_top2")
+    alone = embed(llama, params, ids[None, None], np.ones((1, 1, 5), np.int32), poolers)
+    embedded = embed(llama, params, padded, (np.arange(12) < 5)[None, None].astype(np.int32), poolers)
+    for pooler, a, b in zip(poolers, alone, embedded):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=pooler)
+    assert not np.allclose(alone[0], alone[1])  # the poolers differ, so each one was checked
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: the CLM prompt, batches, resumption, bad input
+
+
+@pytest.mark.parametrize("vocab", ["demo", "llama2"])
+def test_clm_loss_mask_covers_exactly_the_output(vocab, shared_data, tok):
+    tokenizer = tok if vocab == "demo" else Tokenizer(str(shared_data / "tokenizers" / "llama2" / "tokenizer.model"))
+    cfg = datasets.default_config("afp").text_processor
+    processor = afp_data.AfpProcessor(cfg, tokenizer, pair_length=16)
+    prompt, output = "Write a letter. Answer in English: ", "Dear Sir, thanks."
+    example = {"sent0": "a b", "sent1": "c d", "clm_text": prompt + output, "clm_prompt_len": len(prompt)}
+    result = processor(example, 0)
+    mask = np.asarray(result.loss_mask)
+    n_prompt = int((mask == 0).sum())
+    assert mask[:n_prompt].sum() == 0 and mask[n_prompt:].all()  # BOS and prompt, then targets only
+    assert result.tokens[0] == tokenizer.bos_id and result.tokens[-1] == tokenizer.eos_id
+    assert tokenizer.decode(result.tokens[1:n_prompt]) == prompt.strip()
+    assert tokenizer.decode(result.tokens[n_prompt:-1]) == output
+    assert result.tokens[1:-1] == tokenizer.encode(prompt + output)  # the text is tokenized whole
+    assert result.sentences == [[tokenizer.bos_id] + tokenizer.encode(s) for s in ("a b", "c d")]
+    assert processor(dict(example, clm_prompt_len=0), 0).loss_mask[1:] == [1.0] * (len(result.tokens) - 1)
+    only_eos = processor(dict(example, clm_prompt_len=len(prompt + output)), 0).loss_mask
+    assert only_eos == [0.0] * (len(result.tokens) - 1) + [1.0]
+
+
+def test_batches_pack_this_steps_clm_texts(tmp_path, tok):
+    rows = [{"sent0": f"sentence {i}", "sent1": f"satz {i}", "clm_text": f"Q{i}? A: answer number {i}",
+             "clm_prompt_len": len(f"Q{i}? A: ")} for i in range(10)]
+    path = write_jsonl(tmp_path / "afp.jsonl", rows)
+    data = datasets.build_iterator(afp_config(path), tok)
+    assert isinstance(data, afp_data.PairBatchIterator)
+    batch = next(data)
+    assert {k: v.shape for k, v in batch.items()} == {
+        "cl_tokens": (4, 2, 16), "cl_masks": (4, 2, 16), **{k: (4, 64) for k in (
+            "input_tokens", "target_tokens", "loss_masks", "segment_ids", "positions")}}
+    for b, row in enumerate(rows[:4]):
+        n = batch["cl_masks"][b, 1].sum()
+        assert batch["cl_tokens"][b, 1, :n].tolist() == [tok.bos_id] + tok.encode(row["sent1"])
+        assert (batch["cl_tokens"][b, 1, n:] == tok.pad_id).all()
+    # Four short CLM texts fill part of the first row; the rest is padding (segment 0, no loss).
+    targets = batch["target_tokens"][batch["loss_masks"] > 0].tolist()
+    expected = [t for r in rows[:4] for t in tok.encode(r["clm_text"][r["clm_prompt_len"]:]) + [tok.eos_id]]
+    assert targets == expected
+    real = batch["segment_ids"] > 0
+    assert real.sum() == sum(len(tok.encode(r["clm_text"])) + 2 for r in rows[:4])  # BOS and EOS
+    assert (batch["loss_masks"][~real] == 0).all() and (batch["positions"][~real] == 0).all()
+
+    # Resuming from the saved position gives the same next batches, across the epoch boundary.
+    state = json.loads(json.dumps(data.state_dict()))
+    expected_next = [next(data) for _ in range(3)]
+    resumed = datasets.build_iterator(afp_config(path), tok)
+    resumed.load_state_dict(state)
+    for want in expected_next:
+        got = next(resumed)
+        assert all((got[k] == want[k]).all() for k in want)
+    assert resumed.epoch == 1
+
+
+def test_long_clm_text_is_cut_to_the_step(tmp_path, tok):
+    long = {"sent0": "x", "sent1": "y", "clm_text": "word " * 300, "clm_prompt_len": 0}
+    data = datasets.build_iterator(afp_config(write_jsonl(tmp_path / "a.jsonl", [long] * 4)), tok)
+    batch, dropped = next(data), data.stats["clm_tokens_dropped"]
+    assert (batch["segment_ids"] > 0).all() and dropped == 4 * (len(tok.encode(long["clm_text"])) + 2) - 4 * 64 - 1
+    assert data.state_dict()["packer"]["tokens"] == []  # nothing carried into the next step
+
+
+def test_tsv_pairs_and_hard_negatives(tmp_path, tok, tiny):
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("".join(f"hello {i}\tnihao {i}\tbye {i}\n" for i in range(4)))
+    batch = next(datasets.build_iterator(afp_config(tsv), tok))
+    assert batch["cl_tokens"].shape == (4, 3, 16)
+    n = batch["cl_masks"][2, 2].sum()
+    assert batch["cl_tokens"][2, 2, :n].tolist() == [tok.bos_id] + tok.encode("bye 2")
+    expected = []  # AFP's fallback CLM text "{sent0} = {sent1}", trained on sent1
+    for i in range(4):
+        ids, n = afp_data.split_tokens(tok, f"hello {i} = nihao {i}", len(f"hello {i} = "))
+        assert tok.decode(ids[n:]) == f"nihao {i}"
+        expected += ids[n:] + [tok.eos_id]
+    assert batch["target_tokens"][batch["loss_masks"] > 0].tolist() == expected
+
+    llama, params = tiny  # the third column enters the loss as hard negatives
+    cfg = objectives_config(hard_negative_weight=0.3)
+    _, metrics = jax.jit(lambda p, b: objectives.afp_loss(llama, p, b, jax.random.PRNGKey(0), True, cfg))(
+        params, batch)
+    z = embed(llama, params, batch["cl_tokens"], batch["cl_masks"], ["last-1"])[0].astype(np.float64)
+    ref = numpy_infonce(z[:, 0], z[:, 1], 0.05, z[:, 2], 0.3)[0]
+    assert float(metrics["cl_loss"]) == pytest.approx(ref, abs=1e-4)
+
+
+def test_bad_input_names_file_and_line(tmp_path, tok):
+    good = {"sent0": "a", "sent1": "b", "clm_text": "p: o", "clm_prompt_len": 3}
+    cases = [
+        ([good, {"sent0": "a", "clm_text": "x", "clm_prompt_len": 0}], r"bad\.jsonl:2: example has no field 'sent1'"),
+        ([dict(good, clm_prompt_len=9)], r"bad\.jsonl:1: clm_prompt_len=9 is longer than clm_text \(4 characters\)"),
+        ([good, dict(good, clm_prompt_len="3")], r"bad\.jsonl:2: clm_prompt_len must be a non-negative integer"),
+        ([good, dict(good, hard_neg="c")], r"bad\.jsonl:2: example has 'hard_neg' but the data set's first"),
+        ([good, {k: v for k, v in good.items() if k != "clm_prompt_len"}], r"bad\.jsonl:2: .*'clm_prompt_len'"),
+    ]
+    for rows, message in cases:
+        data = datasets.build_iterator(afp_config(write_jsonl(tmp_path / "bad.jsonl", rows), batch_size=1), tok)
+        with pytest.raises(datasets.DataError, match=message):
+            for _ in range(len(rows)):
+                next(data)
+    (tmp_path / "bad.tsv").write_text("a\tb\nonly one field\n")
+    data = datasets.build_iterator(afp_config(tmp_path / "bad.tsv", batch_size=1), tok)
+    with pytest.raises(datasets.DataError, match=r"bad\.tsv:2: expected 2 or 3 tab-separated fields"):
+        next(data), next(data)
+    cfg = datasets.default_config("codemix_pairs")
+    with pytest.raises(datasets.DataError, match="codemix_dict_path"):
+        datasets.build_iterator(cfg, tok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Code-mixed pairs (an extension)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "txt"])
+def test_codemix_pairs_second_side_is_the_mixed_first(kind, tmp_path, shared_data, tok):
+    texts = ["The cat drinks water every morning.", "My friend reads a good book.",
+             "We walk to the old market today.", "This house is very big and beautiful."]
+    path = tmp_path / f"text.{kind}"
+    if kind == "jsonl":
+        write_jsonl(path, [{"body": t} for t in texts])
+    else:
+        path.write_text("\n".join(texts) + "\n")
+    cfg = datasets.default_config("codemix_pairs")
+    cfg.codemix_pairs_dataset.update(dict(path=str(path), text_field="body", batch_size=4, seq_length=128,
+                                          pair_length=64))
+    cfg.text_processor.update(dict(codemix_dict_path=str(shared_data / "dicts" / "en-zh.txt"), codemix_ratio=0.6,
+                                   codemix_seed=3))
+    batch = next(datasets.build_iterator(cfg, tok))
+    mixer = CodeMixer.from_file(cfg.text_processor.codemix_dict_path, 0.6, 3)
+    mixed = [mixer.mix(t, index) for index, t in enumerate(texts)]  # epoch 0: index = record number
+    assert sum(m != t for m, t in zip(mixed, texts)) >= 3
+    for b, (text, mix) in enumerate(zip(texts, mixed)):
+        for col, want in ((0, text), (1, mix)):
+            n = batch["cl_masks"][b, col].sum()
+            assert batch["cl_tokens"][b, col, :n].tolist() == [tok.bos_id] + tok.encode(want)
+    # The CLM side trains on all of each mixed text.
+    targets = batch["target_tokens"][batch["loss_masks"] > 0].tolist()
+    assert targets == [t for mix in mixed for t in tok.encode(mix) + [tok.eos_id]]
+
+
+# ---------------------------------------------------------------------------------------------
+# ICL scoring
+
+
+def test_loglik_scorer_matches_a_direct_forward(tiny, tok):
+    llama, params = tiny
+    scorer = LoglikScorer(llama, tok, params, sharding.make_mesh("1,-1,1"), batch_size=8, min_bucket=16)
+    context, continuation = "Is it so</s>yes it is</s>The sky is blue, right?", " Yes, it is."
+    ids, n_context = scorer.encode(context, continuation)
+    eos_at = [i for i, t in enumerate(ids) if t == tok.eos_id]
+    assert ids[0] == tok.bos_id and len(eos_at) == 2  # the connector is the EOS id, not spelled out
+    assert tok.decode(ids[n_context:]) == continuation.strip()
+    logits = jax.jit(lambda p, x: llama.apply({"params": p}, x).logits)(params, jnp.asarray([ids]))[0]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    direct = float(sum(logp[t - 1, ids[t]] for t in range(n_context, len(ids))))
+    pairs = [(context, continuation), ("Short", " one"), (context, " No, it is.")]
+    scores = scorer(pairs)
+    assert scores[0] == pytest.approx(direct, rel=1e-5)
+    assert scores == pytest.approx(scorer(pairs[::-1])[::-1], rel=1e-6)  # order and padding do not matter
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+
+
+def test_generate_train_evaluate(tmp_path, shared_data):
+    data = tmp_path / "afp.jsonl"
+    assert generate_afp_data.main(["-b", str(shared_data / "instruct_x"), "-r", "0.02",
+                                   "--output-file", str(data)]) == 0
+    run = tmp_path / "run"
+    # The shipped flagfile (--objective=afp, --train_dataset.type=afp, AFP's hyper-parameters), with
+    # the tiny model, the demo tokenizer, the generated data and 8 devices' worth of batch.
+    train = [sys.executable, "-m", "easylm_align.train", "--flagfile=configs/afp_en_zh.flags", "--load_checkpoint=",
+             "--load_llama_config=debug", f"--tokenizer.vocab_file={DEMO_TOKENIZER}", "--dtype=fp32",
+             f"--train_dataset.afp_dataset.path={data}", "--train_dataset.afp_dataset.batch_size=8",
+             "--train_dataset.afp_dataset.pair_length=32", "--train_dataset.afp_dataset.seq_length=128",
+             "--total_steps=3", "--log_freq=1", f"--logger.output_dir={run}", "--logger.tensorboard=false"]
+    done = subprocess.run(train, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert json.loads((run / "config.json").read_text())["objectives"]["pooler"] == "last-1"
+    for r in rows:
+        assert r["loss"] == pytest.approx(r["cl_loss"] + 1.5 * r["clm_loss"], rel=1e-5)
+        assert 0 <= r["cl_accuracy"] <= 1 and r["clm_loss"] > 0
+
+    report_path = tmp_path / "report.json"
+    evaluate = [sys.executable, "-m", "easylm_align.evaluate_icl",
+                f"--load_checkpoint=params::{run}/checkpoints/streaming_params_3", "--load_llama_config=debug",
+                "--icl.tasks=pawsx", "--icl.prompt_langs=en", "--icl.sample_langs=en,zh", "--icl.shots=0,5",
+                f"--icl.data_dir={shared_data}", "--icl.limit=8", f"--icl.output={report_path}"]
+    done = subprocess.run(evaluate, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "pawsx_zh_s5_i0" in done.stdout and "avg_zero" in done.stdout
+    report = json.loads(report_path.read_text())
+    assert list(report["results"]) == ["pawsx_en_s0_i0", "pawsx_en_s5_i0", "pawsx_zh_s0_i0", "pawsx_zh_s5_i0"]
+    for key, r in report["results"].items():
+        assert r["n"] == 8 and 0 <= r["acc"] <= 1 and 0 <= r["acc_norm"] <= 1
+        assert (r["task"], r["prompt_lang"], r["shots"]) == ("pawsx", "en", int(key.split("_s")[1][0]))
+    assert set(report["averages"]) == {"acc", "acc_norm"}
+    assert report["averages"]["acc"] == pytest.approx(icl_tasks.afp_averages(
+        {k: r["acc"] for k, r in report["results"].items()}))
+    assert report["config"]["limit"] == 8

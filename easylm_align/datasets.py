@@ -15,7 +15,7 @@ import json
 import multiprocessing
 from collections import Counter
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, NamedTuple, Optional
+from typing import ClassVar, Iterator, NamedTuple, Optional
 
 import numpy as np
 from ml_collections import ConfigDict

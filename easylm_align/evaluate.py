@@ -15,24 +15,19 @@ point for tools that already hold a model (the sweep).
 
 from __future__ import annotations
 
-import json
-import logging
-import sys
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 from absl import app
-from absl import logging as absl_logging
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from easylm_align import checkpoint, model, sharding, tokenizer
-from easylm_align.config import FLAGS, define_flags_with_default, parse_flags_or_exit
-from easylm_align.evaluation import squad
+from easylm_align import model, tokenizer
+from easylm_align.config import define_flags_with_default, parse_flags_or_exit
+from easylm_align.evaluation import runtime, squad
 from easylm_align.generation import GreedyDecoder
 
 
@@ -56,18 +51,7 @@ def default_eval_config() -> ConfigDict:
 def default_flags() -> dict[str, Any]:
     """The command line's flags and defaults. Defined only when run as a program, so that tools
     importing `evaluate_squad` next to the trainer do not define the shared flag names twice."""
-    return dict(
-        load_checkpoint="",
-        load_llama_config="7b",
-        update_llama_config="",
-        mesh_dim="1,-1,1",
-        dtype="fp32",
-        param_dtype="fp32",
-        tokenizer=tokenizer.default_config(),
-        llama=model.default_llama_overrides(),
-        eval=default_eval_config(),
-        jax_distributed=sharding.default_distributed_config(),
-    )
+    return dict(runtime.model_flags(), eval=default_eval_config())
 
 
 def task_name(config: ConfigDict) -> str:
@@ -152,54 +136,17 @@ def run(cfg: Any) -> dict:
     _check_eval_config(ev)
     if not ev.squad_file:
         raise ValueError("--eval.squad_file is required")
-    kind, path = checkpoint.parse_load_checkpoint(cfg.load_checkpoint)
-    if not kind:
-        raise ValueError("--load_checkpoint=params::PATH is required")
-    for name in (cfg.dtype, cfg.param_dtype):
-        if name not in model.DTYPES:
-            raise ValueError(f"dtype {name!r}: use one of {sorted(model.DTYPES)}")
-    # Cheap checks first, so a wrong path fails before anything is compiled or read.
-    tok = tokenizer.Tokenizer.from_config(cfg.tokenizer)
-    examples = squad.load_squad(ev.squad_file)
-    ckpt_path = checkpoint.resolve_path(path)
-    llama_config = model.get_llama_config(cfg.load_llama_config, cfg.update_llama_config, cfg.llama.to_dict())
-    if tok.vocab_size > llama_config.vocab_size:
-        raise ValueError(f"--tokenizer.vocab_file has {tok.vocab_size} pieces but the model's vocab_size is "
-                         f"{llama_config.vocab_size}")
-
-    mesh = sharding.make_mesh(cfg.mesh_dim)
-    llama = model.build_model(llama_config, cfg.dtype, cfg.param_dtype)
-    abstract = jax.eval_shape(lambda: model.init_params(llama, jax.random.PRNGKey(0)))
-    target = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                    abstract, sharding.param_shardings(abstract, mesh))
-    params = checkpoint.load_params(str(ckpt_path), target)
-
+    examples = squad.load_squad(ev.squad_file)  # before loading the model: a bad file fails fast
+    params, llama, tok, mesh = runtime.load_model(cfg)
     report = evaluate_squad(params, llama, tok, examples, ev, mesh)
-    report["config"] = dict(report["config"], load_checkpoint=cfg.load_checkpoint,
-                            load_llama_config=cfg.load_llama_config, update_llama_config=cfg.update_llama_config,
-                            vocab_file=cfg.tokenizer.vocab_file, dtype=cfg.dtype)
-    if ev.output and jax.process_index() == 0:
-        out = Path(ev.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    report["config"] = dict(report["config"], **runtime.model_description(cfg))
+    runtime.write_report(report, ev.output)
     return report
 
 
 def main(argv) -> None:
     del argv
-    if not FLAGS["verbosity"].present:
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    sharding.initialize_distributed(FLAGS.jax_distributed)
-    try:
-        report = run(FLAGS)
-    except (ValueError, FileNotFoundError) as e:
-        logging.debug("user error", exc_info=True)
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
-    if jax.process_index() == 0:
-        print(format_table(report))
-        if FLAGS.eval.output:
-            print(f"report: {FLAGS.eval.output}")
+    runtime.cli_main(run, format_table, lambda flags: flags.eval.output)
 
 
 if __name__ == "__main__":

@@ -16,22 +16,16 @@ averages (`avg_all`, `avg_zero`); a table is printed.
 
 from __future__ import annotations
 
-import json
-import logging
-import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
 from absl import app
-from absl import logging as absl_logging
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from easylm_align import checkpoint, model, sharding, tokenizer
-from easylm_align.config import FLAGS, define_flags_with_default, parse_flags_or_exit
-from easylm_align.evaluation import icl_tasks
+from easylm_align.config import define_flags_with_default, parse_flags_or_exit
+from easylm_align.evaluation import icl_tasks, runtime
 from easylm_align.evaluation.loglik import LoglikScorer
 
 
@@ -54,18 +48,7 @@ def default_icl_config() -> ConfigDict:
 
 def default_flags() -> dict[str, Any]:
     """The command line's flags. Defined only when run as a program (see `evaluate.default_flags`)."""
-    return dict(
-        load_checkpoint="",
-        load_llama_config="7b",
-        update_llama_config="",
-        mesh_dim="1,-1,1",
-        dtype="fp32",
-        param_dtype="fp32",
-        tokenizer=tokenizer.default_config(),
-        llama=model.default_llama_overrides(),
-        icl=default_icl_config(),
-        jax_distributed=sharding.default_distributed_config(),
-    )
+    return dict(runtime.model_flags(), icl=default_icl_config())
 
 
 def _split(value: str, flag: str, cast: Callable = str) -> list:
@@ -127,62 +110,23 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def load_model(cfg: Any) -> tuple[Any, model.LlamaForCausalLM, tokenizer.Tokenizer, Any]:
-    """Params (sharded on the `--mesh_dim` mesh), model, tokenizer and mesh from the common flags."""
-    kind, path = checkpoint.parse_load_checkpoint(cfg.load_checkpoint)
-    if not kind:
-        raise ValueError("--load_checkpoint=params::PATH is required")
-    for name in (cfg.dtype, cfg.param_dtype):
-        if name not in model.DTYPES:
-            raise ValueError(f"dtype {name!r}: use one of {sorted(model.DTYPES)}")
-    tok = tokenizer.Tokenizer.from_config(cfg.tokenizer)
-    ckpt_path = checkpoint.resolve_path(path)
-    llama_config = model.get_llama_config(cfg.load_llama_config, cfg.update_llama_config, cfg.llama.to_dict())
-    if tok.vocab_size > llama_config.vocab_size:
-        raise ValueError(f"--tokenizer.vocab_file has {tok.vocab_size} pieces but the model's vocab_size is "
-                         f"{llama_config.vocab_size}")
-    mesh = sharding.make_mesh(cfg.mesh_dim)
-    llama = model.build_model(llama_config, cfg.dtype, cfg.param_dtype)
-    abstract = jax.eval_shape(lambda: model.init_params(llama, jax.random.PRNGKey(0)))
-    target = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                    abstract, sharding.param_shardings(abstract, mesh))
-    return checkpoint.load_params(str(ckpt_path), target), llama, tok, mesh
-
-
 def run(cfg: Any) -> dict:
     """Everything `main` does, from a flags-like object (FLAGS, or a ConfigDict of `default_flags()`)."""
     ic = cfg.icl
     settings, suite = build_suite(ic)
-    params, llama, tok, mesh = load_model(cfg)
+    params, llama, tok, mesh = runtime.load_model(cfg)
     scorer = LoglikScorer(llama, tok, params, mesh, ic.batch_size, ic.add_bos_token, ic.eos_text)
     start = time.time()
     report = score_suite(settings, suite, scorer)
-    report["config"] = dict(ic.to_dict(), load_checkpoint=cfg.load_checkpoint, load_llama_config=cfg.load_llama_config,
-                            update_llama_config=cfg.update_llama_config, vocab_file=cfg.tokenizer.vocab_file,
-                            dtype=cfg.dtype)
+    report["config"] = dict(ic.to_dict(), **runtime.model_description(cfg))
     report["seconds"], report["compilations"] = time.time() - start, scorer.num_compilations
-    if ic.output and jax.process_index() == 0:
-        out = Path(ic.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    runtime.write_report(report, ic.output)
     return report
 
 
 def main(argv) -> None:
     del argv
-    if not FLAGS["verbosity"].present:
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    sharding.initialize_distributed(FLAGS.jax_distributed)
-    try:
-        report = run(FLAGS)
-    except (ValueError, FileNotFoundError) as e:
-        logging.debug("user error", exc_info=True)
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
-    if jax.process_index() == 0:
-        print(format_table(report))
-        if FLAGS.icl.output:
-            print(f"report: {FLAGS.icl.output}")
+    runtime.cli_main(run, format_table, lambda flags: flags.icl.output)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,84 @@
+"""What every evaluation command shares: the model flags, loading sharded params, the report file
+and the command-line wrapper that turns user mistakes into one-line errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+from absl import logging as absl_logging
+
+from easylm_align import checkpoint, model, sharding, tokenizer
+from easylm_align.config import FLAGS
+
+
+def model_flags() -> dict[str, Any]:
+    """Flags naming the model to evaluate; the same names and meaning as the trainer's."""
+    return dict(
+        load_checkpoint="",
+        load_llama_config="7b",
+        update_llama_config="",
+        mesh_dim="1,-1,1",
+        dtype="fp32",
+        param_dtype="fp32",
+        tokenizer=tokenizer.default_config(),
+        llama=model.default_llama_overrides(),
+        jax_distributed=sharding.default_distributed_config(),
+    )
+
+
+def load_model(cfg: Any) -> tuple[Any, model.LlamaForCausalLM, tokenizer.Tokenizer, Any]:
+    """Params (sharded on the `--mesh_dim` mesh), model, tokenizer and mesh from `model_flags`."""
+    kind, path = checkpoint.parse_load_checkpoint(cfg.load_checkpoint)
+    if not kind:
+        raise ValueError("--load_checkpoint=params::PATH is required")
+    for name in (cfg.dtype, cfg.param_dtype):
+        if name not in model.DTYPES:
+            raise ValueError(f"dtype {name!r}: use one of {sorted(model.DTYPES)}")
+    # Cheap checks first, so a wrong path fails before anything is compiled or read.
+    tok = tokenizer.Tokenizer.from_config(cfg.tokenizer)
+    ckpt_path = checkpoint.resolve_path(path)
+    llama_config = model.get_llama_config(cfg.load_llama_config, cfg.update_llama_config, cfg.llama.to_dict())
+    if tok.vocab_size > llama_config.vocab_size:
+        raise ValueError(f"--tokenizer.vocab_file has {tok.vocab_size} pieces but the model's vocab_size is "
+                         f"{llama_config.vocab_size}")
+    mesh = sharding.make_mesh(cfg.mesh_dim)
+    llama = model.build_model(llama_config, cfg.dtype, cfg.param_dtype)
+    abstract = jax.eval_shape(lambda: model.init_params(llama, jax.random.PRNGKey(0)))
+    target = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                    abstract, sharding.param_shardings(abstract, mesh))
+    return checkpoint.load_params(str(ckpt_path), target), llama, tok, mesh
+
+
+def model_description(cfg: Any) -> dict[str, Any]:
+    """The model flags recorded in a report."""
+    return dict(load_checkpoint=cfg.load_checkpoint, load_llama_config=cfg.load_llama_config,
+                update_llama_config=cfg.update_llama_config, vocab_file=cfg.tokenizer.vocab_file, dtype=cfg.dtype)
+
+
+def write_report(report: dict, output: str) -> None:
+    if output and jax.process_index() == 0:
+        out = Path(output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def cli_main(run: Callable[[Any], dict], format_table: Callable[[dict], str], output: Callable[[Any], str]) -> None:
+    """Body of an evaluation command's absl `main`: run, print the table, one-line user errors."""
+    if not FLAGS["verbosity"].present:  # Orbax logs every read at INFO
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    sharding.initialize_distributed(FLAGS.jax_distributed)
+    try:
+        report = run(FLAGS)
+    except (ValueError, FileNotFoundError) as e:
+        logging.debug("user error", exc_info=True)
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    if jax.process_index() == 0:
+        print(format_table(report))
+        if output(FLAGS):
+            print(f"report: {output(FLAGS)}")

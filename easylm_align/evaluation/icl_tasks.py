@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 
@@ -186,6 +187,18 @@ def _xnli_label(value: object, path: Path, lineno: int) -> int:
         raise TaskDataError(path, lineno, f"unknown XNLI label {value!r}") from None
 
 
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed row) for each non-blank line of a JSON-lines file."""
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TaskDataError(path, lineno, f"invalid JSON: {e.msg}") from None
+
+
 def load_xnli_file(path: Path | str, lang: str | None = None) -> list[Example]:
     """Read XNLI in any of its common layouts.
 
@@ -201,19 +214,12 @@ def load_xnli_file(path: Path | str, lang: str | None = None) -> list[Example]:
         raise FileNotFoundError(f"XNLI file not found: {path}")
     examples = []
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TaskDataError(path, lineno, f"invalid JSON: {e.msg}") from None
-                if not all(isinstance(row.get(k), str) for k in ("premise", "hypothesis")):
-                    raise TaskDataError(path, lineno, "expected string fields 'premise' and 'hypothesis'")
-                fields = {"premise": row["premise"], "hypothesis": row["hypothesis"]}
-                label = _xnli_label(row.get("label"), path, lineno)
-                examples.append(Example(str(row.get("id", lineno)), fields, label))
+        for lineno, row in _jsonl_rows(path):
+            if not all(isinstance(row.get(k), str) for k in ("premise", "hypothesis")):
+                raise TaskDataError(path, lineno, "expected string fields 'premise' and 'hypothesis'")
+            fields = {"premise": row["premise"], "hypothesis": row["hypothesis"]}
+            label = _xnli_label(row.get("label"), path, lineno)
+            examples.append(Example(str(row.get("id", lineno)), fields, label))
         return examples
     rows = _read_tsv(path)
     header = rows[0][1] if rows else []
@@ -286,18 +292,11 @@ class XcopaTask(ICLTask):
         if not path.is_file():
             raise FileNotFoundError(f"XCOPA file not found: {path}")
         examples = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TaskDataError(path, lineno, f"invalid JSON: {e.msg}") from None
-                if row.get("question") not in ("cause", "effect") or row.get("label") not in (0, 1):
-                    raise TaskDataError(path, lineno, "expected question cause/effect and label 0/1")
-                fields = {k: row[k] for k in ("premise", "choice1", "choice2", "question")}
-                examples.append(Example(str(row.get("idx", lineno)), fields, row["label"]))
+        for lineno, row in _jsonl_rows(path):
+            if row.get("question") not in ("cause", "effect") or row.get("label") not in (0, 1):
+                raise TaskDataError(path, lineno, "expected question cause/effect and label 0/1")
+            fields = {k: row[k] for k in ("premise", "choice1", "choice2", "question")}
+            examples.append(Example(str(row.get("idx", lineno)), fields, row["label"]))
         return examples
 
     def template_fields(self, example: Example, prompt_lang: str) -> dict[str, str]:

@@ -61,7 +61,7 @@ def task_name(config: ConfigDict) -> str:
     return f"{config.prompt_style}_{prefix}{config.lang}"
 
 
-def _check_eval_config(config: ConfigDict) -> None:
+def check_eval_config(config: ConfigDict) -> None:
     if not config.lang:
         raise ValueError("--eval.lang is required (the language of the data, e.g. hi)")
     squad.prompt_labels(config.prompt_lang or config.lang)
@@ -80,7 +80,7 @@ def evaluate_squad(params: Any, llama: model.LlamaForCausalLM, tok: tokenizer.To
     `config.max_examples` are evaluated. Prompts are decoded in batches of similar length. Pass
     the same `decoder` to repeated calls (e.g. one per language) to reuse its compiled functions.
     """
-    _check_eval_config(config)
+    check_eval_config(config)
     decoder = decoder or GreedyDecoder(llama, tok, config.max_new_tokens, mesh)
     if decoder.max_new_tokens != config.max_new_tokens:
         raise ValueError(f"decoder.max_new_tokens={decoder.max_new_tokens} but --eval.max_new_tokens="
@@ -133,7 +133,7 @@ def format_table(report: dict) -> str:
 def run(cfg: Any) -> dict:
     """Everything `main` does, from a flags-like object (FLAGS, or a ConfigDict of `default_flags()`)."""
     ev = cfg.eval
-    _check_eval_config(ev)
+    check_eval_config(ev)
     if not ev.squad_file:
         raise ValueError("--eval.squad_file is required")
     examples = squad.load_squad(ev.squad_file)  # before loading the model: a bad file fails fast

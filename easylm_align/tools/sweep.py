@@ -49,7 +49,7 @@ from absl import app, flags
 from ml_collections import ConfigDict
 
 from easylm_align.config import FLAGS, check_flag_names, define_flags_with_default, parse_flags_or_exit
-from easylm_align.evaluate import _check_eval_config, default_eval_config, task_name
+from easylm_align.evaluate import check_eval_config, default_eval_config, task_name
 
 STEP_DIR = re.compile(r"^streaming_params_(\d+)$")
 _PROBE_MARK = "SWEEP_PROBE_RESULT "
@@ -366,7 +366,7 @@ def run_sweep(param: str, values: Sequence[str], sweep_dir: str | Path, eval_cfg
         if not Path(eval_cfg.squad_file).is_file():
             raise SweepError(f"--eval.squad_file={eval_cfg.squad_file!r}: no such file")
         try:
-            _check_eval_config(eval_cfg)
+            check_eval_config(eval_cfg)
         except ValueError as e:
             raise SweepError(str(e)) from None
     sweep_dir = Path(sweep_dir).absolute()

@@ -118,6 +118,11 @@ def state_shardings(tree: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), partition_specs(tree, mesh, strict=False))
 
 
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying their target sharding: restore and init write shards in place."""
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 

@@ -64,6 +64,12 @@ class Tokenizer:
         """LLaMA tokenizers have no pad piece; 0 (unk) pads, always under a zero mask."""
         return max(self.sp.pad_id(), 0)
 
+    def check_fits(self, model_vocab_size: int) -> None:
+        """Every piece id must have a row in the model's embedding."""
+        if self.vocab_size > model_vocab_size:
+            raise TokenizerError(f"--tokenizer.vocab_file has {self.vocab_size} pieces but the model's "
+                                 f"vocab_size is {model_vocab_size}")
+
     def encode(self, text: str) -> list[int]:
         return self.sp.EncodeAsIds(text)
 

@@ -80,9 +80,7 @@ class Trainer:
         self.llama_config = model.get_llama_config(cfg.load_llama_config, cfg.update_llama_config,
                                                    cfg.llama.to_dict())
         self.tokenizer = tokenizer.Tokenizer.from_config(cfg.tokenizer)
-        if self.tokenizer.vocab_size > self.llama_config.vocab_size:
-            raise ValueError(f"--tokenizer.vocab_file has {self.tokenizer.vocab_size} pieces but the model's "
-                             f"vocab_size is {self.llama_config.vocab_size}")
+        self.tokenizer.check_fits(self.llama_config.vocab_size)
         if cfg.objective not in objectives.OBJECTIVES:
             raise ValueError(f"--objective={cfg.objective!r}: choose one of {sorted(objectives.OBJECTIVES)}")
         self.train_data = self._dataset(cfg.train_dataset, "--train_dataset")
@@ -112,9 +110,8 @@ class Trainer:
         abstract_params, abstract_state = jax.eval_shape(self._init_state, rng)
         self.param_sh = sharding.param_shardings(abstract_params, self.mesh)
         self.state_sh = sharding.state_shardings(abstract_state, self.mesh)
-        targets = lambda tree, sh: jax.tree_util.tree_map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-        params_t, state_t = targets(abstract_params, self.param_sh), targets(abstract_state, self.state_sh)
+        params_t = sharding.with_shardings(abstract_params, self.param_sh)
+        state_t = sharding.with_shardings(abstract_state, self.state_sh)
         kind, path = checkpoint.parse_load_checkpoint(self.cfg.load_checkpoint)
         if ckpt.latest_step() is not None:  # resume this run: weights, optimizer, step, RNG and data
             params, state, meta = ckpt.restore_latest(params_t, state_t)

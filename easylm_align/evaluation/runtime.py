@@ -43,14 +43,11 @@ def load_model(cfg: Any) -> tuple[Any, model.LlamaForCausalLM, tokenizer.Tokeniz
     tok = tokenizer.Tokenizer.from_config(cfg.tokenizer)
     ckpt_path = checkpoint.resolve_path(path)
     llama_config = model.get_llama_config(cfg.load_llama_config, cfg.update_llama_config, cfg.llama.to_dict())
-    if tok.vocab_size > llama_config.vocab_size:
-        raise ValueError(f"--tokenizer.vocab_file has {tok.vocab_size} pieces but the model's vocab_size is "
-                         f"{llama_config.vocab_size}")
+    tok.check_fits(llama_config.vocab_size)
     mesh = sharding.make_mesh(cfg.mesh_dim)
     llama = model.build_model(llama_config, cfg.dtype, cfg.param_dtype)
     abstract = jax.eval_shape(lambda: model.init_params(llama, jax.random.PRNGKey(0)))
-    target = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                    abstract, sharding.param_shardings(abstract, mesh))
+    target = sharding.with_shardings(abstract, sharding.param_shardings(abstract, mesh))
     return checkpoint.load_params(str(ckpt_path), target), llama, tok, mesh
 
 

@@ -1,13 +1,19 @@
-"""Stanford Alpaca prompt templates in English and our own translations (hi, el, th, zh).
+"""Alpaca prompt templates: the reference's strings for en, hi, el and th, and ours for zh.
 
-COMMIT keeps the English template fixed and code-mixes only the instruction, input and
-output ("block code-mix in template"), so a processor needs the template as literal text and
-slots: :func:`template_parts` gives that split.
+Where they come from. ``en`` is Stanford Alpaca's prompt (``PROMPT_DICT`` in tatsu-lab/stanford_alpaca
+``train.py``), which COMMIT's ``EasyLM/data.py`` (thnkinbtfly/COMMIT) uses; ``hi``, ``el`` and ``th``
+are COMMIT's own translations there (``lang_to_prompt_dict``), reproduced character for character:
+they are part of the data the paper trained on. ``zh`` is ours (the reference has no Chinese),
+laid out the same way. The reference's other languages (ht, qu, te, sw, ta, ur, my, bn) are not
+included.
 
-Every template here ends with ``"### Response:\\n"`` (or its translation plus a newline), so
-the response starts on its own line. Stanford Alpaca's ``train.py`` (and the COMMIT code
-copied from it) ends the prompt at ``"### Response:"`` with no newline; the README shows the
-prompt with the line break.
+Every template ends at the response header with no newline (``"### Response:"``), as in the
+reference: the Alpaca processor appends the output directly and tokenizes prompt and output as
+one string, so the tokens at the seam are the reference's.
+
+COMMIT keeps the template fixed and code-mixes only the instruction, input and output ("block
+code-mix in template"), so a processor needs the template as literal text and slots:
+:func:`template_parts` gives that split.
 """
 
 from __future__ import annotations
@@ -28,62 +34,79 @@ class AlpacaTemplate(NamedTuple):
 ALPACA_TEMPLATES: dict[str, AlpacaTemplate] = {
     "en": AlpacaTemplate(
         with_input=(
-            "Below is an instruction that describes a task, paired with an input that provides "
-            "further context. Write a response that appropriately completes the request.\n\n"
-            "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+            "Below is an instruction that describes a task, "
+            "paired with an input that provides further context. "
+            "Write a response that appropriately completes the request.\n\n"
+            "### Instruction:\n{instruction}\n\n"
+            "### Input:\n{input}\n\n"
+            "### Response:"
         ),
         without_input=(
             "Below is an instruction that describes a task. "
             "Write a response that appropriately completes the request.\n\n"
-            "### Instruction:\n{instruction}\n\n### Response:\n"
+            "### Instruction:\n{instruction}\n\n"
+            "### Response:"
         ),
     ),
     "hi": AlpacaTemplate(
         with_input=(
-            "नीचे एक निर्देश दिया गया है जो एक कार्य का वर्णन करता है, साथ में एक इनपुट है जो "
-            "अतिरिक्त संदर्भ देता है। ऐसा उत्तर लिखिए जो अनुरोध को उचित रूप से पूरा करे।\n\n"
-            "### निर्देश:\n{instruction}\n\n### इनपुट:\n{input}\n\n### उत्तर:\n"
+            "नीचे एक निर्देश है जो किसी कार्य का वर्णन करता है, "
+            "जिसे एक इनपुट के साथ जोड़ा गया है जो आगे का संदर्भ प्रदान करता है। "
+            "ऐसा उत्तर लिखें जो अनुरोध को उचित रूप से पूरा करता हो।\n\n"
+            "### निर्देश:\n{instruction}\n\n"
+            "### इनपुट:\n{input}\n\n"
+            "### प्रतिक्रिया:"
         ),
         without_input=(
-            "नीचे एक निर्देश दिया गया है जो एक कार्य का वर्णन करता है। "
-            "ऐसा उत्तर लिखिए जो अनुरोध को उचित रूप से पूरा करे।\n\n"
-            "### निर्देश:\n{instruction}\n\n### उत्तर:\n"
+            "नीचे एक निर्देश है जो किसी कार्य का वर्णन करता है। "
+            "ऐसा उत्तर लिखें जो अनुरोध को उचित रूप से पूरा करता हो।\n\n"
+            "### निर्देश:\n{instruction}\n\n"
+            "### प्रतिक्रिया:"
         ),
     ),
     "el": AlpacaTemplate(
         with_input=(
-            "Ακολουθεί μια οδηγία που περιγράφει μια εργασία, μαζί με μια είσοδο που δίνει "
-            "επιπλέον πλαίσιο. Γράψτε μια απάντηση που ολοκληρώνει κατάλληλα το αίτημα.\n\n"
-            "### Οδηγία:\n{instruction}\n\n### Είσοδος:\n{input}\n\n### Απάντηση:\n"
+            "Παρακάτω είναι μια οδηγία που περιγράφει μια εργασία, "
+            "σε συνδυασμό με μια είσοδο που παρέχει περαιτέρω πλαίσιο. "
+            "Γράψτε μια απάντηση που ολοκληρώνει κατάλληλα το αίτημα.\n\n"
+            "### Οδηγία:\n{instruction}\n\n"
+            "### Εισαγωγή:\n{input}\n\n"
+            "### Απάντηση:"
         ),
         without_input=(
-            "Ακολουθεί μια οδηγία που περιγράφει μια εργασία. "
+            "Παρακάτω είναι μια οδηγία που περιγράφει μια εργασία. "
             "Γράψτε μια απάντηση που ολοκληρώνει κατάλληλα το αίτημα.\n\n"
-            "### Οδηγία:\n{instruction}\n\n### Απάντηση:\n"
+            "### Οδηγία:\n{instruction}\n\n"
+            "### Απάντηση:"
         ),
     ),
     # Thai separates sentences with a space rather than a full stop.
     "th": AlpacaTemplate(
         with_input=(
-            "ต่อไปนี้คือคำสั่งที่อธิบายงานหนึ่ง พร้อมด้วยข้อมูลนำเข้าที่ให้บริบทเพิ่มเติม "
-            "จงเขียนคำตอบที่ทำตามคำขอได้อย่างเหมาะสม\n\n"
-            "### คำสั่ง:\n{instruction}\n\n### ข้อมูลนำเข้า:\n{input}\n\n### คำตอบ:\n"
+            "ด้านล่างนี้คือคำสั่งที่อธิบายงาน ควบคู่ไปกับอินพุตที่ให้บริบทเพิ่มเติม "
+            "เขียนคำตอบที่ตอบสนองคำขอได้อย่างเหมาะสม\n\n"
+            "### คำแนะนำ:\n{instruction}\n\n"
+            "### ป้อนข้อมูล:\n{input}\n\n"
+            "### การตอบสนอง:"
         ),
         without_input=(
-            "ต่อไปนี้คือคำสั่งที่อธิบายงานหนึ่ง จงเขียนคำตอบที่ทำตามคำขอได้อย่างเหมาะสม\n\n"
-            "### คำสั่ง:\n{instruction}\n\n### คำตอบ:\n"
+            "ด้านล่างนี้เป็นคำแนะนำที่อธิบายงาน เขียนคำตอบที่ตอบสนองคำขอได้อย่างเหมาะสม\n\n"
+            "### คำแนะนำ:\n{instruction}\n\n"
+            "### การตอบสนอง:"
         ),
     ),
-    # Simplified Chinese with full-width punctuation.
+    # Ours (the reference has no Chinese): simplified Chinese, full-width colons, same layout.
     "zh": AlpacaTemplate(
         with_input=(
-            "以下是一条描述任务的指令，并附有提供更多背景信息的输入。"
-            "请写出一个恰当完成该请求的回答。\n\n"
-            "### 指令：\n{instruction}\n\n### 输入：\n{input}\n\n### 回答：\n"
+            "以下是一条描述任务的指令，并附有提供更多背景信息的输入。请写出一个恰当完成该请求的回答。\n\n"
+            "### 指令：\n{instruction}\n\n"
+            "### 输入：\n{input}\n\n"
+            "### 回答："
         ),
         without_input=(
             "以下是一条描述任务的指令。请写出一个恰当完成该请求的回答。\n\n"
-            "### 指令：\n{instruction}\n\n### 回答：\n"
+            "### 指令：\n{instruction}\n\n"
+            "### 回答："
         ),
     ),
 }

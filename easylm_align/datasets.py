@@ -168,8 +168,10 @@ class HuggingfaceSource(Source):
 
 def default_config(dataset_type: str = "json") -> ConfigDict:
     """`--train_dataset.*` / `--eval_dataset.*`: source type, one group per source, the processor."""
+    # separate_segments: False packs one causal stream per row, as the reference; True keeps packed
+    # examples apart (own positions, no attention across them); packing.py says what changes.
     cfg = dict(type=dataset_type, text_processor=text_processors.default_config(),
-               separate_segments=True, num_workers=0)
+               separate_segments=False, num_workers=0)
     cfg.update({cls.config_key: cls.default_config() for cls in SOURCES.values()})
     return ConfigDict(cfg)
 

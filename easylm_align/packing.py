@@ -1,10 +1,15 @@
 """Packs tokenized examples into fixed `batch × seq_length` rows.
 
 Examples are concatenated into one stream; a batch takes the next `batch·seq_length + 1` tokens
-and row r holds inputs `stream[rS:(r+1)S]` and targets shifted by one (EasyLM's packing). Every
-example gets its own segment id and positions that restart at 0, so with
-`separate_segments=True` (the default) packed examples neither attend to nor predict each other;
-with False rows behave as EasyLM's, one causal stream.
+and row r holds inputs `stream[rS:(r+1)S]` and targets shifted by one (EasyLM's packing, as
+COMMIT trains). The last token is kept as the next batch's first input.
+
+`separate_segments=False` (the default) is the reference's layout: each row is one causal stream,
+positions run 0..seq_length-1 and every token attends to all earlier tokens of the row, across
+example boundaries (`segment_ids` are all 1). `separate_segments=True` gives every example its own
+segment id, positions that restart at 0 and attention within the example only, and drops the
+target that crosses into the next example (the previous example's last token predicting the next
+one's BOS).
 
 The packer's buffer is part of the dataset position saved in checkpoints.
 """
@@ -15,7 +20,7 @@ import numpy as np
 
 
 class Packer:
-    def __init__(self, seq_length: int, batch_size: int, separate_segments: bool = True):
+    def __init__(self, seq_length: int, batch_size: int, separate_segments: bool = False):
         if seq_length < 1 or batch_size < 1:
             raise ValueError(f"seq_length={seq_length} and batch_size={batch_size} must be positive")
         self.seq_length = seq_length

@@ -8,6 +8,24 @@ Every processor can code-mix its text with a MUSE dictionary (COMMIT): `codemix_
 `codemix_ratio`. What gets mixed is the processor's business (the Alpaca processor keeps its
 template intact when `block_codemix_in_template=True`). Randomness is seeded by
 (`codemix_seed`, example index), so a resumed run produces the same examples.
+
+Special tokens and loss masks. By default an example is one BOS (no loss), its tokens, and one
+EOS (a target), as `--tokenizer.add_bos_token` / `add_eos_token` say; an Alpaca example trains
+every token after the prompt, the response's first token included. COMMIT's EasyLM code
+(thnkinbtfly/COMMIT `EasyLM/data.py`) differs in two places, which `reference_token_stream=True`
+reproduces for bit-for-bit replication:
+
+* `fields` rows are `<s><s> text </s></s>`: the processor adds its own BOS/EOS and its Hugging
+  Face tokenizer adds BOS/EOS again on every call (the tokenizer flags), so the second `<s>` and
+  both `</s>` are targets. Here the processor's own pair is always on (COMMIT's defaults) and the
+  inner pair follows the tokenizer flags.
+* The Alpaca mask leaves the response's first token untrained: its prompt length is
+  `len(tokenizer(prompt))`, which counts the BOS and the EOS the tokenizer adds to the prompt alone.
+
+Everything else is the same in both modes: Alpaca prompt and output are tokenized as one string
+(`tokenizer(prompt + output)`, the reference's tokens at the seam) with the reference's template
+strings (`alpaca_templates`), and the prompt's share of the tokens is the token count of the prompt
+tokenized alone.
 """
 
 from __future__ import annotations
@@ -51,6 +69,9 @@ def default_config() -> ConfigDict:
         codemix_ratio=0.0,
         codemix_seed=0,
         block_codemix_in_template=True,
+        # True: COMMIT's exact token stream (doubled BOS/EOS in `fields` rows, the Alpaca
+        # response's first token untrained), for bit-for-bit replication; module docstring.
+        reference_token_stream=False,
     ))
 
 
@@ -87,19 +108,31 @@ class TextProcessor:
 
     def __call__(self, example: dict, index: int) -> Processed:
         segments, stats = self.segments(example, index)
-        encoded = iter(self.tokenizer.encode_batch([s.text for s in segments if s.token_id is None]))
+        tokens, mask = self.encode_segments(segments)
+        return Processed(tokens, mask, stats)
+
+    def encode_segments(self, segments: Sequence[Segment]) -> tuple[list[int], list[float]]:
+        """Each text segment tokenized on its own, under its mask, between BOS (no loss) and EOS.
+
+        With `reference_token_stream` (COMMIT's `TextProcessor.default`): the outer BOS/EOS are
+        always there and each text segment also gets the tokenizer flags' BOS/EOS, under its mask.
+        """
+        tok, reference = self.tokenizer, self.config.reference_token_stream
+        inner_bos = [tok.bos_id] if reference and tok.add_bos_token else []
+        inner_eos = [tok.eos_id] if reference and tok.add_eos_token else []
+        encoded = iter(tok.encode_batch([s.text for s in segments if s.token_id is None]))
         tokens, mask = [], []
-        if self.tokenizer.add_bos_token:
-            tokens.append(self.tokenizer.bos_id)
+        if reference or tok.add_bos_token:
+            tokens.append(tok.bos_id)
             mask.append(0.0)
         for seg in segments:
-            ids = [seg.token_id] if seg.token_id is not None else next(encoded)
+            ids = [seg.token_id] if seg.token_id is not None else inner_bos + next(encoded) + inner_eos
             tokens += ids
             mask += [1.0 if seg.loss else 0.0] * len(ids)
-        if self.tokenizer.add_eos_token:
-            tokens.append(self.tokenizer.eos_id)
+        if reference or tok.add_eos_token:
+            tokens.append(tok.eos_id)
             mask.append(1.0)
-        return Processed(tokens, mask, stats)
+        return tokens, mask
 
     def mix(self, texts: Sequence[str], index: int) -> tuple[list[str], MixStats]:
         if self.mixer is None:
@@ -149,19 +182,35 @@ class FieldsProcessor(TextProcessor):
 
 @register("alpaca")
 class AlpacaProcessor(TextProcessor):
-    """Stanford Alpaca prompts: loss on the response and EOS only.
+    """Stanford Alpaca prompts: `BOS prompt+output EOS`, loss on the response and EOS only.
 
-    Unlike COMMIT's original code, the response's first token is trained (theirs skipped it by an
-    off-by-one in the mask). With a code-mix dictionary: `block_codemix_in_template=True` mixes
-    instruction, input and output and never the template; False mixes the whole prompt, template
-    included (the paper's "naive code-mix").
+    Prompt and output are tokenized as one string, as COMMIT does; BOS and as many positions as
+    the prompt alone has tokens are untrained. Unlike COMMIT's code, the response's first token is
+    trained (theirs also counts the prompt's own EOS: `reference_token_stream=True` restores that).
+    With a code-mix dictionary: `block_codemix_in_template=True` mixes instruction, input and
+    output and never the template; False mixes the whole prompt, template included (the paper's
+    "naive code-mix").
     """
 
     def __init__(self, config: ConfigDict, tokenizer: Tokenizer):
         super().__init__(config, tokenizer)
         self.template = get_alpaca_template(config.alpaca_lang)
 
-    def segments(self, example: dict, index: int) -> tuple[list[Segment], MixStats]:
+    def __call__(self, example: dict, index: int) -> Processed:
+        prompt, output, stats = self.prompt_and_output(example, index)
+        tok = self.tokenizer
+        bos = [tok.bos_id] if tok.add_bos_token else []
+        eos = [tok.eos_id] if tok.add_eos_token else []
+        ids, prompt_ids = tok.encode_batch([prompt + output, prompt])
+        untrained = len(bos) + len(prompt_ids)
+        if self.config.reference_token_stream:
+            untrained += len(eos)  # COMMIT's length of tokenizer(prompt) includes that call's EOS
+        tokens = bos + ids + eos
+        untrained = min(untrained, len(tokens))
+        return Processed(tokens, [0.0] * untrained + [1.0] * (len(tokens) - untrained), stats)
+
+    def prompt_and_output(self, example: dict, index: int) -> tuple[str, str, MixStats]:
+        """The formatted prompt and the output, code-mixed as configured."""
         # Missing keys are errors; an empty output is not (Alpaca has 28: only EOS is trained).
         instruction, inp, output = (get_field(example, "instruction"),
                                     str(example.get("input") or ""), get_field(example, "output"))
@@ -170,8 +219,8 @@ class AlpacaProcessor(TextProcessor):
             prompt = self.format_prompt(instruction, inp)
         else:
             (prompt, output), stats = self.mix([self.format_prompt(instruction, inp), output], index)
-        return [Segment(prompt, loss=False), Segment(output, loss=True)], stats
+        return prompt, output, stats
 
     def format_prompt(self, instruction: str, inp: str) -> str:
-        template = self.template.with_input if inp.strip() else self.template.without_input
+        template = self.template.with_input if inp else self.template.without_input  # COMMIT's test
         return template.format(instruction=instruction, input=inp)

@@ -304,7 +304,8 @@ def test_alpaca_templates_have_the_right_slots():
                             (template.without_input, ["instruction"])):
             parts = template_parts(text)
             assert [slot for _, slot in parts if slot] == slots, lang
-            assert parts[-1][1] is None and re.search(r"\n### \S+[:：]\n$", parts[-1][0]), lang
+            # The reference's layout: the response header ends the prompt, no newline after it.
+            assert parts[-1][1] is None and re.search(r"\n### \S+[:：]$", parts[-1][0]), lang
             rebuilt = "".join(literal + (values[slot] if slot else "") for literal, slot in parts)
             assert rebuilt == text.format(**values)
 

@@ -39,6 +39,19 @@ def test_fields_syntax(tok):
     assert out.loss_mask == [0.0] + [0.0] * len(prompt) + [1.0] + [1.0] * len(answer) + [1.0]
 
 
+def test_fields_reference_token_stream_doubles_bos_and_eos(tok):
+    # COMMIT: the processor's BOS/EOS around each field's tokenizer call, which adds its own pair.
+    p = processor(tok, fields="[question],answer", reference_token_stream=True)
+    out = p({"question": "Who?", "answer": "Ada"}, 0)
+    question, answer = tok.encode("Who?"), tok.encode("Ada")
+    bos, eos = tok.bos_id, tok.eos_id
+    assert out.tokens == [bos, bos, *question, eos, bos, *answer, eos, eos]
+    assert out.loss_mask == [0.0] * (len(question) + 3) + [1.0] * (len(answer) + 3)
+    no_specials = Tokenizer(str(DEMO_TOKENIZER), add_bos_token=False, add_eos_token=False)
+    out = processor(no_specials, reference_token_stream=True)({"text": "Ada"}, 0)
+    assert out.tokens == [bos, *answer, eos]  # the processor's own pair stays (COMMIT's defaults)
+
+
 def test_fields_missing_field(tok):
     with pytest.raises(text_processors.ProcessorError, match="no field 'text'"):
         processor(tok)({"body": "x"}, 0)
@@ -62,14 +75,17 @@ WITH_INPUT = {"instruction": "Translate the sentence into French.", "input": "Th
 
 
 @pytest.mark.parametrize("example", [EXAMPLE, WITH_INPUT])
-def test_alpaca_loss_mask_is_exactly_the_response_and_eos(tok, example):
-    out = processor(tok, alpaca=True)(example, 0)
+@pytest.mark.parametrize("reference", [False, True])
+def test_alpaca_loss_mask_is_exactly_the_response_and_eos(tok, example, reference):
+    out = processor(tok, alpaca=True, reference_token_stream=reference)(example, 0)
     template = get_alpaca_template("en")
     prompt = (template.with_input if example["input"] else template.without_input).format(**example)
-    prompt_ids, response_ids = tok.encode(prompt), tok.encode(example["output"])
-    assert out.tokens == [tok.bos_id, *prompt_ids, *response_ids, tok.eos_id]
-    # The response's first token is trained (COMMIT's original mask skipped it).
-    assert out.loss_mask == [0.0] * (1 + len(prompt_ids)) + [1.0] * (len(response_ids) + 1)
+    assert prompt.endswith("### Response:")
+    ids, prompt_ids = tok.encode(prompt + example["output"]), tok.encode(prompt)
+    assert out.tokens == [tok.bos_id, *ids, tok.eos_id]  # one string: the seam is tokenized as a whole
+    # Ours trains the response's first token; COMMIT's mask also counted the prompt's own EOS.
+    untrained = 1 + len(prompt_ids) + reference
+    assert out.loss_mask == [0.0] * untrained + [1.0] * (len(ids) + 2 - untrained)
 
 
 def test_alpaca_bad_records_and_language(tok):
@@ -79,6 +95,8 @@ def test_alpaca_bad_records_and_language(tok):
     with pytest.raises(text_processors.ProcessorError, match="'output'"):
         p({"instruction": "x", "input": ""}, 0)
     assert sum(p({"instruction": "x", "output": ""}, 0).loss_mask) == 1  # only EOS, as in real Alpaca
+    reference = processor(tok, alpaca=True, reference_token_stream=True)
+    assert sum(reference({"instruction": "x", "output": ""}, 0).loss_mask) == 0  # COMMIT: not even EOS
     with pytest.raises(ValueError, match="alpaca_lang"):
         processor(tok, alpaca=True, alpaca_lang="xx")
 
@@ -86,12 +104,12 @@ def test_alpaca_bad_records_and_language(tok):
 def test_template_blocking_at_ratio_one(tok):
     dictionary = load_muse_dictionary(EN_HI)
     p = processor(tok, alpaca=True, codemix_dict_path=str(EN_HI), codemix_ratio=1.0)
-    segments, stats = p.segments(WITH_INPUT, 7)
+    prompt, output, stats = p.prompt_and_output(WITH_INPUT, 7)
     fields = [WITH_INPUT[k] for k in ("instruction", "input", "output")]
     mixed, _ = p.mix(fields, 7)
     # The template is intact around the mixed slots; the response is the mixed output.
-    assert segments[0].text == get_alpaca_template("en").with_input.format(instruction=mixed[0], input=mixed[1])
-    assert segments[1].text == mixed[2]
+    assert prompt == get_alpaca_template("en").with_input.format(instruction=mixed[0], input=mixed[1])
+    assert output == mixed[2]
     for original, new in zip(fields, mixed):  # every dictionary word became one of its translations
         for word, out in zip(original.split(), new.split()):
             core, out_core = word.strip(".,"), out.strip(".,")
@@ -106,7 +124,7 @@ def test_ratio_zero_equals_plain_alpaca_and_naive_mixes_the_template(tok):
     assert zero.tokens == plain.tokens and zero.loss_mask == plain.loss_mask
     naive = processor(tok, alpaca=True, codemix_dict_path=str(EN_HI), codemix_ratio=1.0,
                       block_codemix_in_template=False)
-    prompt = naive.segments(WITH_INPUT, 3)[0][0].text
+    prompt = naive.prompt_and_output(WITH_INPUT, 3)[0]
     assert not prompt.startswith("Below is an instruction")  # the template's own words are mixed too
 
 
@@ -120,8 +138,8 @@ def test_alpaca_in_other_languages(tok):
 # Packer
 # ------------------------------------------------------------------------------------------------
 
-def test_packer_rows_targets_segments_positions():
-    packer = Packer(seq_length=4, batch_size=2)
+def test_packer_separate_segments_rows_targets_positions():
+    packer = Packer(seq_length=4, batch_size=2, separate_segments=True)
     packer.add([10, 11, 12], [0, 1, 1])
     packer.add([20, 21, 22, 23, 24], [0, 0, 1, 1, 1])
     assert not packer.ready()
@@ -136,18 +154,24 @@ def test_packer_rows_targets_segments_positions():
     # The last token stays as the next chunk's first input.
     state = packer.state_dict()
     assert state["tokens"] == [30, 31]
-    other = Packer(4, 2)
+    other = Packer(4, 2, separate_segments=True)
     other.load_state_dict(state)
     assert other.state_dict() == state
 
 
-def test_packer_one_stream_like_easylm():
-    packer = Packer(seq_length=3, batch_size=1, separate_segments=False)
-    packer.add([1, 2], [1, 1])
-    packer.add([3, 4], [1, 1])
+def test_packer_default_is_one_causal_stream_like_the_reference():
+    assert not datasets.default_config().separate_segments
+    packer = Packer(seq_length=3, batch_size=2)
+    packer.add([1, 2], [0, 1])
+    packer.add([3, 4, 5], [0, 1, 1])
+    packer.add([6, 7], [0, 1])
     batch = packer.pop()
-    np.testing.assert_array_equal(batch["segment_ids"], [[1, 1, 1]])
-    np.testing.assert_array_equal(batch["loss_masks"], [[1, 1, 1]])
+    np.testing.assert_array_equal(batch["input_tokens"], [[1, 2, 3], [4, 5, 6]])
+    np.testing.assert_array_equal(batch["target_tokens"], [[2, 3, 4], [5, 6, 7]])
+    np.testing.assert_array_equal(batch["segment_ids"], [[1, 1, 1], [1, 1, 1]])
+    np.testing.assert_array_equal(batch["positions"], [[0, 1, 2], [0, 1, 2]])
+    # The mask is the targets' own, also across example boundaries.
+    np.testing.assert_array_equal(batch["loss_masks"], [[1, 0, 1], [1, 0, 1]])
 
 
 # ------------------------------------------------------------------------------------------------

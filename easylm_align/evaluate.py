@@ -9,7 +9,9 @@ rule and metrics are documented in `easylm_align.evaluation.squad`. Example:
         --eval.prompt_lang=en --eval.output=report.json
 
 The report (JSON) holds the configuration, every example (prompt, prediction, gold answers,
-scores) and the aggregate; a one-line table is printed. `evaluate_squad` is the in-process entry
+scores) and the aggregate; a one-line table is printed. `exact_match`/`f1` are the task's own
+metric, as the fork computes it (SQuAD v1.1 for XQuAD, MLQA's script for MLQA);
+`multilingual_exact_match`/`multilingual_f1` use Unicode-aware normalisation. `evaluate_squad` is the in-process entry
 point for tools that already hold a model (the sweep).
 """
 
@@ -37,10 +39,10 @@ def default_eval_config() -> ConfigDict:
         squad_file="",         # SQuAD v1.1-format JSON: xquad.hi.json, MLQA test-context-hi-question-hi.json
         lang="",               # language of the data (picks the prompt labels unless prompt_lang is set)
         prompt_lang="",        # language of the Background/Question/Answer labels; '' = lang, 'en' = ogx_xquad_en{lang}
-        prompt_style="xquad",  # 'xquad' (no space after the question label) or 'mlqa' (one space)
+        prompt_style="xquad",  # the fork's task family: 'xquad' or 'mlqa' (prompt, loader, metric)
         shots=0,               # demonstrations drawn from the same file (COMMIT: 0)
         seed=42,               # demonstration sampling
-        max_new_tokens=32,
+        max_new_tokens=256,    # the harness's max_gen_toks; prompts keep their last window - this tokens
         batch_size=8,
         max_examples=-1,       # evaluate the first N questions; -1 = all
         add_bos_token=False,   # the harness's hf-causal-experimental encodes prompts without BOS
@@ -65,10 +67,25 @@ def check_eval_config(config: ConfigDict) -> None:
     if not config.lang:
         raise ValueError("--eval.lang is required (the language of the data, e.g. hi)")
     squad.prompt_labels(config.prompt_lang or config.lang)
-    if config.prompt_style not in squad.PROMPT_STYLES:
-        raise ValueError(f"--eval.prompt_style={config.prompt_style!r}: use one of {sorted(squad.PROMPT_STYLES)}")
+    if config.prompt_style not in squad.TASK_FAMILIES:
+        raise ValueError(f"--eval.prompt_style={config.prompt_style!r}: use one of {sorted(squad.TASK_FAMILIES)}")
+    if config.prompt_style == "mlqa" and config.lang not in squad.MLQA_LANGS:
+        raise ValueError(f"--eval.lang={config.lang!r}: MLQA's metric knows only {sorted(squad.MLQA_LANGS)}")
     if config.shots < 0 or config.batch_size < 1 or config.max_new_tokens < 1:
         raise ValueError("--eval.shots must be >= 0, --eval.batch_size and --eval.max_new_tokens >= 1")
+
+
+def build_prompts(examples: Sequence[squad.QAExample], config: ConfigDict
+                  ) -> tuple[list[squad.QAExample], list[str]]:
+    """The evaluated examples (the first `max_examples`, as the task's loader yields them) and
+    their prompts; demonstrations are drawn from all of `examples`."""
+    labels = squad.prompt_labels(config.prompt_lang or config.lang)
+    if squad.TASK_FAMILIES[config.prompt_style].strip_fields:
+        examples = [squad.stripped(ex) for ex in examples]
+    subset = list(examples[:config.max_examples] if config.max_examples > 0 else examples)
+    prompts = [squad.build_prompt(ex, labels, squad.choose_demonstrations(examples, i, config.shots, config.seed),
+                                  config.prompt_style) for i, ex in enumerate(subset)]
+    return subset, prompts
 
 
 def evaluate_squad(params: Any, llama: model.LlamaForCausalLM, tok: tokenizer.Tokenizer,
@@ -85,10 +102,8 @@ def evaluate_squad(params: Any, llama: model.LlamaForCausalLM, tok: tokenizer.To
     if decoder.max_new_tokens != config.max_new_tokens:
         raise ValueError(f"decoder.max_new_tokens={decoder.max_new_tokens} but --eval.max_new_tokens="
                          f"{config.max_new_tokens}")
-    labels = squad.prompt_labels(config.prompt_lang or config.lang)
-    subset = list(examples[:config.max_examples] if config.max_examples > 0 else examples)
-    prompts = [squad.build_prompt(ex, labels, squad.choose_demonstrations(examples, i, config.shots, config.seed),
-                                  config.prompt_style) for i, ex in enumerate(subset)]
+    family = squad.TASK_FAMILIES[config.prompt_style]
+    subset, prompts = build_prompts(examples, config)
     bos = [tok.bos_id] if config.add_bos_token else []
     token_ids = [bos + ids for ids in tok.encode_batch(prompts)]
 
@@ -108,14 +123,15 @@ def evaluate_squad(params: Any, llama: model.LlamaForCausalLM, tok: tokenizer.To
     for ex, prompt, ids, gen, pred in zip(subset, prompts, token_ids, generated, predictions):
         records.append(dict(id=ex.id, prompt=prompt, prediction=pred, golds=list(ex.answers),
                             prompt_tokens=len(ids), truncated=len(ids) > decoder.max_prompt_length,
-                            generated_tokens=len(gen), **squad.score_prediction(pred, ex.answers)))
+                            generated_tokens=len(gen),
+                            **squad.score_prediction(pred, ex.answers, family.metric, config.lang)))
 
     def mean(key: str) -> float:  # percent, as SQuAD reports
         return 100.0 * float(np.mean([r[key] for r in records]))
 
-    aggregate = dict(task=task_name(config), num_examples=len(records),
+    aggregate = dict(task=task_name(config), num_examples=len(records), metric=family.metric,
                      exact_match=mean("em"), f1=mean("f1"),
-                     squad_v1_exact_match=mean("squad_v1_em"), squad_v1_f1=mean("squad_v1_f1"),
+                     multilingual_exact_match=mean("multilingual_em"), multilingual_f1=mean("multilingual_f1"),
                      truncated_prompts=sum(r["truncated"] for r in records),
                      generated_tokens=sum(r["generated_tokens"] for r in records),
                      seconds=seconds, compilations=decoder.num_compilations)
@@ -124,9 +140,9 @@ def evaluate_squad(params: Any, llama: model.LlamaForCausalLM, tok: tokenizer.To
 
 def format_table(report: dict) -> str:
     agg = report["aggregate"]
-    header = f"{'task':<14}{'n':>6}{'EM':>8}{'F1':>8}{'EM(v1.1)':>10}{'F1(v1.1)':>10}"
-    row = (f"{agg['task']:<14}{agg['num_examples']:>6}{agg['exact_match']:>8.2f}{agg['f1']:>8.2f}"
-           f"{agg['squad_v1_exact_match']:>10.2f}{agg['squad_v1_f1']:>10.2f}")
+    header = f"{'task':<14}{'metric':>10}{'n':>6}{'EM':>8}{'F1':>8}{'EM(multi)':>11}{'F1(multi)':>11}"
+    row = (f"{agg['task']:<14}{agg['metric']:>10}{agg['num_examples']:>6}{agg['exact_match']:>8.2f}"
+           f"{agg['f1']:>8.2f}{agg['multilingual_exact_match']:>11.2f}{agg['multilingual_f1']:>11.2f}")
     return f"{header}\n{row}"
 
 

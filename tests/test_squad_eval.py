@@ -1,13 +1,18 @@
 """Extractive QA evaluation: SQuAD loading, prompts, EM/F1, cached greedy decoding, the evaluator."""
 
+import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import datasets
 import jax
 import jax.numpy as jnp
+import jinja2
 import numpy as np
 import pytest
+import yaml
 from ml_collections import ConfigDict
 
 from easylm_align import checkpoint, evaluate, model
@@ -34,21 +39,44 @@ def xquad_hi(shared_data):
 # ----------------------------------------------------------------------------------------------
 
 def test_normalisation_punctuation_articles_whitespace():
-    assert squad.normalize_answer("  The  Eiffel-Tower!! ") == "eiffeltower"
+    for mode in squad.METRIC_MODES:
+        assert squad.normalize_answer("  The  Eiffel-Tower!! ", mode) == "eiffeltower"
     assert squad.exact_match("an apple", ["Apple."]) == 1.0
     assert squad.exact_match("theatre", ["atre"]) == 0.0  # articles only as whole words
     assert squad.f1_score("the big red dog", ["red dog"]) == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
+    assert squad.f1_score("a b c", ["b c d"]) == pytest.approx(0.8)  # "a" goes: P=1, R=2/3
     assert squad.f1_score("", ["red dog"]) == 0.0
 
 
-def test_unicode_punctuation_danda_and_squad_v1_mode():
-    # The Hindi danda and CJK punctuation are P*: removed here, kept by the official v1.1 script.
-    assert squad.exact_match("दिल्ली।", ["दिल्ली"]) == 1.0
-    assert squad.exact_match("दिल्ली।", ["दिल्ली"], mode="squad_v1") == 0.0
-    assert squad.exact_match("「北京」。", ["北京"]) == 1.0
-    assert squad.exact_match("กรุงเทพฯ๚", ["กรุงเทพฯ"]) == 1.0  # ๚ is punctuation, ฯ is a letter
-    scores = squad.score_prediction("Paris.", ["paris"])
-    assert scores == {"em": 1.0, "f1": 1.0, "squad_v1_em": 1.0, "squad_v1_f1": 1.0}
+def test_squad_v1_is_the_default_and_strips_ascii_punctuation_only():
+    # The official v1.1 script (the fork's `squad` metric) removes string.punctuation: the Hindi
+    # danda, the Greek question mark (U+037E) and guillemets stay and cost the match.
+    assert squad.exact_match("दिल्ली।", ["दिल्ली"]) == 0.0
+    assert squad.f1_score("नई दिल्ली।", ["नई दिल्ली"]) == pytest.approx(0.5)
+    assert squad.exact_match("Αθήνα\u037e", ["Αθήνα"]) == 0.0
+    assert squad.exact_match("«Αθήνα»", ["Αθήνα"]) == 0.0
+    assert squad.exact_match("The Broncos.", ["broncos"]) == 1.0
+    assert squad.f1_score("กรุงเทพ", ["กรุงเทพมหานคร"]) == 0.0  # Thai has no spaces: one token each
+    scores = squad.score_prediction("दिल्ली।", ["दिल्ली"])
+    assert scores == {"em": 0.0, "f1": 0.0, "multilingual_em": 1.0, "multilingual_f1": 1.0}
+
+
+def test_multilingual_mode_strips_unicode_punctuation():
+    assert squad.exact_match("दिल्ली।", ["दिल्ली"], "multilingual") == 1.0
+    assert squad.exact_match("«Αθήνα»\u037e", ["Αθήνα"], "multilingual") == 1.0
+    assert squad.exact_match("「北京」。", ["北京"], "multilingual") == 1.0
+    assert squad.exact_match("กรุงเทพฯ๚", ["กรุงเทพฯ"], "multilingual") == 1.0  # ๚ is punctuation, ฯ a letter
+
+
+def test_mlqa_metric_follows_the_answer_language():
+    assert squad.exact_match("दिल्ली।", ["दिल्ली"], "mlqa", "hi") == 1.0  # all P* punctuation goes
+    assert squad.exact_match("the दिल्ली", ["दिल्ली"], "mlqa", "hi") == 0.0  # no articles for Hindi
+    assert squad.exact_match("the Delhi", ["Delhi"], "mlqa", "en") == 1.0
+    assert squad.exact_match("la casa", ["casa"], "mlqa", "es") == 1.0
+    assert squad.normalize_answer("北京市，中国", "mlqa", "zh") == "北 京 市 中 国"  # mixed segmentation
+    assert squad.f1_score("北京市", ["北京"], "mlqa", "zh") == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="no rules for language 'th'"):
+        squad.exact_match("x", ["x"], "mlqa", "th")
 
 
 def test_multiple_golds_take_the_maximum():
@@ -58,15 +86,16 @@ def test_multiple_golds_take_the_maximum():
     assert squad.f1_score("Broncos team members", golds) == pytest.approx(0.8)
 
 
-def test_chinese_and_thai_are_scored_per_character():
-    assert squad.answer_tokens("北京市，中国") == ["北", "京", "市", "中", "国"]
-    assert squad.f1_score("北京市", ["北京"]) == pytest.approx(0.8)  # P=2/3, R=1
-    assert squad.f1_score("北京市", ["北京"], mode="squad_v1") == 0.0  # one whitespace token each
-    assert squad.exact_match("北 京", ["北京"]) == 1.0
+def test_multilingual_chinese_and_thai_are_scored_per_character():
+    ml = "multilingual"
+    assert squad.answer_tokens("北京市，中国", ml) == ["北", "京", "市", "中", "国"]
+    assert squad.f1_score("北京市", ["北京"], ml) == pytest.approx(0.8)  # P=2/3, R=1
+    assert squad.f1_score("北京市", ["北京"]) == 0.0  # SQuAD v1.1: one whitespace token each
+    assert squad.exact_match("北 京", ["北京"], ml) == 1.0
     # Thai: combining marks stay with their consonant ("ที่" is one token).
-    assert squad.answer_tokens("ที่นี่") == ["ที่", "นี่"]
-    assert squad.f1_score("กรุงเทพ", ["กรุงเทพมหานคร"]) == pytest.approx(2 / 3)  # 6 of 12 clusters: P=1, R=1/2
-    assert squad.answer_tokens("Apollo 11 ในปี") == ["apollo", "11", "ใ", "น", "ปี"]
+    assert squad.answer_tokens("ที่นี่", ml) == ["ที่", "นี่"]
+    assert squad.f1_score("กรุงเทพ", ["กรุงเทพมหานคร"], ml) == pytest.approx(2 / 3)  # 6 of 12 clusters: P=1, R=1/2
+    assert squad.answer_tokens("Apollo 11 ในปี", ml) == ["apollo", "11", "ใ", "น", "ปี"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,6 +154,121 @@ def test_prompt_in_target_language_and_in_english():
     assert mlqa == "背景:\n\nParis is in France.\n\n問題: Where is Paris?\n\n答案:"
     with pytest.raises(ValueError, match="no prompt labels"):
         squad.prompt_labels("xx")
+
+
+# Real XQuAD records (ids from xquad.{hi,el,th}.json), whitespace as in the files: the Hindi
+# context starts with a space and its question ends with one, the first Thai context ends with one.
+XQUAD_SLICE = {
+    "hi": [("56f8ca289b226e1400dd1007",
+            " एक कागज का टुकड़ा बाद में पाया गया जिसपर लूथर ने अपनाआखिरी कथन लिखा। यह कथन “हम याचक हैं” जो जर्मन में था,  के अतिरिक्त लैटिन में था।",
+            "लूथर के द्वारा लिखा गया बाद में क्या खोजा गया? ", "अपनाआखिरी कथन")],
+    "el": [("56f8ca289b226e1400dd1007",
+            "Αργότερα βρέθηκε ένα κομμάτι χαρτί στο οποίο ο Λούθερ είχε γράψει την τελευταία του δήλωση. Η δήλωση ήταν στα λατινικά, εκτός από το «Είμαστε ζητιάνοι», που ήταν στα γερμανικά.",
+            "Τι ανακαλύφθηκε αργότερα που γράφτηκε από τον Λούθερ;", "την τελευταία του δήλωση")],
+    "th": [("56bec6ac3aeaaa14008c93fd",
+            "เลดีกากา ซึ่งชนะรางวัลแกรมมี หก รางวัล และได้เข้าชิงรางวัล อคาเดมี เป็นผู้ขับร้อง เพลงชาติ ในขณะที่ มาร์ลี แมตลิน ผู้ชนะรางวัลอคาเดมีเป็นผู้แปลให้เป็น ภาษามือแบบอเมริกัน ",
+            "เลดีกากา ชนะแกรมมีกี่รางวัล", "หก"),
+           ("56f8ca289b226e1400dd1007",
+            "กระดาษชิ้นหนึ่งถูกพบในภายหลังซึ่งลูเทอร์ได้เขียน คำพูดสุดท้ายของเขา ไว้ คำพูดนั้นเขียนเป็นภาษาละติน นอกเหนือจาก \"We are beggars,\" ซึ่งเขียนเป็นภาษาเยอรมัน",
+            "อะไรคือสิ่งที่ถูกค้นพบในภายหลังที่เขียนโดยลูเทอร์?", "คำพูดสุดท้ายของเขา")],
+}
+
+# What the fork's `ogx_xquad_{lang}` and `ogx_xquad_en{lang}` send to the model, written out from
+# its documented format (BACKGROUND "\n\n" context "\n\n" QUESTION question "\n\n" ANSWER) on the
+# documents as the Hugging Face `xquad` loader yields them (context and question stripped).
+EXPECTED_PROMPTS = {
+    ("hi", "hi"): ["पृष्ठभूमि:\n\nएक कागज का टुकड़ा बाद में पाया गया जिसपर लूथर ने अपनाआखिरी कथन लिखा। यह कथन “हम याचक हैं” जो जर्मन में था,  के अतिरिक्त लैटिन में था।\n\nसवाल:लूथर के द्वारा लिखा गया बाद में क्या खोजा गया?\n\nउत्तर:"],
+    ("hi", "en"): ["Background:\n\nएक कागज का टुकड़ा बाद में पाया गया जिसपर लूथर ने अपनाआखिरी कथन लिखा। यह कथन “हम याचक हैं” जो जर्मन में था,  के अतिरिक्त लैटिन में था।\n\nQuestion:लूथर के द्वारा लिखा गया बाद में क्या खोजा गया?\n\nAnswer:"],
+    ("el", "el"): ["Πληροφορίες ιστορικού:\n\nΑργότερα βρέθηκε ένα κομμάτι χαρτί στο οποίο ο Λούθερ είχε γράψει την τελευταία του δήλωση. Η δήλωση ήταν στα λατινικά, εκτός από το «Είμαστε ζητιάνοι», που ήταν στα γερμανικά.\n\nΕρώτηση:Τι ανακαλύφθηκε αργότερα που γράφτηκε από τον Λούθερ;\n\nΑπάντηση:"],
+    ("el", "en"): ["Background:\n\nΑργότερα βρέθηκε ένα κομμάτι χαρτί στο οποίο ο Λούθερ είχε γράψει την τελευταία του δήλωση. Η δήλωση ήταν στα λατινικά, εκτός από το «Είμαστε ζητιάνοι», που ήταν στα γερμανικά.\n\nQuestion:Τι ανακαλύφθηκε αργότερα που γράφτηκε από τον Λούθερ;\n\nAnswer:"],
+    ("th", "th"): ["พื้นหลัง:\n\nเลดีกากา ซึ่งชนะรางวัลแกรมมี หก รางวัล และได้เข้าชิงรางวัล อคาเดมี เป็นผู้ขับร้อง เพลงชาติ ในขณะที่ มาร์ลี แมตลิน ผู้ชนะรางวัลอคาเดมีเป็นผู้แปลให้เป็น ภาษามือแบบอเมริกัน\n\nคำถาม:เลดีกากา ชนะแกรมมีกี่รางวัล\n\nตอบ:",
+                   "พื้นหลัง:\n\nกระดาษชิ้นหนึ่งถูกพบในภายหลังซึ่งลูเทอร์ได้เขียน คำพูดสุดท้ายของเขา ไว้ คำพูดนั้นเขียนเป็นภาษาละติน นอกเหนือจาก \"We are beggars,\" ซึ่งเขียนเป็นภาษาเยอรมัน\n\nคำถาม:อะไรคือสิ่งที่ถูกค้นพบในภายหลังที่เขียนโดยลูเทอร์?\n\nตอบ:"],
+    ("th", "en"): ["Background:\n\nเลดีกากา ซึ่งชนะรางวัลแกรมมี หก รางวัล และได้เข้าชิงรางวัล อคาเดมี เป็นผู้ขับร้อง เพลงชาติ ในขณะที่ มาร์ลี แมตลิน ผู้ชนะรางวัลอคาเดมีเป็นผู้แปลให้เป็น ภาษามือแบบอเมริกัน\n\nQuestion:เลดีกากา ชนะแกรมมีกี่รางวัล\n\nAnswer:",
+                   "Background:\n\nกระดาษชิ้นหนึ่งถูกพบในภายหลังซึ่งลูเทอร์ได้เขียน คำพูดสุดท้ายของเขา ไว้ คำพูดนั้นเขียนเป็นภาษาละติน นอกเหนือจาก \"We are beggars,\" ซึ่งเขียนเป็นภาษาเยอรมัน\n\nQuestion:อะไรคือสิ่งที่ถูกค้นพบในภายหลังที่เขียนโดยลูเทอร์?\n\nAnswer:"],
+}
+
+
+def _squad_file(tmp_path, records) -> str:
+    paragraphs = [{"context": context, "qas": [{"id": qid, "question": question,
+                                                "answers": [{"text": answer, "answer_start": context.find(answer)}]}]}
+                  for qid, context, question, answer in records]
+    path = tmp_path / "slice.json"
+    path.write_text(json.dumps({"version": "1.0", "data": [{"title": "t", "paragraphs": paragraphs}]},
+                               ensure_ascii=False), encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("lang, prompt_lang", sorted(EXPECTED_PROMPTS))
+def test_evaluator_prompts_equal_the_fork_on_an_xquad_slice(tmp_path, lang, prompt_lang):
+    config = evaluate.default_eval_config()
+    config.update(lang=lang, prompt_lang=prompt_lang)
+    examples, prompts = evaluate.build_prompts(squad.load_squad(_squad_file(tmp_path, XQUAD_SLICE[lang])), config)
+    assert prompts == EXPECTED_PROMPTS[lang, prompt_lang]
+    assert [ex.answers for ex in examples] == [(answer,) for *_, answer in XQUAD_SLICE[lang]]
+
+
+TASKS_DIR = Path(squad.__file__).parent / "lm_eval_tasks"
+
+
+class _TaskLoader(yaml.SafeLoader):
+    """Reads the harness's `!function module.name` tags as plain strings."""
+
+
+_TaskLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+
+def _task_config(name: str) -> dict:
+    """A task file merged over the file it includes, as lm-evaluation-harness 0.4 does."""
+    config = yaml.load((TASKS_DIR / f"{name}.yaml").read_text(encoding="utf-8"), Loader=_TaskLoader)
+    base = yaml.load((TASKS_DIR / config.pop("include")).read_text(encoding="utf-8"), Loader=_TaskLoader)
+    return {**base, **config}
+
+
+def _load_by_path(path: Path):
+    spec = importlib.util.spec_from_file_location("ogx_task_utils", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("lang, prompt_lang", sorted(EXPECTED_PROMPTS))
+def test_lm_eval_task_files_render_the_fork_prompts(tmp_path, lang, prompt_lang):
+    name = f"ogx_xquad_{'en' if prompt_lang == 'en' else ''}{lang}"
+    config = _task_config(name)
+    assert config["task"] == name and config["dataset_name"] == f"xquad.{lang}"
+    assert config["output_type"] == "generate_until"
+    assert config["generation_kwargs"] == {"until": ["\n"], "do_sample": False, "max_gen_toks": 256}
+    assert config["process_docs"] == "utils.flatten_squad" and config["process_results"] == "utils.process_results"
+
+    # The documented local-file route: `dataset_path: json`, `field: data`, then process_docs.
+    utils = _load_by_path(TASKS_DIR / "utils.py")
+    raw = datasets.load_dataset("json", data_files=_squad_file(tmp_path, XQUAD_SLICE[lang]), field="data",
+                                split="train", cache_dir=str(tmp_path / "cache"))
+    docs = list(utils.flatten_squad(raw))
+    template = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True).from_string(
+        config["doc_to_text"])
+    assert [template.render(**doc) for doc in docs] == EXPECTED_PROMPTS[lang, prompt_lang]
+
+    gold = docs[0]["answers"]["text"][0]
+    assert utils.process_results(docs[0], [" " + gold]) == {"exact_match": 100.0, "f1": 100.0}
+    assert utils.process_results(docs[0], ["nothing"]) == {"exact_match": 0.0, "f1": 0.0}
+
+
+def test_mlqa_keeps_the_text_as_its_loader_does(tmp_path):
+    # Hugging Face's `mlqa` loader does not strip; MLQA's template has a space after the label.
+    config = evaluate.default_eval_config()
+    config.update(lang="hi", prompt_style="mlqa")
+    _, (prompt,) = evaluate.build_prompts(squad.load_squad(_squad_file(tmp_path, XQUAD_SLICE["hi"])), config)
+    assert prompt == ("पृष्ठभूमि:\n\n एक कागज का टुकड़ा बाद में पाया गया जिसपर लूथर ने अपनाआखिरी कथन लिखा। यह कथन “हम याचक हैं” जो जर्मन में था,  के अतिरिक्त लैटिन में था।\n\n"
+                      "सवाल: लूथर के द्वारा लिखा गया बाद में क्या खोजा गया? \n\nउत्तर:")
+
+
+def test_defaults_are_the_harness_settings():
+    config = evaluate.default_eval_config()
+    assert (config.max_new_tokens, config.add_bos_token, config.shots, config.prompt_style) == (256, False, 0, "xquad")
+    config.update(lang="th", prompt_style="mlqa")
+    with pytest.raises(ValueError, match="--eval.lang='th'"):
+        evaluate.check_eval_config(config)
 
 
 def test_k_shot_demonstrations(xquad_hi):
@@ -228,6 +372,24 @@ def test_cached_greedy_equals_naive_recompute_with_left_padding(tok, debug_model
     assert decoder.num_compilations == 2
 
 
+def test_over_long_prompt_keeps_its_last_window_minus_max_new_tokens(tok):
+    # A 128-position model and 16 new tokens: a prompt may keep 112 tokens, as the harness's
+    # context[-(max_length - max_gen_toks):]. The cut row must decode exactly as its last 112
+    # tokens alone do in the uncached reference (which truncates nothing).
+    llama = model.build_model(model.get_llama_config(
+        "debug", '{"initializer_range": 0.2, "max_position_embeddings": 128}'))
+    params = jax.jit(lambda rng: model.init_params(llama, rng))(jax.random.PRNGKey(1))
+    decoder = GreedyDecoder(llama, tok, max_new_tokens=16, stop_at_newline=False, min_bucket=16)
+    assert decoder.max_prompt_length == 112
+    long_prompt = np.random.default_rng(1).integers(3, llama.config.vocab_size, 300).tolist()
+    out = decoder.generate(params, [long_prompt], batch_size=1).token_ids[0]
+
+    forward = jax.jit(lambda p, ids: llama.apply({"params": p}, ids).logits)
+    stop = {tok.eos_id}
+    assert out == _naive_greedy(forward, params, long_prompt[-112:], 16, stop)
+    assert out != _naive_greedy(forward, params, long_prompt[-111:], 16, stop)  # the cut is exact
+
+
 # ----------------------------------------------------------------------------------------------
 # The evaluator
 # ----------------------------------------------------------------------------------------------
@@ -255,8 +417,8 @@ def test_evaluator_end_to_end_on_xquad_hi(shared_data, debug_checkpoint, tmp_pat
     assert json.loads((tmp_path / "report.json").read_text(encoding="utf-8")) == report
 
     agg = report["aggregate"]
-    assert agg["task"] == "xquad_enhi" and agg["num_examples"] == 8
-    for key in ("exact_match", "f1", "squad_v1_exact_match", "squad_v1_f1"):
+    assert agg["task"] == "xquad_enhi" and agg["num_examples"] == 8 and agg["metric"] == "squad_v1"
+    for key in ("exact_match", "f1", "multilingual_exact_match", "multilingual_f1"):
         assert 0.0 <= agg[key] <= 100.0
     assert agg["compilations"] == 1
     assert agg["truncated_prompts"] == 8  # Hindi contexts exceed 256 - 8 tokens; the end is kept
@@ -268,7 +430,7 @@ def test_evaluator_end_to_end_on_xquad_hi(shared_data, debug_checkpoint, tmp_pat
         assert isinstance(record["prediction"], str) and "\n" not in record["prediction"]
         assert record["golds"] == list(ex.answers)
         assert record["prompt"].count("Background:") == 2 and record["prompt"].endswith("\n\nAnswer:")
-        assert set(record) >= {"em", "f1", "squad_v1_em", "squad_v1_f1", "prompt_tokens", "truncated"}
+        assert set(record) >= {"em", "f1", "multilingual_em", "multilingual_f1", "prompt_tokens", "truncated"}
         assert 0 < record["generated_tokens"] <= 8
     assert "xquad_enhi" in evaluate.format_table(report)
 

@@ -1,6 +1,8 @@
 """Extractive QA in SQuAD v1.1 format (XQuAD, MLQA): loading, prompts, exact match and F1.
 
-Pure Python: the model side lives in `easylm_align.generation` and `easylm_align.evaluate`.
+Pure Python (no JAX, no easylm_align imports): the model side lives in `easylm_align.generation`
+and `easylm_align.evaluate`, and the lm-evaluation-harness task files in `lm_eval_tasks/` load
+this module by path for their metric.
 
 What COMMIT ran, and how this module matches it
 -----------------------------------------------
@@ -11,34 +13,38 @@ COMMIT scores its models with the OpenGPT-X fork of lm-evaluation-harness (0.3-e
 
 * **Prompt.** ``BACKGROUND + "\\n\\n" + context + "\\n\\n" + QUESTION + question + "\\n\\n" + ANSWER``
   with per-language label words (`PROMPT_LABELS`, copied as data from that file). XQuAD glues the
-  question to its label with no space (``"Question:Who ..."``); MLQA puts one space there
-  (`style="mlqa"`). The prompt ends at ``"Answer:"`` with no trailing space.
-* **English labels on target-language data** (`ogx_xquad_en{lang}`): these tasks are not in the
-  stored fork; COMMIT's README only names them ("run evaluation with English prompt"). They are
-  taken to be the same task with the English labels, which is `prompt_lang="en"` here.
+  question to its label with no space (``"Question:Who ..."``); MLQA puts one space there. The
+  prompt ends at ``"Answer:"`` with no trailing space.
+* **Documents.** The tasks read the Hugging Face `xquad` / `mlqa` datasets. The `xquad` loader
+  strips surrounding whitespace from every context, question and answer (11 contexts and 10
+  questions of xquad.hi.json have some, 20 and 71 of xquad.th.json); the `mlqa` loader keeps the
+  text as it is. `TASK_FAMILIES` records both.
+* **English labels on target-language data** (`ogx_xquad_en{lang}`): the same task with the
+  English labels, which is `prompt_lang="en"` here.
 * **Few-shot** (the tasks are zero-shot in COMMIT). The harness draws demonstrations from the
   evaluation split itself (XQuAD has no train split), drops the test document, and renders each
   as its prompt followed by ``" " + answers[0]``, joined by blank lines. The harness uses one
   random stream over all documents; here each example's draw is seeded by ``(seed, example id)``,
   so it does not depend on evaluation order or on `max_examples`.
-* **Stopping.** ``greedy_until(ctx, ["\\n"])``: generation stops at the first newline (or EOS) and
-  the continuation is cut there. The harness allows 256 new tokens; the evaluator's default is 32.
-* **Tokens.** `hf-causal-experimental` encodes with ``add_special_tokens=False``, so no BOS.
+* **Stopping.** ``greedy_until(ctx, ["\\n"])`` with up to 256 new tokens (`max_gen_toks`):
+  generation stops at the first newline or EOS and the continuation is cut there.
+* **Tokens.** `hf-causal-experimental` encodes with ``add_special_tokens=False`` (no BOS) and
+  keeps the last ``max_length - 256`` prompt tokens, ``max_length`` being the model's
+  ``max_position_embeddings``.
 * **Metric.** `ogx_xquad` uses Hugging Face's ``squad`` metric, i.e. the official SQuAD v1.1
-  script: lowercase, strip ASCII punctuation (`string.punctuation`), drop English articles,
-  collapse whitespace, whitespace tokens for F1, max over gold answers, scaled to 0-100. That
-  leaves the Hindi danda "।" and CJK/Thai punctuation in place and gives whitespace F1 on Chinese
-  and Thai, where there are no spaces. `ogx_mlqa` uses MLQA's script instead: all Unicode
-  punctuation (category P*) plus `string.punctuation`, and "mixed segmentation" for Chinese
-  (each CJK character is a token).
+  script (`mode="squad_v1"`): lowercase, strip ASCII punctuation (`string.punctuation`), drop
+  English articles, collapse whitespace, whitespace tokens for F1, max over gold answers, scaled
+  to 0-100. That leaves the Hindi danda "।" and Thai punctuation in place and gives whitespace F1
+  on Thai, where there are no spaces. `ogx_mlqa` uses MLQA's script instead (`mode="mlqa"`): all
+  Unicode punctuation (category P*) plus `string.punctuation`, articles of the answer language,
+  and "mixed segmentation" for Chinese (each CJK character is a token).
 
-Here both are computed. ``mode="squad_v1"`` is the official v1.1 script (the number comparable to
-COMMIT's `ogx_xquad` tables). ``mode="multilingual"`` (the default) removes P* and ASCII
-punctuation, removes English articles a/an/the as SQuAD does, and tokenises by script for F1
-and EM: every CJK ideograph (and kana) is one token, as in MLQA; Thai, which has no spaces and
-no segmenter among our dependencies, is split into characters too, each combining vowel or tone
-mark kept with its base consonant; other scripts split on whitespace. So "北京" vs "北京市" scores
-partial F1, and "दिल्ली।" matches "दिल्ली".
+The task's own metric is the headline; ``mode="multilingual"`` is reported next to it. It removes
+P* and ASCII punctuation, removes English articles a/an/the as SQuAD does, and tokenises by script
+for F1 and EM: every CJK ideograph (and kana) is one token, as in MLQA; Thai, which has no spaces
+and no segmenter among our dependencies, is split into characters too, each combining vowel or
+tone mark kept with its base consonant; other scripts split on whitespace. So "北京" vs "北京市"
+scores partial F1, and "दिल्ली।" matches "दिल्ली".
 """
 
 from __future__ import annotations
@@ -151,8 +157,21 @@ PROMPT_LABELS: dict[str, PromptLabels] = {
     "zh": PromptLabels("背景:", "問題:", "答案:"),
 }
 
-# What separates the question label from the question in each task family.
-PROMPT_STYLES = {"xquad": "", "mlqa": " "}
+@dataclass(frozen=True)
+class TaskFamily:
+    """What the fork's XQuAD and MLQA tasks do differently (`--eval.prompt_style` picks one)."""
+    question_separator: str  # between the question label and the question
+    strip_fields: bool       # the Hugging Face `xquad` loader strips context, question and answers
+    metric: str              # the task's own metric: the report's headline EM/F1
+
+
+TASK_FAMILIES = {"xquad": TaskFamily("", True, "squad_v1"), "mlqa": TaskFamily(" ", False, "mlqa")}
+
+
+def stripped(example: QAExample) -> QAExample:
+    """The example as the `xquad` dataset loader yields it: surrounding whitespace removed."""
+    return QAExample(example.id, example.context.strip(), example.question.strip(),
+                     tuple(a.strip() for a in example.answers), example.title)
 
 
 def prompt_labels(lang: str) -> PromptLabels:
@@ -164,10 +183,10 @@ def prompt_labels(lang: str) -> PromptLabels:
 
 def question_block(example: QAExample, labels: PromptLabels, style: str = "xquad") -> str:
     """One example without its answer, ending at the answer label (no trailing space)."""
-    if style not in PROMPT_STYLES:
-        raise ValueError(f"prompt style {style!r}: use one of {sorted(PROMPT_STYLES)}")
+    if style not in TASK_FAMILIES:
+        raise ValueError(f"prompt style {style!r}: use one of {sorted(TASK_FAMILIES)}")
     return (f"{labels.background}\n\n{example.context}\n\n"
-            f"{labels.question}{PROMPT_STYLES[style]}{example.question}\n\n{labels.answer}")
+            f"{labels.question}{TASK_FAMILIES[style].question_separator}{example.question}\n\n{labels.answer}")
 
 
 def build_prompt(example: QAExample, labels: PromptLabels, demonstrations: Sequence[QAExample] = (),
@@ -192,10 +211,21 @@ def choose_demonstrations(examples: Sequence[QAExample], index: int, shots: int,
 # Metrics
 # ----------------------------------------------------------------------------------------------
 
-METRIC_MODES = ("multilingual", "squad_v1")
+METRIC_MODES = ("squad_v1", "mlqa", "multilingual")
 
 _ASCII_PUNCT = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+# MLQA's official script: the articles it removes per answer language (none for hi and zh).
+_MLQA_ARTICLES = {
+    "en": re.compile(r"\b(a|an|the)\b"),
+    "es": re.compile(r"\b(un|una|unos|unas|el|la|los|las)\b"),
+    "vi": re.compile(r"\b(của|là|cái|chiếc|những)\b"),
+    "de": re.compile(r"\b(ein|eine|einen|einem|eines|einer|der|die|das|den|dem|des)\b"),
+    "ar": re.compile("ال^|ال"),
+    "hi": None,
+    "zh": None,
+}
+MLQA_LANGS = tuple(_MLQA_ARTICLES)
 # CJK ideographs (unified, extension A, compatibility) and kana: one token per character.
 _CJK_RANGES = ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2FA1F))
 
@@ -209,14 +239,32 @@ def _is_thai(ch: str) -> bool:
     return 0x0E00 <= ord(ch) <= 0x0E7F
 
 
-def normalize_answer(text: str, mode: str = "multilingual") -> str:
-    """SQuAD normalisation: lowercase, drop punctuation, drop articles, collapse whitespace."""
-    if mode == "multilingual":
-        text = "".join(ch for ch in text.lower()
-                       if ch not in _ASCII_PUNCT and not unicodedata.category(ch).startswith("P"))
-    else:
+def _is_punct(ch: str) -> bool:
+    return ch in _ASCII_PUNCT or unicodedata.category(ch).startswith("P")
+
+
+def normalize_answer(text: str, mode: str = "squad_v1", lang: str = "en") -> str:
+    """SQuAD normalisation: lowercase, drop punctuation, drop articles, collapse whitespace.
+
+    `lang` (the answer's language) matters only to `mode="mlqa"`, whose articles depend on it.
+    """
+    _check_mode(mode, lang)
+    if mode == "squad_v1":
         text = "".join(ch for ch in text.lower() if ch not in _ASCII_PUNCT)
-    return " ".join(_ARTICLES.sub(" ", text).split())
+        articles = _ARTICLES
+    else:
+        text = "".join(ch for ch in text.lower() if not _is_punct(ch))
+        articles = _MLQA_ARTICLES[lang] if mode == "mlqa" else _ARTICLES
+    if articles is not None:
+        text = articles.sub(" ", text)
+    return " ".join(_mixed_segmentation(text) if mode == "mlqa" and lang == "zh" else text.split())
+
+
+def _check_mode(mode: str, lang: str) -> None:
+    if mode not in METRIC_MODES:
+        raise ValueError(f"metric mode {mode!r}: use one of {METRIC_MODES}")
+    if mode == "mlqa" and lang not in _MLQA_ARTICLES:
+        raise ValueError(f"MLQA's metric has no rules for language {lang!r}; known: {sorted(MLQA_LANGS)}")
 
 
 def _script_tokens(text: str) -> list[str]:
@@ -242,11 +290,14 @@ def _script_tokens(text: str) -> list[str]:
     return tokens
 
 
-def answer_tokens(text: str, mode: str = "multilingual") -> list[str]:
+def _mixed_segmentation(text: str) -> list[str]:
+    """MLQA's Chinese tokens: each character of U+4E00..U+9FA5 alone, whitespace between the rest."""
+    return re.sub("([\u4e00-\u9fa5])", r" \1 ", text).split()
+
+
+def answer_tokens(text: str, mode: str = "squad_v1", lang: str = "en") -> list[str]:
     """The tokens F1 and EM compare, after normalisation."""
-    if mode not in METRIC_MODES:
-        raise ValueError(f"metric mode {mode!r}: use one of {METRIC_MODES}")
-    normalized = normalize_answer(text, mode)
+    normalized = normalize_answer(text, mode, lang)
     return _script_tokens(normalized) if mode == "multilingual" else normalized.split()
 
 
@@ -258,20 +309,21 @@ def _f1(pred: list[str], gold: list[str]) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def exact_match(prediction: str, golds: Sequence[str], mode: str = "multilingual") -> float:
+def exact_match(prediction: str, golds: Sequence[str], mode: str = "squad_v1", lang: str = "en") -> float:
     """1.0 if the prediction equals any gold answer after normalisation."""
-    pred = answer_tokens(prediction, mode)
-    return float(any(pred == answer_tokens(g, mode) for g in golds))
+    pred = answer_tokens(prediction, mode, lang)
+    return float(any(pred == answer_tokens(g, mode, lang) for g in golds))
 
 
-def f1_score(prediction: str, golds: Sequence[str], mode: str = "multilingual") -> float:
+def f1_score(prediction: str, golds: Sequence[str], mode: str = "squad_v1", lang: str = "en") -> float:
     """Token-overlap F1, the maximum over gold answers."""
-    pred = answer_tokens(prediction, mode)
-    return max(_f1(pred, answer_tokens(g, mode)) for g in golds)
+    pred = answer_tokens(prediction, mode, lang)
+    return max(_f1(pred, answer_tokens(g, mode, lang)) for g in golds)
 
 
-def score_prediction(prediction: str, golds: Sequence[str]) -> dict[str, float]:
-    """EM/F1 in both modes for one prediction (each in [0, 1])."""
-    return {"em": exact_match(prediction, golds), "f1": f1_score(prediction, golds),
-            "squad_v1_em": exact_match(prediction, golds, "squad_v1"),
-            "squad_v1_f1": f1_score(prediction, golds, "squad_v1")}
+def score_prediction(prediction: str, golds: Sequence[str], metric: str = "squad_v1",
+                     lang: str = "en") -> dict[str, float]:
+    """One prediction's scores in [0, 1]: `em`/`f1` by the task's metric, `multilingual_em`/`_f1`."""
+    return {"em": exact_match(prediction, golds, metric, lang), "f1": f1_score(prediction, golds, metric, lang),
+            "multilingual_em": exact_match(prediction, golds, "multilingual"),
+            "multilingual_f1": f1_score(prediction, golds, "multilingual")}

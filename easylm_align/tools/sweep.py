@@ -305,11 +305,13 @@ def report_is_current(path: Path, eval_cfg: ConfigDict, ckpt: Path) -> bool:
     if not path.exists():
         return False
     try:
-        stored = json.loads(path.read_text(encoding="utf-8"))["config"]
+        report = json.loads(path.read_text(encoding="utf-8"))
+        stored, aggregate = report["config"], report["aggregate"]
     except (ValueError, KeyError):
         return False
     wanted = dict(eval_cfg.to_dict(), load_checkpoint=f"params::{ckpt}")
-    return all(stored.get(k) == wanted.get(k) for k in _REPORT_KEYS)
+    # A report written before the metric keys were renamed lacks the current ones: recompute it.
+    return all(stored.get(k) == wanted.get(k) for k in _REPORT_KEYS) and all(k in aggregate for k in _METRICS)
 
 
 @dataclass
@@ -472,8 +474,8 @@ def _run_one(param: str, r: Result, cfg: dict, eval_cfg: ConfigDict, train_argv:
         print(f"  evaluated in {time.time() - start:.1f} s", file=out)
     r.aggregate = json.loads(report.read_text(encoding="utf-8"))["aggregate"]
     r.status = "ok"
-    print(f"  EM {r.aggregate['exact_match']:.2f}  F1 {r.aggregate['f1']:.2f}  "
-          f"(SQuAD v1.1: EM {r.aggregate['squad_v1_exact_match']:.2f}  F1 {r.aggregate['squad_v1_f1']:.2f})",
+    print(f"  EM {r.aggregate['exact_match']:.2f}  F1 {r.aggregate['f1']:.2f}  (multilingual: EM "
+          f"{r.aggregate['multilingual_exact_match']:.2f}  F1 {r.aggregate['multilingual_f1']:.2f})",
           file=out)
 
 
@@ -482,8 +484,8 @@ def _run_one(param: str, r: Result, cfg: dict, eval_cfg: ConfigDict, train_argv:
 # ----------------------------------------------------------------------------------------------
 
 CSV_COLUMNS = ("param", "value", "status", "final_step", "final_loss", "task", "num_examples", "exact_match",
-               "f1", "squad_v1_exact_match", "squad_v1_f1", "run_dir", "note")
-_METRICS = ("exact_match", "f1", "squad_v1_exact_match", "squad_v1_f1")
+               "f1", "multilingual_exact_match", "multilingual_f1", "run_dir", "note")
+_METRICS = ("exact_match", "f1", "multilingual_exact_match", "multilingual_f1")
 
 
 def _row(param: str, r: Result) -> dict[str, Any]:
@@ -507,7 +509,7 @@ def markdown_table(param: str, rows: Sequence[dict], task: str) -> str:
     fmt = lambda v, spec: "" if v is None else format(v, spec)
     header = [f"`{param}`", "status", "final step", "final loss"]
     if task:
-        header += ["EM", "F1", "EM (v1.1)", "F1 (v1.1)", "n"]
+        header += ["EM", "F1", "EM (multilingual)", "F1 (multilingual)", "n"]
     lines = [f"Sweep of `--{param}`" + (f", evaluated on `{task}`" if task else " (not evaluated)") + ".", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -544,10 +546,10 @@ def write_plot(path: Path, param: str, results: Sequence[Result], task: str) -> 
     ax_metric, ax_loss = fig.subplots(1, 2)
     if task and any(r.aggregate for r in results):
         for key, label, style in (("exact_match", "EM", "o-"), ("f1", "F1", "s-"),
-                                  ("squad_v1_exact_match", "EM (SQuAD v1.1)", "o--"),
-                                  ("squad_v1_f1", "F1 (SQuAD v1.1)", "s--")):
+                                  ("multilingual_exact_match", "EM (multilingual)", "o--"),
+                                  ("multilingual_f1", "F1 (multilingual)", "s--")):
             ax_metric.plot(x, series(lambda r: r.aggregate.get(key)), style, label=label,
-                           alpha=1.0 if "v1" not in key else 0.6)
+                           alpha=0.6 if key.startswith("multilingual") else 1.0)
         top = max([v for r in results for k, v in r.aggregate.items() if k in _METRICS] + [0.0])
         ax_metric.set_ylim(0, max(1.1 * top, 1.0))
         ax_metric.set_ylabel(f"{task} (%)")

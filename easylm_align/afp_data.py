@@ -21,8 +21,8 @@ Every step takes `batch_size` examples and yields, with that leading dimension:
   the same examples' CLM texts packed by `packing.Packer` into `batch` rows (AFP's
   `clm_block_size` is `seq_length`). As in AFP, the CLM rows hold exactly this step's examples:
   what does not fit is dropped (`data/clm_tokens_dropped`), and a short step is padded with
-  segment 0. Unlike AFP, packed examples do not attend to each other
-  (`--*.separate_segments`), and only output tokens and EOS are targets.
+  segment 0. As in AFP, packed examples attend to each other by default
+  (`--*.separate_segments=True` keeps them apart); unlike AFP, only output tokens and EOS are targets.
 
 The position in the stream is DatasetIterator's (epoch, next record), so runs resume exactly.
 """

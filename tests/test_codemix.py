@@ -26,14 +26,21 @@ SMALL_DICT = {"water": ("पानी",), "cold": ("ठंडा",), "is": ("ह
 
 
 @pytest.fixture(scope="module")
-def en_hi(shared_data):
-    return load_muse_dictionary(shared_data / "dicts" / "en-hi.txt")
+def en_hi():
+    return load_muse_dictionary(REPO_ROOT / "dicts" / "en-hi.txt")  # the full MUSE file, as in the shared data
 
 
 @pytest.fixture(scope="module")
 def alpaca_texts(shared_data):
     with open(shared_data / "alpaca" / "alpaca_data.json", encoding="utf-8") as f:
         records = json.load(f)[:3000]
+    return [[r["instruction"], r["input"], r["output"]] for r in records]
+
+
+@pytest.fixture(scope="module")
+def alpaca_sample(test_data):
+    """200 real Alpaca records shipped in tests/data (for tests that need no statistics)."""
+    records = json.loads((test_data / "instruct_x" / "en.json").read_text(encoding="utf-8"))
     return [[r["instruction"], r["input"], r["output"]] for r in records]
 
 
@@ -77,8 +84,8 @@ def test_exact_lookup_before_lowercase():
     assert mixer.mix("Apple apple APPLE (Apple)", 0) == "A1 a1 a1 (A1)"
 
 
-def test_ratio_zero_is_identity_and_ratio_one_replaces_every_dictionary_word(alpaca_texts):
-    examples = alpaca_texts[:300]
+def test_ratio_zero_is_identity_and_ratio_one_replaces_every_dictionary_word(alpaca_sample):
+    examples = alpaca_sample
     identity = CodeMixer(SMALL_DICT, ratio=0.0)
     # Markers that cannot occur in Alpaca show which words were replaced.
     vocab = {w.lower().strip(".,;:!?\"'()") for ts in examples for t in ts for w in t.split()}
@@ -128,8 +135,8 @@ def test_ratio_out_of_range_is_rejected(ratio):
 # --- determinism ----------------------------------------------------------------------------
 
 
-def test_same_seed_and_index_give_the_same_output_in_any_call_order(en_hi, alpaca_texts):
-    examples = alpaca_texts[:200]
+def test_same_seed_and_index_give_the_same_output_in_any_call_order(en_hi, alpaca_sample):
+    examples = alpaca_sample
     forward = CodeMixer(en_hi, ratio=0.5, seed=3)
     backward = CodeMixer(en_hi, ratio=0.5, seed=3)
     expected = [forward.mix_fields(texts, i) for i, texts in enumerate(examples)]
@@ -214,9 +221,9 @@ def test_malformed_dictionary_line(tmp_path, bad_line, columns):
     assert isinstance(info.value, ValueError)
 
 
-def test_real_dictionaries_load_fast(shared_data):
+def test_real_dictionaries_load_fast():
     start = time.perf_counter()
-    en_el = load_muse_dictionary(shared_data / "dicts" / "en-el.txt")  # 56k lines
+    en_el = load_muse_dictionary(REPO_ROOT / "dicts" / "en-el.txt")  # 56k lines
     assert time.perf_counter() - start < 1.0
     assert len(en_el) > 40_000 and all(isinstance(v, tuple) and v for v in en_el.values())
 
@@ -241,9 +248,9 @@ def _run_tool(*args):
     )
 
 
-def test_tool_mixes_text_and_jsonl_like_the_library(tmp_path, shared_data, en_hi, alpaca_texts):
-    dict_path = shared_data / "dicts" / "en-hi.txt"
-    lines = [t[2] for t in alpaca_texts[:50] if "\n" not in t[2]]
+def test_tool_mixes_text_and_jsonl_like_the_library(tmp_path, en_hi, alpaca_sample):
+    dict_path = REPO_ROOT / "dicts" / "en-hi.txt"
+    lines = [t[2] for t in alpaca_sample[:50] if "\n" not in t[2]]
     text_in, text_out = tmp_path / "in.txt", tmp_path / "out.txt"
     text_in.write_text("\n".join(lines) + "\n", encoding="utf-8")
     result = _run_tool(f"--dict={dict_path}", "--ratio=0.5", "--seed=2",
@@ -258,7 +265,7 @@ def test_tool_mixes_text_and_jsonl_like_the_library(tmp_path, shared_data, en_hi
     assert f"replaced / in dictionary: {stats.replaced_ratio:.4f}" in result.stdout
 
     records = [
-        {"id": i, "instruction": t[0], "output": t[2]} for i, t in enumerate(alpaca_texts[:40])
+        {"id": i, "instruction": t[0], "output": t[2]} for i, t in enumerate(alpaca_sample[:40])
     ]
     jsonl_in, jsonl_out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     jsonl_in.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
@@ -272,8 +279,8 @@ def test_tool_mixes_text_and_jsonl_like_the_library(tmp_path, shared_data, en_hi
         assert out == {"id": i, "instruction": instruction, "output": output}
 
 
-def test_tool_reports_bad_input_in_one_line(tmp_path, shared_data):
-    dict_path = shared_data / "dicts" / "en-hi.txt"
+def test_tool_reports_bad_input_in_one_line(tmp_path):
+    dict_path = REPO_ROOT / "dicts" / "en-hi.txt"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": oops}\n', encoding="utf-8")
     missing = tmp_path / "missing.txt"

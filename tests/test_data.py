@@ -196,8 +196,8 @@ def assert_same_batches(a, b):
             np.testing.assert_array_equal(x[key], y[key])
 
 
-def test_alpaca_json_list_through_json_type(tok, shared_data):
-    cfg = data_config(shared_data / "alpaca/alpaca_data.json", **{"text_processor.alpaca": True})
+def test_alpaca_json_list_through_json_type(tok, test_data):
+    cfg = data_config(test_data / "instruct_x/en.json", **{"text_processor.alpaca": True})
     batch = next(datasets.build_iterator(cfg, tok))
     assert batch["input_tokens"].shape == (4, 64) and 0 < batch["loss_masks"].mean() < 1
 
@@ -225,8 +225,8 @@ def test_epochs_loop_and_mix_differently(tok, tmp_path):
     assert len({b["input_tokens"].tobytes() for b in batches}) > 1
 
 
-def test_worker_processes_give_identical_batches(tok, shared_data):
-    cfg = data_config(shared_data / "alpaca/alpaca_data.json", **{
+def test_worker_processes_give_identical_batches(tok, test_data):
+    cfg = data_config(test_data / "instruct_x/en.json", **{
         "text_processor.alpaca": True, "text_processor.codemix_dict_path": str(EN_HI),
         "text_processor.codemix_ratio": 0.9})
     serial = take(datasets.build_iterator(cfg, tok), 8)
@@ -238,8 +238,8 @@ def test_worker_processes_give_identical_batches(tok, shared_data):
         parallel_it.close()
 
 
-def test_hosts_read_disjoint_records(tok, shared_data):
-    cfg = data_config(shared_data / "alpaca/alpaca_data.json", **{"text_processor.alpaca": True})
+def test_hosts_read_disjoint_records(tok, test_data):
+    cfg = data_config(test_data / "instruct_x/en.json", **{"text_processor.alpaca": True})
     seen = []
     for host in range(2):
         it = datasets.build_iterator(cfg, tok, process_index=host, process_count=2)
@@ -248,9 +248,9 @@ def test_hosts_read_disjoint_records(tok, shared_data):
     assert all(n > 0 for n in seen)
 
 
-def test_huggingface_source_on_local_json(tok, shared_data):
+def test_huggingface_source_on_local_json(tok, test_data):
     cfg = data_config("", dataset_type="huggingface", **{
-        "huggingface_dataset.path": "json", "huggingface_dataset.data_files": str(shared_data / "alpaca/alpaca_data.json"),
+        "huggingface_dataset.path": "json", "huggingface_dataset.data_files": str(test_data / "instruct_x/en.json"),
         "huggingface_dataset.seq_length": 32, "huggingface_dataset.batch_size": 2, "text_processor.alpaca": True})
     it = datasets.build_iterator(cfg, tok)
     first = take(it, 3)

@@ -172,9 +172,15 @@ def test_padding_never_reaches_the_pooled_sentence(tiny):
 # Data: the CLM prompt, batches, resumption, bad input
 
 
-@pytest.mark.parametrize("vocab", ["demo", "llama2"])
-def test_clm_loss_mask_covers_exactly_the_output(vocab, shared_data, tok):
-    tokenizer = tok if vocab == "demo" else Tokenizer(str(shared_data / "tokenizers" / "llama2" / "tokenizer.model"))
+@pytest.mark.parametrize("vocab", ["demo", "mistral", "llama2"])
+def test_clm_loss_mask_covers_exactly_the_output(vocab, request, test_data, tok):
+    if vocab == "demo":
+        tokenizer = tok
+    elif vocab == "mistral":  # LLaMA's format, Apache-2.0: shipped in tests/data
+        tokenizer = Tokenizer(str(test_data / "tokenizers" / "mistral-7b-v0.1" / "tokenizer.model"))
+    else:  # Meta's licence: only in the shared data beside the checkout
+        shared = request.getfixturevalue("shared_data")
+        tokenizer = Tokenizer(str(shared / "tokenizers" / "llama2" / "tokenizer.model"))
     cfg = datasets.default_config("afp").text_processor
     processor = afp_data.AfpProcessor(cfg, tokenizer, pair_length=16)
     prompt, output = "Write a letter. Answer in English: ", "Dear Sir, thanks."
@@ -285,7 +291,7 @@ def test_bad_input_names_file_and_line(tmp_path, tok):
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "txt"])
-def test_codemix_pairs_second_side_is_the_mixed_first(kind, tmp_path, shared_data, tok):
+def test_codemix_pairs_second_side_is_the_mixed_first(kind, tmp_path, tok):
     texts = ["The cat drinks water every morning.", "My friend reads a good book.",
              "We walk to the old market today.", "This house is very big and beautiful."]
     path = tmp_path / f"text.{kind}"
@@ -296,7 +302,7 @@ def test_codemix_pairs_second_side_is_the_mixed_first(kind, tmp_path, shared_dat
     cfg = datasets.default_config("codemix_pairs")
     cfg.codemix_pairs_dataset.update(dict(path=str(path), text_field="body", batch_size=4, seq_length=128,
                                           pair_length=64))
-    cfg.text_processor.update(dict(codemix_dict_path=str(shared_data / "dicts" / "en-zh.txt"), codemix_ratio=0.6,
+    cfg.text_processor.update(dict(codemix_dict_path=str(REPO_ROOT / "dicts" / "en-zh.txt"), codemix_ratio=0.6,
                                    codemix_seed=3))
     batch = next(datasets.build_iterator(cfg, tok))
     mixer = CodeMixer.from_file(cfg.text_processor.codemix_dict_path, 0.6, 3)
@@ -336,9 +342,9 @@ def test_loglik_scorer_matches_a_direct_forward(tiny, tok):
 # End to end
 
 
-def test_generate_train_evaluate(tmp_path, shared_data):
+def test_generate_train_evaluate(tmp_path, test_data):
     data = tmp_path / "afp.jsonl"
-    assert generate_afp_data.main(["-b", str(shared_data / "instruct_x"), "-r", "0.02",
+    assert generate_afp_data.main(["-b", str(test_data / "instruct_x"), "-r", "0.3",
                                    "--output-file", str(data)]) == 0
     run = tmp_path / "run"
     # The shipped flagfile (--objective=afp, --train_dataset.type=afp, AFP's hyper-parameters), with
@@ -361,7 +367,7 @@ def test_generate_train_evaluate(tmp_path, shared_data):
     evaluate = [sys.executable, "-m", "easylm_align.evaluate_icl",
                 f"--load_checkpoint=params::{run}/checkpoints/streaming_params_3", "--load_llama_config=debug",
                 "--icl.tasks=pawsx", "--icl.prompt_langs=en", "--icl.sample_langs=en,zh", "--icl.shots=0,5",
-                f"--icl.data_dir={shared_data}", "--icl.limit=8", f"--icl.output={report_path}"]
+                f"--icl.data_dir={test_data}", "--icl.limit=8", f"--icl.output={report_path}"]
     done = subprocess.run(evaluate, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "pawsx_zh_s5_i0" in done.stdout and "avg_zero" in done.stdout

@@ -14,8 +14,8 @@ LANG_OF_NAME = {name: code for code, name in gen.LANG_NAMES.items()}
 
 
 @pytest.fixture(scope="module")
-def instruct(shared_data):
-    return gen.load_aligned(shared_data / "instruct_x", ["en", "zh"])
+def instruct(test_data):
+    return gen.load_aligned(test_data / "instruct_x", ["en", "zh"])
 
 
 def _index(data):
@@ -44,14 +44,14 @@ def _trace(sample, data, index):
 
 
 @pytest.mark.parametrize("cross", [0.5, 0.2])
-def test_bilingual_direction_frequencies(shared_data, instruct, cross):
+def test_bilingual_direction_frequencies(test_data, instruct, cross):
     stats = collections.Counter()
-    samples = gen.generate(
-        "bilingual", ["en", "zh"], bactrian_dir=shared_data / "instruct_x",
-        cross_probability=cross, repeat=3, seed=1, stats=stats,
+    samples = gen.generate(  # 200 records × 15: 3000 samples, enough for the tolerance below
+        "bilingual", ["en", "zh"], bactrian_dir=test_data / "instruct_x",
+        cross_probability=cross, repeat=15, seed=1, stats=stats,
     )
     n = len(instruct["en"])
-    assert len(samples) == 3 * n == sum(stats.values())
+    assert len(samples) == 15 * n == sum(stats.values())
     expected = {"en->zh": cross / 2, "zh->en": cross / 2, "en->en": (1 - cross) / 2, "zh->zh": (1 - cross) / 2}
     assert set(stats) == set(expected)
     for direction, p in expected.items():
@@ -61,8 +61,8 @@ def test_bilingual_direction_frequencies(shared_data, instruct, cross):
     assert to_zh == stats["en->zh"] + stats["zh->zh"]
 
 
-def test_bilingual_samples_come_from_aligned_records(shared_data, instruct):
-    samples = gen.generate("bilingual", ["en", "zh"], bactrian_dir=shared_data / "instruct_x", repeat=3, seed=0)
+def test_bilingual_samples_come_from_aligned_records(test_data, instruct):
+    samples = gen.generate("bilingual", ["en", "zh"], bactrian_dir=test_data / "instruct_x", repeat=3, seed=0)
     pairs = {(a["instruction"], b["instruction"]) for a, b in zip(instruct["en"], instruct["zh"])}
     index = _index(instruct)
     uses = collections.Counter()
@@ -74,21 +74,22 @@ def test_bilingual_samples_come_from_aligned_records(shared_data, instruct):
     assert set(uses.values()) == {3} and len(uses) == len(instruct["en"])
 
 
-def test_fractional_repeat_uses_distinct_records(shared_data, instruct):
-    samples = gen.generate("bilingual", ["en", "zh"], bactrian_dir=shared_data / "instruct_x", repeat=0.1, seed=3)
+def test_fractional_repeat_uses_distinct_records(test_data, instruct):
+    samples = gen.generate("bilingual", ["en", "zh"], bactrian_dir=test_data / "instruct_x", repeat=0.3, seed=3)
     n = len(instruct["en"])
-    assert len(samples) == int(0.1 * n)
+    assert len(samples) == int(0.3 * n)
     index = _index(instruct)
     used = [_trace(s, instruct, index) for s in samples]
     assert len(set(used)) == len(used)
 
 
-def test_translation_mode(shared_data):
-    path = shared_data / "parallel" / "tatoeba.en-zh.tsv"
+def test_translation_mode(test_data):
+    path = test_data / "parallel" / "tatoeba.en-zh.tsv"
     pairs = set(gen.read_translation_file(path, "en", "zh"))
+    assert len(pairs) == 200
     stats = collections.Counter()
     samples = gen.generate("translation", ["en", "zh"], translation_file=path, change_probability=0.3,
-                           repeat=3, seed=0, stats=stats)
+                           repeat=15, seed=0, stats=stats)
     assert len(samples) == 3000
     assert abs(stats["zh->en"] / 3000 - 0.3) < 0.03 and stats["en->zh"] + stats["zh->en"] == 3000
     formats = collections.Counter()
@@ -104,9 +105,9 @@ def test_translation_mode(shared_data):
     assert abs(formats["="] / 3000 - 0.5) < 0.03
 
 
-def test_translation_file_with_language_header(shared_data):
-    pairs = gen.read_translation_file(shared_data / "parallel" / "pud.en-hi-th-zh.tsv", "th", "hi")
-    assert len(pairs) == 1000
+def test_translation_file_with_language_header(test_data):
+    pairs = gen.read_translation_file(test_data / "parallel" / "pud.en-hi-th-zh.tsv", "th", "hi")
+    assert len(pairs) == 50
     assert pairs[0][1].startswith("“संयुक्त") and pairs[0][0].startswith("“แม้ว่า")
 
 
@@ -140,17 +141,17 @@ def test_crosslingual_direction_frequencies(tmp_path):
         assert m and re.fullmatch(rf"instr (zh|hi) {m.group(1)}", s["sent1"])
 
 
-def test_same_seed_same_file_and_names(shared_data, tmp_path):
+def test_same_seed_same_file_and_names(test_data, tmp_path):
     argv = ["--mode", "bilingual", "--languages", "en", "zh", "--cross-probability", "0.5", "--repeat", "3",
-            "--bactrian-dir", str(shared_data / "instruct_x")]
+            "--bactrian-dir", str(test_data / "instruct_x")]
     for out, seed in (("a", "0"), ("b", "0"), ("c", "1")):
         assert gen.main([*argv, "--output-dir", str(tmp_path / out), "--seed", seed]) == 0
     files = [tmp_path / d / "AFP.en_zh.X0.5.R3.0.json" for d in "abc"]
     assert files[0].read_bytes() == files[1].read_bytes() != files[2].read_bytes()
     lines = files[0].read_text(encoding="utf-8").splitlines()
-    assert len(lines) == 3 * 2957 and json.loads(lines[0])["clm_text"]
+    assert len(lines) == 3 * 200 and json.loads(lines[0])["clm_text"]
     trans = ["--mode", "translation", "--languages", "en", "zh", "--change-probability", "0.5", "--repeat", "3",
-             "--translation-file", str(shared_data / "parallel" / "tatoeba.en-zh.tsv"), "--output-dir", str(tmp_path)]
+             "--translation-file", str(test_data / "parallel" / "tatoeba.en-zh.tsv"), "--output-dir", str(tmp_path)]
     assert gen.main(trans) == 0 and (tmp_path / "AFP.en-zh-trans.C0.5.R3.0.json").is_file()
 
 

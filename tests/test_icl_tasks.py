@@ -9,26 +9,26 @@ from easylm_align.evaluation import icl_tasks as icl
 
 
 @pytest.fixture(scope="module")
-def pawsx(shared_data):
+def pawsx(test_data):
     return {
-        (lang, split): icl.load_task("pawsx", lang, split, shared_data)
+        (lang, split): icl.load_task("pawsx", lang, split, test_data)
         for lang in ("en", "zh")
         for split in ("dev", "test")
     }
 
 
-def test_prompt_formats_are_afps(shared_data):
-    assert icl.load_prompt_formats(shared_data / "pawsx" / "prompt_formats.json", "f3") == icl.PAWSX_FORMATS
+def test_prompt_formats_are_afps(test_data):
+    assert icl.load_prompt_formats(test_data / "pawsx" / "prompt_formats.json", "f3") == icl.PAWSX_FORMATS
 
 
-def test_pawsx_loader_matches_file(shared_data, pawsx):
-    assert all(len(v) == 2000 for v in pawsx.values())
-    lines = (shared_data / "pawsx" / "x-final" / "zh" / "test_2k.tsv").read_text(encoding="utf-8").splitlines()
+def test_pawsx_loader_matches_file(test_data, pawsx):
+    assert all(len(v) == 64 for v in pawsx.values())  # tests/data keeps 64 rows of each file
+    lines = (test_data / "pawsx" / "x-final" / "zh" / "test_2k.tsv").read_text(encoding="utf-8").splitlines()
     for line, ex in zip(lines[1:50], pawsx["zh", "test"]):
         rid, s1, s2, label = line.split("\t")
         assert (ex.id, ex.fields["sentence1"], ex.fields["sentence2"]) == (rid, s1, s2)
         assert ex.label == (0 if label == "1" else 1)  # paraphrase → candidate 0 ("Yes")
-    assert len(icl.load_task("pawsx", "en", "test", shared_data, limit=7)) == 7
+    assert len(icl.load_task("pawsx", "en", "test", test_data, limit=7)) == 7
 
 
 def test_pawsx_zero_shot_request(pawsx):
@@ -82,11 +82,11 @@ def test_zh_prompt_language(pawsx):
     assert "，对吗？ 对，" in first_demo or "，对吗？ 不对，" in first_demo
 
 
-def test_afp_suite(shared_data):
+def test_afp_suite(test_data):
     settings = icl.afp_settings()
     assert [s.key for s in settings] == ["pawsx_en_s0_i0", "pawsx_en_s5_i0", "pawsx_zh_s0_i0", "pawsx_zh_s5_i0"]
     assert len(icl.afp_settings(seeds=(0, 1, 2))) == 2 * (1 + 3)  # zero-shot runs once
-    suite = icl.build_suite(settings, shared_data, limit=4)
+    suite = icl.build_suite(settings, test_data, limit=4)
     assert all(len(reqs) == 4 for reqs in suite.values())
     zh5 = suite["pawsx_zh_s5_i0"][0]
     assert zh5.context.count("</s>") == 5 and zh5.context.endswith(", right?")  # en demos, zh test
@@ -125,10 +125,10 @@ def test_xnli_template_and_layouts(tmp_path):
         icl.load_task("xnli", "en", "train", tmp_path)
 
 
-def test_xcopa(shared_data):
-    dev = icl.load_task("xcopa", "zh", "dev", shared_data)
-    test = icl.load_task("xcopa", "zh", "test", shared_data)
-    assert (len(dev), len(test)) == (100, 500)
+def test_xcopa(test_data):
+    dev = icl.load_task("xcopa", "zh", "dev", test_data)
+    test = icl.load_task("xcopa", "zh", "test", test_data)
+    assert (len(dev), len(test)) == (40, 40)  # the first 40 of each file
     ex = test[0]
     (req,) = icl.build_requests("xcopa", [ex], dev, shots=0, seed=0, prompt_lang="en")
     conj = "because" if ex.fields["question"] == "cause" else "so"

@@ -23,8 +23,8 @@ TRAIN_FLAGS = ["--total_steps=2", "--train_dataset.json_dataset.seq_length=32", 
                f"--train_dataset.text_processor.codemix_dict_path={REPO_ROOT / 'dicts/en-hi.txt'}"]
 
 
-def eval_flags(shared_data):
-    return [f"--eval.squad_file={shared_data / 'xquad/xquad.hi.json'}", "--eval.lang=hi", "--eval.prompt_lang=hi",
+def eval_flags(test_data):
+    return [f"--eval.squad_file={test_data / 'xquad/xquad.hi.json'}", "--eval.lang=hi", "--eval.prompt_lang=hi",
             "--eval.max_examples=4"]
 
 
@@ -39,19 +39,19 @@ def read_csv(path):
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, shared_data):
+def swept(tmp_path_factory, test_data):
     """One real sweep over two values: train 2 steps each, then evaluate on 4 XQuAD questions."""
     sweep_dir = tmp_path_factory.mktemp("sweep")
-    args = [f"--param={RATIO}", "--values=0,1.0", f"--sweep_dir={sweep_dir}", *eval_flags(shared_data),
+    args = [f"--param={RATIO}", "--values=0,1.0", f"--sweep_dir={sweep_dir}", *eval_flags(test_data),
             "--", *TRAIN_FLAGS]
     proc = run_sweep(*args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return sweep_dir, args, proc
 
 
-def test_dry_run_prints_one_train_and_one_eval_command_per_value(tmp_path, shared_data):
+def test_dry_run_prints_one_train_and_one_eval_command_per_value(tmp_path, test_data):
     proc = run_sweep(f"--param={RATIO}", "--values=0,0.5,1.0", f"--sweep_dir={tmp_path / 's'}", "--dry_run",
-                     *eval_flags(shared_data), "--", *TRAIN_FLAGS)
+                     *eval_flags(test_data), "--", *TRAIN_FLAGS)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     trains = [line for line in lines if "-m easylm_align.train " in line]

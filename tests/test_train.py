@@ -171,14 +171,14 @@ def run_train(args, cwd=REPO_ROOT):
 
 
 @pytest.mark.parametrize("stage", ["align", "commit"])
-def test_seed_commands_run(tmp_path, shared_data, stage):
+def test_seed_commands_run(tmp_path, test_data, stage):
     tok = REPO_ROOT / "easylm_align/assets/demo_tokenizer.model"
     if stage == "align":
         data = tmp_path / "wiki.jsonl"
-        lines = (shared_data / "mono/hi.ud_pud.txt").read_text(encoding="utf-8").splitlines()[:200]
+        lines = (test_data / "mono/hi.ud_pud.txt").read_text(encoding="utf-8").splitlines()
         data.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in lines))
     else:
-        data = shared_data / "alpaca/alpaca_data.json"
+        data = test_data / "instruct_x/en.json"  # Alpaca records (with an extra `id` field)
     out = tmp_path / "out"
     args = (SEED_COMMON + "\n" + (SEED_ALIGN if stage == "align" else SEED_COMMIT)).format(
         steps=3, out=out, tok=tok, warmup=1, data=data).split() + SEED_MODEL

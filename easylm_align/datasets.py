@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import multiprocessing
+import re
 from collections import Counter
 from pathlib import Path
 from typing import ClassVar, Iterator, NamedTuple, Optional
@@ -26,6 +27,9 @@ from easylm_align.tokenizer import ASSETS, Tokenizer
 
 DEMO_CORPUS = ASSETS / "demo_corpus.jsonl"
 SOURCES: dict[str, type["Source"]] = {}
+# JSON files are read with errors="surrogateescape": a byte that is not UTF-8 becomes one of these
+# code points (valid UTF-8 never decodes to them), so it can be reported with its line and column.
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
 
 
 class DataError(ValueError):
@@ -87,7 +91,7 @@ class JsonSource(Source):
     def records(self, start: int) -> Iterator[Record]:
         number = 0
         for path in self.files:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
                 head = f.read(4096).lstrip()
                 f.seek(0)
                 if head.startswith("["):
@@ -106,8 +110,13 @@ class JsonSource(Source):
                     number += 1
 
     def _load_list(self, f, path: str) -> list:
+        text = f.read()
+        bad = _UNDECODABLE.search(text)
+        if bad:
+            line = text.count("\n", 0, bad.start()) + 1
+            raise DataError(f"{path}:{line}: {_not_utf8(text, bad.start())}")
         try:
-            data = json.load(f)
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
         if not all(isinstance(x, dict) for x in data):
@@ -118,16 +127,32 @@ class JsonSource(Source):
         location = f"{path}:{line_no}"
         if not line.strip():
             return Record(None, location)
-        try:
-            example = json.loads(line)
-            if not isinstance(example, dict):
-                raise json.JSONDecodeError("not a JSON object", line, 0)
-        except json.JSONDecodeError as e:
+        example, problem = _json_object(line)
+        if problem:
             if self.config.on_bad_line == "skip":
                 return Record(None, location, bad=True)
-            raise DataError(f"{location}: invalid JSON line ({e.msg}); pass {self.flag}.on_bad_line=skip "
-                            "to skip such lines") from None
+            raise DataError(f"{location}: {problem}; pass {self.flag}.on_bad_line=skip to skip such lines")
         return Record(example, location)
+
+
+def _json_object(line: str) -> tuple[Optional[dict], str]:
+    """The JSON object on one line, or what is wrong with the line."""
+    bad = _UNDECODABLE.search(line)
+    if bad:
+        return None, _not_utf8(line, bad.start())
+    try:
+        example = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON line ({e.msg})"
+    if not isinstance(example, dict):
+        return None, "invalid JSON line (not a JSON object)"
+    return example, ""
+
+
+def _not_utf8(text: str, index: int) -> str:
+    """Names the byte that `text[index]` (a surrogate escape) stands for and its column in its line."""
+    column = index - text.rfind("\n", 0, index)
+    return f"byte 0x{ord(text[index]) - 0xDC00:02x} at column {column} is not UTF-8 (JSON files must be UTF-8)"
 
 
 @register_source("huggingface")

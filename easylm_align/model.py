@@ -57,9 +57,12 @@ def _llama(h, i, layers, heads, kv=None, max_pos=2048, eps=1e-6, **extra):
                 num_key_value_heads=kv or heads, max_position_embeddings=max_pos, rms_norm_eps=eps, **extra)
 
 
-# Named configurations for --load_llama_config. LLaMA-1 sizes follow EasyLM's names.
+# Named configurations for --load_llama_config. LLaMA-1 sizes and `debug` are EasyLM's (`debug`:
+# 2 layers with LLaMA's 32,000-token vocabulary, for smoke tests with a real LLaMA tokenizer);
+# `demo` is the trainer's default, sized to the demo tokenizer shipped in the package (4,096 pieces).
 LLAMA_PRESETS: dict[str, dict[str, Any]] = {
-    "debug": _llama(128, 352, 2, 4, kv=2, max_pos=1024, vocab_size=4096),
+    "debug": _llama(128, 256, 2, 4),
+    "demo": _llama(128, 352, 2, 4, kv=2, max_pos=1024, vocab_size=4096),
     "1b": _llama(2048, 5504, 22, 16),
     "3b": _llama(3200, 8640, 26, 32),
     "7b": _llama(4096, 11008, 32, 32),

@@ -1,6 +1,6 @@
 """`python -m easylm_align.train`: the train loop. It only wires the other modules together.
 
-With no flags it trains the tiny `debug` LLaMA on the demo corpus shipped in the package, on
+With no flags it trains the tiny `demo` LLaMA on the demo corpus shipped in the package, on
 whatever devices JAX sees (the CPU on a laptop), in about a minute. Every COMMIT flag from the
 paper's README works as in EasyLM (see README.md).
 """
@@ -33,7 +33,7 @@ DEFAULTS = define_flags_with_default(
     dtype="fp32",
     param_dtype="fp32",
     total_steps=300,
-    load_llama_config="debug",
+    load_llama_config="demo",
     update_llama_config="",
     load_checkpoint="",
     log_freq=20,

@@ -29,9 +29,9 @@ def tok():
 
 @pytest.fixture(scope="module")
 def tiny():
-    """The debug LLaMA shrunk further (vocab 4096 = the demo tokenizer's); NumPy-drawn params of a
+    """The demo LLaMA shrunk further (vocab 4096 = the demo tokenizer's); NumPy-drawn params of a
     scale that gives visibly different states (and no slow eager init)."""
-    llama = model.build_model(model.get_llama_config("debug", TINY))
+    llama = model.build_model(model.get_llama_config("demo", TINY))
     rng = np.random.default_rng(0)
     shapes = jax.eval_shape(lambda: model.init_params(llama, jax.random.PRNGKey(0)))
     params = jax.tree_util.tree_map(
@@ -350,7 +350,7 @@ def test_generate_train_evaluate(tmp_path, test_data):
     # The shipped flagfile (--objective=afp, --train_dataset.type=afp, AFP's hyper-parameters), with
     # the tiny model, the demo tokenizer, the generated data and 8 devices' worth of batch.
     train = [sys.executable, "-m", "easylm_align.train", "--flagfile=configs/afp_en_zh.flags", "--load_checkpoint=",
-             "--load_llama_config=debug", f"--tokenizer.vocab_file={DEMO_TOKENIZER}", "--dtype=fp32",
+             "--load_llama_config=demo", f"--tokenizer.vocab_file={DEMO_TOKENIZER}", "--dtype=fp32",
              f"--train_dataset.afp_dataset.path={data}", "--train_dataset.afp_dataset.batch_size=8",
              "--train_dataset.afp_dataset.pair_length=32", "--train_dataset.afp_dataset.seq_length=128",
              "--total_steps=3", "--log_freq=1", f"--logger.output_dir={run}", "--logger.tensorboard=false"]
@@ -365,7 +365,7 @@ def test_generate_train_evaluate(tmp_path, test_data):
 
     report_path = tmp_path / "report.json"
     evaluate = [sys.executable, "-m", "easylm_align.evaluate_icl",
-                f"--load_checkpoint=params::{run}/checkpoints/streaming_params_3", "--load_llama_config=debug",
+                f"--load_checkpoint=params::{run}/checkpoints/streaming_params_3", "--load_llama_config=demo",
                 "--icl.tasks=pawsx", "--icl.prompt_langs=en", "--icl.sample_langs=en,zh", "--icl.shots=0,5",
                 f"--icl.data_dir={test_data}", "--icl.limit=8", f"--icl.output={report_path}"]
     done = subprocess.run(evaluate, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)

@@ -1,6 +1,6 @@
 """Hugging Face conversion both ways: logits, greedy decoding, bit-exact round trips, tokenizer, bad input.
 
-Every model is a random debug-sized one made here (ours with Flax, theirs with transformers'
+Every model is a random demo-sized one made here (ours with Flax, theirs with transformers'
 LlamaForCausalLM): nothing is downloaded.
 """
 
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def our_config(**fields):
-    return model.get_llama_config("debug", json.dumps({"vocab_size": VOCAB, **fields}))
+    return model.get_llama_config("demo", json.dumps({"vocab_size": VOCAB, **fields}))
 
 
 def random_checkpoint(path: Path, config, seed: int = 0, meta: bool = True):
@@ -217,7 +217,9 @@ def test_hf_round_trip_is_bit_identical(variant, tmp_path, llama_tokenizer):
 
     # The printed flags rebuild the config, and the trainer's params loader accepts the checkpoint.
     config = model.get_llama_config(preset, json.dumps(updates))
-    assert preset == "debug" and updates.get("scan_layers", False) == scan
+    # GQA (2 kv heads) has the demo preset's layer shapes; MHA matches no preset: EasyLM's debug plus fields.
+    assert preset == ("demo" if fields["num_key_value_heads"] == 2 else "debug")
+    assert updates.get("scan_layers", False) == scan
     assert (config.num_key_value_heads, config.tie_word_embeddings, config.rope_theta, config.rms_norm_eps) == (
         fields["num_key_value_heads"], fields.get("tie_word_embeddings", False), fields.get("rope_theta", 10000.0),
         fields.get("rms_norm_eps", 1e-6))
@@ -261,10 +263,10 @@ def test_import_suggests_the_matching_preset():
 
 def test_export_refuses_shapes_that_do_not_match_the_named_config(tmp_path, llama_tokenizer):
     random_checkpoint(tmp_path / "ckpt", our_config(), meta=False)
-    debug_vocab = model.get_llama_config("debug").vocab_size
-    with pytest.raises(ConversionError, match=rf"does not match --model_size=debug: .*embed_tokens/embedding is "
-                                              rf"\(512, 128\), config wants \({debug_vocab}, 128\).*wk/kernel"):
-        export(str(tmp_path / "ckpt"), str(tmp_path / "hf"), str(llama_tokenizer), model_size="debug",
+    demo_vocab = model.get_llama_config("demo").vocab_size
+    with pytest.raises(ConversionError, match=rf"does not match --model_size=demo: .*embed_tokens/embedding is "
+                                              rf"\(512, 128\), config wants \({demo_vocab}, 128\).*wk/kernel"):
+        export(str(tmp_path / "ckpt"), str(tmp_path / "hf"), str(llama_tokenizer), model_size="demo",
                update_llama_config='{"num_key_value_heads": 4}')
     with pytest.raises(ConversionError, match="records no llama_config"):
         export(str(tmp_path / "ckpt"), str(tmp_path / "hf"), str(llama_tokenizer))
@@ -272,11 +274,11 @@ def test_export_refuses_shapes_that_do_not_match_the_named_config(tmp_path, llam
 
 
 def test_export_refuses_flags_that_disagree_with_the_meta(tmp_path, debug_checkpoint, llama_tokenizer):
-    debug_vocab = model.get_llama_config("debug").vocab_size
-    with pytest.raises(ConversionError, match=f"vocab_size: flags say {debug_vocab}, checkpoint meta says 512"):
-        export(str(debug_checkpoint), str(tmp_path / "hf"), str(llama_tokenizer), model_size="debug")
+    demo_vocab = model.get_llama_config("demo").vocab_size
+    with pytest.raises(ConversionError, match=f"vocab_size: flags say {demo_vocab}, checkpoint meta says 512"):
+        export(str(debug_checkpoint), str(tmp_path / "hf"), str(llama_tokenizer), model_size="demo")
     # The same config given both ways is fine.
-    export(str(debug_checkpoint), str(tmp_path / "hf"), str(llama_tokenizer), model_size="debug",
+    export(str(debug_checkpoint), str(tmp_path / "hf"), str(llama_tokenizer), model_size="demo",
            update_llama_config='{"vocab_size": 512}')
 
 
@@ -340,7 +342,7 @@ def _run(module: str, *args: str) -> subprocess.CompletedProcess:
 def test_command_lines(tmp_path, debug_checkpoint, llama_tokenizer):
     hf_dir = tmp_path / "hf"
     ok = _run("easylm_align.convert_to_hf", f"--load_checkpoint=params::{debug_checkpoint.parent}/*_10",
-              f"--tokenizer_path={llama_tokenizer}", "--model_size=debug", '--update_llama_config={"vocab_size": 512}',
+              f"--tokenizer_path={llama_tokenizer}", "--model_size=demo", '--update_llama_config={"vocab_size": 512}',
               f"--output_dir={hf_dir}", "--dtype=fp16", "--max_shard_size_mb=1")
     assert ok.returncode == 0, ok.stderr
     assert json.loads((hf_dir / "config.json").read_text())["torch_dtype"] == "float16"
@@ -348,7 +350,7 @@ def test_command_lines(tmp_path, debug_checkpoint, llama_tokenizer):
     back = _run("easylm_align.convert_from_hf", f"--hf_dir={hf_dir}", f"--output={tmp_path / 'ours'}",
                 "--scan_layers")
     assert back.returncode == 0, back.stderr
-    assert ("--load_checkpoint=params::" in back.stdout and "--load_llama_config=debug" in back.stdout
+    assert ("--load_checkpoint=params::" in back.stdout and "--load_llama_config=demo" in back.stdout
             and """--update_llama_config='{"vocab_size": 512, "scan_layers": true}'""" in back.stdout)
 
     for module, args in (("easylm_align.convert_to_hf", [f"--load_checkpoint=params::{debug_checkpoint}",

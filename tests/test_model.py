@@ -14,6 +14,7 @@ import pytest
 
 from easylm_align import model, objectives
 from easylm_align.sharding import path_str
+from easylm_align.tokenizer import DEMO_TOKENIZER, Tokenizer
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -463,3 +464,19 @@ def test_bf16_compute_is_close_to_fp32(gqa):
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.bfloat16)}
     out = jax.eval_shape(lambda p, x: pure.apply({"params": p}, x).logits, params, jnp.asarray(ids))
     assert out.dtype == jnp.float32 and out.shape == (BATCH, SEQ, gqa.config.vocab_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------------------------
+
+def test_debug_is_easylms_and_demo_fits_the_demo_tokenizer():
+    # EasyLM's LLAMA_STANDARD_CONFIGS['debug'] (young-geng/EasyLM, llama_model.py), written out here.
+    easylm_debug = dict(vocab_size=32000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+                        rms_norm_eps=1e-6, initializer_range=0.02, tie_word_embeddings=False)
+    debug = model.get_llama_config("debug")
+    assert {key: debug[key] for key in easylm_debug} == easylm_debug
+    demo = model.get_llama_config("demo")
+    assert demo.vocab_size == Tokenizer(str(DEMO_TOKENIZER)).vocab_size == 4096
+    assert demo.num_hidden_layers == 2

@@ -304,9 +304,9 @@ def test_buckets_and_newline_pieces(tok):
 
 @pytest.fixture(scope="module")
 def debug_model():
-    """The debug LLaMA (vocab 4096, as the demo tokenizer) with random weights. A wide init makes
+    """The demo LLaMA (vocab 4096, as the demo tokenizer) with random weights. A wide init makes
     logits far apart, so float noise between the two decoding paths cannot flip an argmax."""
-    llama = model.build_model(model.get_llama_config("debug", '{"initializer_range": 0.2}'))
+    llama = model.build_model(model.get_llama_config("demo", '{"initializer_range": 0.2}'))
     # jitted: eager Flax init dispatches, and compiles, op by op
     params = jax.jit(lambda rng: model.init_params(llama, rng))(jax.random.PRNGKey(0))
     return llama, params
@@ -377,7 +377,7 @@ def test_over_long_prompt_keeps_its_last_window_minus_max_new_tokens(tok):
     # context[-(max_length - max_gen_toks):]. The cut row must decode exactly as its last 112
     # tokens alone do in the uncached reference (which truncates nothing).
     llama = model.build_model(model.get_llama_config(
-        "debug", '{"initializer_range": 0.2, "max_position_embeddings": 128}'))
+        "demo", '{"initializer_range": 0.2, "max_position_embeddings": 128}'))
     params = jax.jit(lambda rng: model.init_params(llama, rng))(jax.random.PRNGKey(1))
     decoder = GreedyDecoder(llama, tok, max_new_tokens=16, stop_at_newline=False, min_bucket=16)
     assert decoder.max_prompt_length == 112
@@ -404,7 +404,7 @@ def debug_checkpoint(tmp_path_factory, debug_model):
 def _flags(test_data, ckpt, tmp_path, **eval_overrides) -> ConfigDict:
     cfg = ConfigDict(evaluate.default_flags())
     cfg.load_checkpoint = f"params::{ckpt}"
-    cfg.load_llama_config = "debug"
+    cfg.load_llama_config = "demo"
     cfg.update_llama_config = '{"max_position_embeddings": 256}'  # short prompts keep the test fast
     cfg.tokenizer.vocab_file = str(DEMO_TOKENIZER)
     cfg.eval.update(squad_file=str(test_data / "xquad" / "xquad.hi.json"), lang="hi", max_examples=8,
@@ -422,7 +422,7 @@ def test_evaluator_end_to_end_on_xquad_hi(test_data, debug_checkpoint, tmp_path)
         assert 0.0 <= agg[key] <= 100.0
     assert agg["compilations"] == 1
     assert agg["truncated_prompts"] == 8  # Hindi contexts exceed 256 - 8 tokens; the end is kept
-    assert report["config"]["lang"] == "hi" and report["config"]["load_llama_config"] == "debug"
+    assert report["config"]["lang"] == "hi" and report["config"]["load_llama_config"] == "demo"
 
     examples = squad.load_squad(test_data / "xquad" / "xquad.hi.json")
     assert [r["id"] for r in report["examples"]] == [ex.id for ex in examples[:8]]
@@ -436,7 +436,7 @@ def test_evaluator_end_to_end_on_xquad_hi(test_data, debug_checkpoint, tmp_path)
 
 
 def test_cli_reports_bad_paths_in_one_line(test_data, debug_checkpoint, tmp_path):
-    base = [sys.executable, "-m", "easylm_align.evaluate", "--load_llama_config=debug",
+    base = [sys.executable, "-m", "easylm_align.evaluate", "--load_llama_config=demo",
             f"--eval.squad_file={test_data / 'xquad' / 'xquad.hi.json'}", "--eval.lang=hi"]
     cases = {
         "no_such_dir": [f"--load_checkpoint=params::{tmp_path / 'no_such_dir'}",

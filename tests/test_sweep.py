@@ -62,7 +62,7 @@ def test_dry_run_prints_one_train_and_one_eval_command_per_value(tmp_path, test_
         assert f"--{RATIO}={value} " in train and train.endswith(f"--logger.output_dir={run_dir}")
         # The evaluator gets the trained model's config (not its own default, 7b) and the run's final step.
         assert f"--load_checkpoint=params::{run_dir}/checkpoints/streaming_params_2" in evaluation
-        assert "--load_llama_config=debug" in evaluation and '"hidden_size": 64' in evaluation
+        assert "--load_llama_config=demo" in evaluation and '"hidden_size": 64' in evaluation
         assert "--eval.max_examples=4" in evaluation and f"--eval.output={run_dir}/eval_xquad_hi.json" in evaluation
     assert not (tmp_path / "s").exists()  # a dry run writes nothing
 

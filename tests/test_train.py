@@ -172,7 +172,8 @@ def run_train(args, cwd=REPO_ROOT):
 
 @pytest.mark.parametrize("stage", ["align", "commit"])
 def test_seed_commands_run(tmp_path, test_data, stage):
-    tok = REPO_ROOT / "easylm_align/assets/demo_tokenizer.model"
+    # EasyLM's `debug` model with a LLaMA-format tokenizer (32,000 pieces), as users smoke-test the seed.
+    tok = test_data / "tokenizers/mistral-7b-v0.1/tokenizer.model"
     if stage == "align":
         data = tmp_path / "wiki.jsonl"
         lines = (test_data / "mono/hi.ud_pud.txt").read_text(encoding="utf-8").splitlines()

@@ -1,27 +1,39 @@
 """MUSE bilingual dictionaries and the word-level code-mixer of COMMIT.
 
 COMMIT (Lee, Jung and Hwang, NAACL 2024 Findings) swaps words of the training text for
-dictionary translations with probability ``codemix_ratio``. This module reproduces that
-mixer with these deliberate differences from the original EasyLM-based implementation:
+dictionary translations with probability ``codemix_ratio``. By default this module applies the
+original EasyLM-based implementation's rule (thnkinbtfly/COMMIT ``EasyLM/data.py``), so that
+``codemix_ratio`` means what it meant there:
 
-* **Whitespace.** The original splits on ``' '`` only and rejoins with ``' '``, so a word
-  glued to a newline or tab (``"task.\\n\\nWrite"``) is one "word" that never matches. Here
-  text is split on any whitespace run, and every whitespace run is kept exactly.
-* **Casing.** The original looks the word up exactly, so ``"The"`` is never mixed (MUSE
-  entries are lowercase). Here the exact form is tried first, then its lowercase form.
-* **Punctuation.** Unchanged in spirit: leading and trailing characters that are Unicode
-  punctuation (category ``P*``) or ASCII non-alphanumerics (``$``, ``^``, ``+``, …) are
-  kept in place and only the core is looked up; inner punctuation (``don't``,
-  ``well-known``) stays part of the core. Symbols outside ASCII (``©``, emoji) are not
-  stripped.
-* **Randomness.** The original draws from the process-global :mod:`random` state, so a
-  resumed run or another worker mixes differently. Here each example gets its own
-  generator seeded by ``(seed, index)``; one uniform draw ``u`` per dictionary word decides
-  both whether to replace (``u < ratio``) and which translation (``u / ratio`` is uniform
-  in ``[0, 1)`` given a replacement).
+* **Words.** A text is split on ``' '`` only and rejoined with ``' '``. A piece glued to a
+  newline or tab (``"task.\\n\\nWrite"``) is one word.
+* **Skip characters.** Leading and trailing *skip characters* are kept in place and only the
+  core between them is looked up. Skip characters are the reference's: whitespace (``' '``,
+  ``\\t``, ``\\n``, ``\\r`` and Unicode ``Zs``) and punctuation (ASCII ``!``–``/``, ``:``–``@``,
+  ``[``–`````, ``{``–``~``, and Unicode ``P*``). So ``"response.\\n\\n###"`` has the core
+  ``"response"``, while ``"task.\\n\\nWrite"`` keeps ``"task.\\n\\nWrite"`` as its core and never
+  matches. Inner punctuation (``don't``, ``well-known``) stays part of the core; a piece made
+  only of skip characters (or empty) is not a word and is left alone.
+* **Lookup.** Exact and case-sensitive: MUSE entries are lowercase, so ``"The"`` is not mixed.
+* **Choice.** A replaced word gets a uniformly chosen translation from the dictionary's list,
+  duplicates included (:func:`load_muse_dictionary` keeps duplicate pairs, as the reference's
+  loader does; the shipped ``dicts/`` have none). Pairs whose translation equals the source
+  (MUSE has many, e.g. names) are kept, and a replacement by one still counts as a replacement.
 
-Dictionary pairs whose translation equals the source (MUSE has many, e.g. names) are kept,
-as in the original, and a replacement by such a pair still counts as a replacement.
+Two improvements are flags, off by default because they change how many words are mixed:
+
+* ``lowercase_fallback`` (``--*.text_processor.codemix_lowercase_fallback``): look the core up
+  exactly, then in lowercase, so sentence-initial and capitalised words are mixed too.
+* ``whitespace_split`` (``--*.text_processor.codemix_whitespace_split``): split on any whitespace
+  run (newlines, tabs, runs of spaces, Unicode spaces) and keep every run exactly, so a word
+  next to a newline is looked up like any other.
+
+One difference is not a flag, because it changes which words are drawn but not the
+distribution: **randomness.** The original draws from the process-global :mod:`random` state,
+so a resumed run or another worker mixes differently. Here each example gets its own generator
+seeded by ``(seed, index)``; one uniform draw ``u`` per dictionary word decides both whether to
+replace (``u < ratio``) and which translation (``u / ratio`` is uniform in ``[0, 1)`` given a
+replacement).
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import string
 import unicodedata
 from collections.abc import Mapping, Sequence
 from itertools import compress
@@ -53,10 +66,11 @@ _DICTIONARY_CACHE: dict[tuple[str, int, int], dict[str, tuple[str, ...]]] = {}
 def load_muse_dictionary(path: str | os.PathLike) -> dict[str, tuple[str, ...]]:
     """Reads a MUSE dictionary: one ``source translation`` pair per line (space or tab).
 
-    Returns source word -> its translations in file order, without duplicates. Blank lines
-    and lines starting with ``#`` are skipped (the MUSE files contain a few pairs such as
-    ``#aaa #aaa``; the mixer strips leading punctuation before lookup, so those could never
-    match anyway). The result is cached per file and shared: treat it as read-only.
+    Returns source word -> its translations in file order. A pair listed twice is kept twice,
+    as the reference's loader does, so it is twice as likely to be chosen. Blank lines and
+    lines starting with ``#`` are skipped (the MUSE files contain a few pairs such as
+    ``#aaa #aaa``; a leading ``#`` is a skip character, so those could never match anyway).
+    The result is cached per file and shared: treat it as read-only.
     """
     try:
         resolved = os.path.realpath(path)
@@ -82,11 +96,7 @@ def load_muse_dictionary(path: str | os.PathLike) -> dict[str, tuple[str, ...]]:
                 f"space or a tab, got {len(columns)}: {line.strip()!r}"
             )
         source, target = columns
-        targets = pairs.get(source)
-        if targets is None:
-            pairs[source] = [target]
-        elif target not in targets:
-            targets.append(target)
+        pairs.setdefault(source, []).append(target)
     if not pairs:
         raise DictionaryError(f"{path}: dictionary is empty (no 'source translation' pairs)")
 
@@ -98,7 +108,9 @@ def load_muse_dictionary(path: str | os.PathLike) -> dict[str, tuple[str, ...]]:
 class MixStats(NamedTuple):
     """Word counts of one or more mixed texts; ``+`` (and ``sum``) add them field by field."""
 
-    words_seen: int = 0  # whitespace-separated tokens with at least one non-punctuation char
+    # Words as the active split defines them (pieces between ' ', or between whitespace runs
+    # with whitespace_split) that have at least one character that is not a skip character.
+    words_seen: int = 0
     words_in_dict: int = 0
     words_replaced: int = 0
 
@@ -121,17 +133,23 @@ _WHITESPACE_SPLIT = re.compile(r"(\s+)").split
 
 # Memo entries for words that cannot be replaced; both are falsy, unlike a tuple of
 # replacements, so `compress` can pick the replaceable words at C speed.
-_NO_CORE = False  # the token is only punctuation
+_NO_CORE = False  # the piece is only skip characters (or empty)
 _NOT_IN_DICT: tuple[str, ...] = ()
 
 # Bounds the per-mixer memo of analysed surface forms on open-ended corpora (Wikipedia).
 _MEMO_LIMIT = 1 << 20
 
+# The reference's ASCII skip characters: its four whitespace characters and code points
+# 33-47, 58-64, 91-96 and 123-126, which are exactly string.punctuation.
+_ASCII_SKIP = frozenset(" \t\n\r" + string.punctuation)
 
-def _is_punctuation(char: str) -> bool:
+
+def _is_skip(char: str) -> bool:
+    """The reference's skip character: whitespace (incl. Unicode Zs) or punctuation."""
     if char < "\x80":
-        return not char.isalnum()
-    return unicodedata.category(char)[0] == "P"
+        return char in _ASCII_SKIP
+    category = unicodedata.category(char)
+    return category == "Zs" or category[0] == "P"
 
 
 class CodeMixer:
@@ -141,36 +159,66 @@ class CodeMixer:
         dictionary: source word -> translations (see :func:`load_muse_dictionary`).
         ratio: probability that a word found in the dictionary is replaced (``codemix_ratio``).
         seed: combined with each example's index to seed that example's generator.
+        lowercase_fallback: also look a word up in lowercase when its exact form is missing
+            (the reference looks up the exact form only).
+        whitespace_split: words are separated by any whitespace run, kept exactly (the
+            reference splits on ``' '`` only).
     """
 
-    def __init__(self, dictionary: Mapping[str, Sequence[str]], ratio: float, seed: int = 0):
+    def __init__(
+        self,
+        dictionary: Mapping[str, Sequence[str]],
+        ratio: float,
+        seed: int = 0,
+        *,
+        lowercase_fallback: bool = False,
+        whitespace_split: bool = False,
+    ):
         if not 0.0 <= float(ratio) <= 1.0:  # also rejects NaN
             raise ValueError(f"codemix_ratio must be in [0, 1], got {ratio!r}")
         self.dictionary = dictionary
         self.ratio = float(ratio)
         self.seed = int(seed)
-        # Surface word (with its punctuation) -> replacement strings, or a falsy marker.
+        self.lowercase_fallback = bool(lowercase_fallback)
+        self.whitespace_split = bool(whitespace_split)
+        # Surface word (with its skip characters) -> replacement strings, or a falsy marker.
         # Caching whole surface forms keeps the per-character work to the first occurrence.
         self._memo: dict[str, tuple[str, ...] | bool] = {"": _NO_CORE}
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, ratio: float, seed: int = 0) -> CodeMixer:
+    def from_file(
+        cls,
+        path: str | os.PathLike,
+        ratio: float,
+        seed: int = 0,
+        *,
+        lowercase_fallback: bool = False,
+        whitespace_split: bool = False,
+    ) -> CodeMixer:
         """A mixer over the MUSE dictionary at ``path`` (loaded once per process)."""
-        return cls(load_muse_dictionary(path), ratio, seed)
+        return cls(
+            load_muse_dictionary(path),
+            ratio,
+            seed,
+            lowercase_fallback=lowercase_fallback,
+            whitespace_split=whitespace_split,
+        )
 
     def _analyse(self, word: str) -> tuple[str, ...] | bool:
-        """The replacement strings of ``word`` with its outer punctuation kept, or a marker."""
+        """The replacement strings of ``word`` with its outer skip characters kept, or a marker."""
         start, end = 0, len(word)
-        if not word.isalnum():  # most words are, and have no punctuation to strip
-            while start < end and _is_punctuation(word[start]):
+        if not word.isalnum():  # most words are, and have no skip characters to strip
+            while start < end and _is_skip(word[start]):
                 start += 1
             if start == end:
                 self._memo[word] = _NO_CORE
                 return _NO_CORE
-            while _is_punctuation(word[end - 1]):
+            while _is_skip(word[end - 1]):
                 end -= 1
         core = word[start:end]
-        translations = self.dictionary.get(core) or self.dictionary.get(core.lower())
+        translations = self.dictionary.get(core)
+        if not translations and self.lowercase_fallback:
+            translations = self.dictionary.get(core.lower())
         if not translations:
             entry: tuple[str, ...] = _NOT_IN_DICT
         elif start == 0 and end == len(word):
@@ -196,9 +244,10 @@ class CodeMixer:
         seen = in_dict = replaced = 0
         mixed = []
         for text in texts:
-            # Fast path: when the only whitespace is single ASCII spaces (isprintable() is
-            # False for every other whitespace character), str.split is 2x faster than re.
-            simple = text.isprintable() and "  " not in text
+            # The reference's split, and the whitespace split's fast path: when the only
+            # whitespace is single ASCII spaces (isprintable() is False for every other
+            # whitespace character), both splits agree and str.split is 2x faster than re.
+            simple = not self.whitespace_split or (text.isprintable() and "  " not in text)
             if simple:
                 words = text.split(" ")
             else:

@@ -68,7 +68,16 @@ def default_config() -> ConfigDict:
         codemix_dict_path="",
         codemix_ratio=0.0,
         codemix_seed=0,
-        block_codemix_in_template=True,
+        # True: mix only instruction, input and output, never the Alpaca template (the paper's
+        # COMMIT); False (EasyLM/COMMIT's default): mix the whole prompt, template included.
+        block_codemix_in_template=False,
+        # Code-mixing improvements over the reference's word rule (off = the reference's);
+        # easylm_align/codemix.py. True: a word missing from the dictionary is also looked up
+        # in lowercase ("The" -> "the").
+        codemix_lowercase_fallback=False,
+        # True: words are separated by any whitespace run, kept exactly (the reference splits
+        # on ' ' only, so a word glued to a newline is never looked up).
+        codemix_whitespace_split=False,
         # True: COMMIT's exact token stream (doubled BOS/EOS in `fields` rows, the Alpaca
         # response's first token untrained), for bit-for-bit replication; module docstring.
         reference_token_stream=False,
@@ -100,7 +109,10 @@ class TextProcessor:
             raise ValueError(f"--*.text_processor.codemix_ratio={config.codemix_ratio}: must be in [0, 1]")
         self.mixer = None
         if config.codemix_dict_path:
-            self.mixer = CodeMixer.from_file(config.codemix_dict_path, config.codemix_ratio, config.codemix_seed)
+            self.mixer = CodeMixer.from_file(
+                config.codemix_dict_path, config.codemix_ratio, config.codemix_seed,
+                lowercase_fallback=config.codemix_lowercase_fallback,
+                whitespace_split=config.codemix_whitespace_split)
 
     def segments(self, example: dict, index: int) -> tuple[list[Segment], MixStats]:
         """The processor's own logic: the example as text segments (code-mixing done where wanted)."""

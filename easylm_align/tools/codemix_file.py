@@ -1,7 +1,8 @@
 r"""Code-mixes a text or JSON file with a MUSE dictionary and prints word statistics.
 
     python -m easylm_align.tools.codemix_file --dict=dicts/en-hi.txt --ratio=0.5 --seed=0 \
-        --input=FILE --output=FILE [--field=text[,title]] [--format=auto]
+        --input=FILE --output=FILE [--field=text[,title]] [--format=auto] \
+        [--lowercase_fallback] [--whitespace_split]
 
 Formats: ``text`` (each line is one example; its 0-based line number is the example index),
 ``jsonl`` (one JSON object per line; the index counts records, blank lines skipped) and
@@ -10,6 +11,9 @@ or ``json`` for ``.jsonl`` / ``.json`` files (a ``.json`` file that does not sta
 is read as JSON lines) and ``text`` otherwise. In JSON records only the ``--field``s are
 mixed; they are mixed together as one example, like :meth:`CodeMixer.mix_fields`, so the
 output matches what a training run with the same seed sees for that example.
+Words are split and looked up by the reference's rule unless ``--lowercase_fallback`` /
+``--whitespace_split`` are given, the text processor's ``codemix_lowercase_fallback`` /
+``codemix_whitespace_split`` (see :mod:`easylm_align.codemix`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,13 @@ _INPUT = flags.DEFINE_string("input", None, "File to code-mix.")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the code-mixed file.")
 _FIELD = flags.DEFINE_string("field", "text", "Comma-separated fields to mix in JSON records.")
 _FORMAT = flags.DEFINE_enum("format", "auto", ["auto", "text", "jsonl", "json"], "Input format.")
+_LOWERCASE_FALLBACK = flags.DEFINE_boolean(
+    "lowercase_fallback", False,
+    "Also look a word up in lowercase (codemix_lowercase_fallback); the reference does not.")
+_WHITESPACE_SPLIT = flags.DEFINE_boolean(
+    "whitespace_split", False,
+    "Split words on any whitespace run, kept exactly (codemix_whitespace_split); the "
+    "reference splits on ' ' only.")
 
 
 class InputError(Exception):
@@ -147,7 +158,9 @@ def main(argv: Sequence[str]) -> None:
     if not fields:
         raise app.UsageError("--field must name at least one field")
     try:
-        mixer = CodeMixer.from_file(_DICT.value, _RATIO.value, _SEED.value)
+        mixer = CodeMixer.from_file(_DICT.value, _RATIO.value, _SEED.value,
+                                    lowercase_fallback=_LOWERCASE_FALLBACK.value,
+                                    whitespace_split=_WHITESPACE_SPLIT.value)
         stats = codemix_file(mixer, _INPUT.value, _OUTPUT.value, fields, _FORMAT.value)
     except (InputError, ValueError) as e:  # DictionaryError and a bad ratio are ValueErrors
         sys.exit(f"codemix_file: error: {e}")

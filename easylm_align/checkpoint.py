@@ -10,6 +10,8 @@ Training writes them under `output_dir/checkpoints/streaming_params_{step}` (Eas
 seed's `--load_checkpoint=params::$save_path/*/streaming_params_1210` works unchanged).
 `convert_from_hf` writes a directory with `params` and `meta` only. `--load_checkpoint=params::PATH`
 reads the `params` item of either kind; `trainstate::PATH` reads all of a train checkpoint.
+`params::PATH` also reads a file written by EasyLM (`streaming_params_*` or the weights of a
+`streaming_train_state_*`), converted to our layout on load (see `easylm_checkpoint`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from easylm_align import easylm_checkpoint
 from easylm_align.sharding import path_str
 
 STEP_PREFIX = "streaming_params"
@@ -34,13 +37,16 @@ class CheckpointError(ValueError):
 
 
 def resolve_path(path: str) -> Path:
-    """Expands a glob (as the seed's `$save_path/*/streaming_params_1210`) to exactly one directory."""
+    """Expands a glob (as the seed's `$save_path/*/streaming_params_1210`) to exactly one checkpoint:
+    one of our directories, or an EasyLM streaming file."""
     matches = sorted(glob.glob(path)) if any(c in path for c in "*?[") else [path]
     if not matches:
         raise CheckpointError(f"checkpoint path {path!r} matches nothing")
     if len(matches) > 1:
         raise CheckpointError(f"checkpoint path {path!r} matches {len(matches)} directories: {matches[:4]}")
     p = Path(matches[0]).absolute()
+    if easylm_checkpoint.is_streaming_file(p):
+        return p
     if not (p / "params").is_dir():
         raise CheckpointError(f"{p} is not a checkpoint: it has no 'params' item")
     return p
@@ -75,12 +81,16 @@ def _check_shapes(path: Path, target: Any) -> None:
     stored = ocp.PyTreeCheckpointer().metadata(path / "params")
     stored_tree = getattr(stored, "item_metadata", stored)
     stored_tree = getattr(stored_tree, "tree", stored_tree)
-    flat_stored = {path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(stored_tree)[0]}
-    flat_target = {path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(target)[0]}
+    flat_stored = {path_str(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(stored_tree)[0]}
+    flat_target = {path_str(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(target)[0]}
+    _compare_shapes(path, flat_stored, flat_target)
+
+
+def _compare_shapes(path: Path, flat_stored: dict[str, tuple], flat_target: dict[str, tuple]) -> None:
     missing = sorted(set(flat_target) - set(flat_stored))
     extra = sorted(set(flat_stored) - set(flat_target))
-    wrong = [f"{k}: checkpoint {tuple(flat_stored[k].shape)} vs model {tuple(flat_target[k].shape)}"
-             for k in flat_target if k in flat_stored and tuple(flat_stored[k].shape) != tuple(flat_target[k].shape)]
+    wrong = [f"{k}: checkpoint {flat_stored[k]} vs model {flat_target[k]}"
+             for k in flat_target if k in flat_stored and flat_stored[k] != flat_target[k]]
     if missing or extra or wrong:
         lines = [f"checkpoint {path} does not match the model config:"]
         lines += [f"  shape mismatch {w}" for w in wrong[:8]]
@@ -90,13 +100,16 @@ def _check_shapes(path: Path, target: Any) -> None:
         raise CheckpointError("\n".join(lines))
 
 
-def load_params(path: str, target: Any) -> Any:
+def load_params(path: str, target: Any, llama_config: Optional[Any] = None) -> Any:
     """Restores the `params` item into `target`'s shapes, dtypes and shardings.
 
     `target` is a tree of jax.ShapeDtypeStruct (with `.sharding` for a sharded restore), so each
-    host reads only its own shards and nothing is materialised twice.
+    host reads only its own shards and nothing is materialised twice. An EasyLM streaming file
+    is converted on the way; its q/k reordering is per head, so it needs `llama_config`.
     """
     ckpt = resolve_path(path)
+    if easylm_checkpoint.is_streaming_file(ckpt):
+        return _load_easylm(ckpt, target, llama_config)
     _check_shapes(ckpt, target)
     restore = jax.tree_util.tree_map(lambda x: ocp.utils.to_shape_dtype_struct(x) if not isinstance(
         x, jax.ShapeDtypeStruct) else x, target)
@@ -104,6 +117,41 @@ def load_params(path: str, target: Any) -> Any:
         restored = ckptr.restore(ckpt, args=ocp.args.Composite(params=ocp.args.StandardRestore(restore)))
     logging.info("loaded params from %s", ckpt)
     return restored["params"]
+
+
+def _load_easylm(path: Path, target: Any, llama_config: Optional[Any]) -> Any:
+    """An EasyLM file into `target`, one tensor at a time (each placed on its shards as read)."""
+    if llama_config is None:
+        raise CheckpointError(f"{path} is an EasyLM streaming file; reading it needs the model config")
+    head_dim = llama_config.hidden_size // llama_config.num_attention_heads
+    try:
+        reader = easylm_checkpoint.StreamingParams(path, head_dim)
+    except easylm_checkpoint.EasyLMFormatError as e:
+        raise CheckpointError(str(e)) from None
+    flat_target = {path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(target)[0]}
+    scanned = any(name.startswith("layers/") for name in flat_target)
+    # The file is unscanned: compare in that layout, then stack the layers if the model scans them.
+    unscanned = {}
+    for name, leaf in flat_target.items():
+        if scanned and name.startswith("layers/"):
+            unscanned.update({f"layers_{i}/{name[7:]}": tuple(leaf.shape[1:]) for i in range(leaf.shape[0])})
+        else:
+            unscanned[name] = tuple(leaf.shape)
+    _compare_shapes(path, reader.shapes, unscanned)
+
+    def place(name: str, leaf: Any) -> jax.Array:
+        if scanned and name.startswith("layers/"):
+            array = np.stack([reader.read(f"layers_{i}/{name[7:]}") for i in range(leaf.shape[0])])
+        else:
+            array = reader.read(name)
+        array = array.astype(leaf.dtype)
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is None:
+            return jax.numpy.asarray(array)
+        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+    logging.info("loading EasyLM streaming params from %s (rotary q/k reordered to the half-split layout)", path)
+    return jax.tree_util.tree_map_with_path(lambda p, leaf: place(path_str(p), leaf), target)
 
 
 def load_params_numpy(path: str) -> dict:
@@ -132,6 +180,9 @@ def _restore_items(path: Path, params: Any, train_state: Any) -> tuple[Any, Any,
 def load_train_state(path: str, params: Any, train_state: Any) -> tuple[Any, Any, dict]:
     """`trainstate::PATH`: params, optimizer state, step and RNG (targets as in `load_params`)."""
     ckpt = resolve_path(path)
+    if easylm_checkpoint.is_streaming_file(ckpt):
+        raise CheckpointError(f"{ckpt} is an EasyLM streaming file: its optimizer state is EasyLM's and is not "
+                              "restored; start from its weights with params::PATH")
     if not (ckpt / "train_state").is_dir():
         raise CheckpointError(f"{ckpt} holds no train state (a params-only checkpoint? use params::)")
     return _restore_items(ckpt, params, train_state)

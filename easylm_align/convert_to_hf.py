@@ -16,6 +16,9 @@ restore), cast, and added to the current safetensors shard, which is written and
 full. Peak memory is one shard plus about three times the largest stored array (Orbax decodes a
 whole chunk before copying it out; in the scanned layout an array holds one tensor of every
 layer): about 1 GB for a 3.8 GB fp32 checkpoint with 500 MB shards, 2.6 GB when it is scanned.
+PATH may also be a file EasyLM wrote (`streaming_params_*`, as COMMIT's runs leave): its tensors
+are read one at a time too, renamed and with q/k reordered to the half-split layout
+(`easylm_align.easylm_checkpoint`); such a file records no config, so `--model_size` is needed.
 
 DIR gets config.json, generation_config.json, model-0000K-of-0000N.safetensors with
 model.safetensors.index.json, and tokenizer.model with tokenizer_config.json and
@@ -39,7 +42,7 @@ import safetensors.numpy
 from absl import app, flags
 from ml_collections import ConfigDict
 
-from easylm_align import checkpoint, model
+from easylm_align import checkpoint, easylm_checkpoint, model
 from easylm_align.hf_mapping import (DTYPES, HF_FIELDS, ConversionError, TensorSpec, check_stored_shapes,
                                      expected_shapes, hf_config, quiet_orbax_logs, staged_output, tensor_specs)
 from easylm_align.sharding import path_str
@@ -222,7 +225,7 @@ def export(checkpoint_path: str, output_dir: str, tokenizer_path: str, model_siz
     tokenizer = _load_tokenizer(tokenizer_path, config)
     source = f"--model_size={model_size}" if model_size else "the config in its meta"
     dest = Path(output_dir)
-    with _ParamsReader(ckpt) as reader:
+    with _reader(ckpt, config) as reader:
         scanned = check_stored_shapes(reader.shapes, config, source)
         with staged_output(dest, overwrite) as stage:
             stage.mkdir()
@@ -233,6 +236,16 @@ def export(checkpoint_path: str, output_dir: str, tokenizer_path: str, model_siz
             (stage / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
             _write_tokenizer(tokenizer, config, stage)
     return dest.absolute()
+
+
+def _reader(ckpt: Path, config: ConfigDict) -> Any:
+    """Reads one array at a time from our Orbax checkpoint or from an EasyLM streaming file."""
+    if not easylm_checkpoint.is_streaming_file(ckpt):
+        return _ParamsReader(ckpt)
+    try:
+        return easylm_checkpoint.StreamingParams(ckpt, config.hidden_size // config.num_attention_heads)
+    except easylm_checkpoint.EasyLMFormatError as e:
+        raise ConversionError(str(e)) from None
 
 
 def main(argv: list[str]) -> None:

@@ -122,7 +122,7 @@ class Trainer:
             params, state, _ = checkpoint.load_train_state(path, params_t, state_t)
             return params, state
         if kind == "params":
-            params = checkpoint.load_params(path, params_t)
+            params = checkpoint.load_params(path, params_t, self.llama_config)
             state = jax.jit(self._fresh_train_state, out_shardings=self.state_sh)(params, rng)
             return params, state
         return jax.jit(self._init_state, out_shardings=(self.param_sh, self.state_sh))(rng)

@@ -11,9 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import ml_dtypes
+import msgpack
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -36,8 +38,15 @@ def our_config(**fields):
 
 
 def random_checkpoint(path: Path, config, seed: int = 0, meta: bool = True):
-    """Random parameters drawn in NumPy (an eager Flax init is much slower), saved as a checkpoint.
-    Norm scales are near 1 but not 1, so a mixed-up norm mapping would change the logits."""
+    """`random_params`, saved as a checkpoint."""
+    params = random_params(config, seed)
+    checkpoint.save_params(path, params, meta={"llama_config": config.to_dict()} if meta else None)
+    return params
+
+
+def random_params(config, seed: int = 0) -> dict:
+    """Random parameters drawn in NumPy (an eager Flax init is much slower). Norm scales are near 1
+    but not 1, so a mixed-up norm mapping would change the logits."""
     rng = np.random.default_rng(seed)
     params = {}
     for name, shape in expected_shapes(config).items():
@@ -54,7 +63,6 @@ def random_checkpoint(path: Path, config, seed: int = 0, meta: bool = True):
         node[leaf] = value.astype(np.float32)
     if config.scan_layers:
         params = model.stack_layers(params, config.num_hidden_layers)
-    checkpoint.save_params(path, params, meta={"llama_config": config.to_dict()} if meta else None)
     return params
 
 
@@ -360,3 +368,105 @@ def test_command_lines(tmp_path, debug_checkpoint, llama_tokenizer):
         failed = _run(module, *args)
         assert failed.returncode == 1 and "Traceback" not in failed.stderr
         assert failed.stderr.strip().splitlines()[-1].startswith(f"{module.split('.')[-1]}: error: ")
+
+
+# ----------------------------------------------------------------------------------------------
+# EasyLM streaming checkpoints (what COMMIT's runs leave) → ours
+# ----------------------------------------------------------------------------------------------
+
+def easylm_key(ours: str) -> tuple[str, ...]:
+    """EasyLM's name for one of our parameters: its FlaxLLaMA module tree (`transformer/wte`,
+    `transformer/h/{i}/…`, norms' weight called `kernel`, `transformer/ln_f`, `lm_head`)."""
+    fixed = {"embed_tokens/embedding": ("transformer", "wte", "embedding"),
+             "norm/scale": ("transformer", "ln_f", "kernel"), "lm_head/kernel": ("lm_head", "kernel")}
+    if ours in fixed:
+        return fixed[ours]
+    layer, *rest = ours.split("/")
+    return ("transformer", "h", layer.removeprefix("layers_"), *rest[:-1], "kernel")
+
+
+def to_interleaved(kernel: np.ndarray, head_dim: int) -> np.ndarray:
+    """EasyLM's rotary layout from ours: in each head, our column j goes to 2j, j + head_dim/2 to 2j+1."""
+    n_in, n_out = kernel.shape
+    return kernel.reshape(n_in, n_out // head_dim, 2, head_dim // 2).transpose(0, 1, 3, 2).reshape(n_in, n_out)
+
+
+def hf_converter_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """What EasyLM's convert_easylm_to_hf.py does to q/k (`w.view(n_heads, dim // n_heads // 2, 2, dim)
+    .transpose(1, 2).reshape(dim, dim)` on the transposed kernel), in NumPy."""
+    out, dim = weight.shape
+    return weight.reshape(n_heads, out // n_heads // 2, 2, dim).transpose(0, 2, 1, 3).reshape(out, dim)
+
+
+def write_easylm_file(path: Path, params: dict, config, prefix: tuple[str, ...], extra=(), dtype=np.float32) -> None:
+    """EasyLM's StreamingCheckpointer format: a msgpack stream of (key tuple, to_bytes(array)),
+    floats cast to its `float_dtype`."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    packer = msgpack.Packer()
+    flat = {"/".join(str(k.key) for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    with open(path, "wb") as f:
+        for name, value in flat.items():
+            if name.endswith(("wq/kernel", "wk/kernel")):
+                value = to_interleaved(value, head_dim)
+                heads = value.shape[1] // head_dim
+                assert np.array_equal(hf_converter_permute(value.T, heads), flat[name].T)  # the reference's inverse
+            f.write(packer.pack((prefix + easylm_key(name), flax.serialization.to_bytes(value.astype(dtype)))))
+        for key, value in extra:
+            f.write(packer.pack((key, flax.serialization.to_bytes(value))))
+
+
+EASYLM_CONFIG = dict(num_key_value_heads=4)  # EasyLM's LLaMA has no grouped-query attention
+
+
+def abstract_params(config):
+    return jax.eval_shape(lambda: model.init_params(model.build_model(config), jax.random.PRNGKey(0)))
+
+
+@pytest.mark.parametrize("kind, scan", [("streaming_params", False), ("streaming_train_state", True)])
+def test_easylm_streaming_file_loads_with_the_same_logits(kind, scan, tmp_path):
+    config = our_config(**EASYLM_CONFIG)
+    params = random_params(config, seed=3)
+    if kind == "streaming_params":  # train_state.params['params'] itself, in EasyLM's default bf16
+        write_easylm_file(tmp_path / f"{kind}_5", params, config, (), dtype=ml_dtypes.bfloat16)
+        params = jax.tree_util.tree_map(lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float32), params)
+    else:  # a whole train state: the weights under params/params, beside optimizer state and step
+        extra = [(("opt_state", "1", "0", "count"), np.asarray(5)), (("step",), np.asarray(5))]
+        write_easylm_file(tmp_path / f"{kind}_5", params, config, ("params", "params"), extra)
+    target_config = our_config(**EASYLM_CONFIG, scan_layers=scan)
+    loaded = checkpoint.load_params(f"{tmp_path}/*_5", abstract_params(target_config), target_config)  # a glob, as the seed's
+    tokens = jnp.asarray(np.random.RandomState(4).randint(3, VOCAB, (2, 16)))
+    np.testing.assert_allclose(np.asarray(forward_fn(target_config)(loaded, tokens)),
+                               np.asarray(forward_fn(config)(params, tokens)), atol=1e-5, rtol=0)
+
+
+def test_easylm_streaming_file_exports_to_hf(tmp_path, llama_tokenizer):
+    config = our_config(**EASYLM_CONFIG)
+    params = random_params(config, seed=5)
+    write_easylm_file(tmp_path / "streaming_params_7", params, config, ())
+    # EasyLM's file records no config: --model_size (and --update_llama_config) say it, as in COMMIT's export.
+    out = export(str(tmp_path / "streaming_params_7"), str(tmp_path / "hf"), str(llama_tokenizer), model_size="demo",
+                 update_llama_config=json.dumps({"vocab_size": VOCAB, **EASYLM_CONFIG}), dtype="fp32")
+    hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokens = np.random.RandomState(6).randint(3, VOCAB, (2, 16))
+    with torch.no_grad():
+        theirs = hf(torch.from_numpy(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(forward_fn(config)(params, jnp.asarray(tokens))), theirs, atol=1e-4, rtol=0)
+
+
+def test_easylm_files_that_cannot_be_read_say_why(tmp_path):
+    config = our_config(**EASYLM_CONFIG)
+    target = abstract_params(config)
+    path = tmp_path / "streaming_train_state_5"
+    write_easylm_file(path, random_params(config), config, ("params", "params"))
+    with pytest.raises(checkpoint.CheckpointError, match="EasyLM streaming file: its optimizer state .* params::PATH"):
+        checkpoint.load_train_state(str(path), target, {})
+    with pytest.raises(checkpoint.CheckpointError, match="needs the model config"):
+        checkpoint.load_params(str(path), target)
+    gqa = our_config()  # 2 kv heads: the model's wk has half the file's columns
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"layers_0/attention/wk/kernel: checkpoint \(128, 128\) vs model \(128, 64\)"):
+        checkpoint.load_params(str(path), abstract_params(gqa), gqa)
+    junk = tmp_path / "tokenizer.model"
+    junk.write_bytes((ASSETS / "demo_tokenizer.model").read_bytes())
+    with pytest.raises(checkpoint.CheckpointError, match="not an EasyLM streaming checkpoint"):
+        checkpoint.load_params(str(junk), target, config)

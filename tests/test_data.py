@@ -103,7 +103,8 @@ def test_alpaca_bad_records_and_language(tok):
 
 def test_template_blocking_at_ratio_one(tok):
     dictionary = load_muse_dictionary(EN_HI)
-    p = processor(tok, alpaca=True, codemix_dict_path=str(EN_HI), codemix_ratio=1.0)
+    p = processor(tok, alpaca=True, codemix_dict_path=str(EN_HI), codemix_ratio=1.0,
+                  block_codemix_in_template=True)
     prompt, output, stats = p.prompt_and_output(WITH_INPUT, 7)
     fields = [WITH_INPUT[k] for k in ("instruction", "input", "output")]
     mixed, _ = p.mix(fields, 7)
@@ -113,7 +114,7 @@ def test_template_blocking_at_ratio_one(tok):
     for original, new in zip(fields, mixed):  # every dictionary word became one of its translations
         for word, out in zip(original.split(), new.split()):
             core, out_core = word.strip(".,"), out.strip(".,")
-            translations = dictionary.get(core) or dictionary.get(core.lower())
+            translations = dictionary.get(core)  # exact-case lookup, as the reference
             assert out_core in translations if translations else out_core == core, (word, out)
     assert stats.words_replaced == stats.words_in_dict > 0
 

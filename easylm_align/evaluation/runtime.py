@@ -48,7 +48,7 @@ def load_model(cfg: Any) -> tuple[Any, model.LlamaForCausalLM, tokenizer.Tokeniz
     llama = model.build_model(llama_config, cfg.dtype, cfg.param_dtype)
     abstract = jax.eval_shape(lambda: model.init_params(llama, jax.random.PRNGKey(0)))
     target = sharding.with_shardings(abstract, sharding.param_shardings(abstract, mesh))
-    return checkpoint.load_params(str(ckpt_path), target), llama, tok, mesh
+    return checkpoint.load_params(str(ckpt_path), target, llama_config), llama, tok, mesh
 
 
 def model_description(cfg: Any) -> dict[str, Any]:

@@ -195,6 +195,13 @@ class PairBatchIterator(DatasetIterator):
         self.pad_id = tokenizer.pad_id
         self._pending: list[PairExample] = []  # always empty between batches, so not part of the state
 
+    @staticmethod
+    def batch_spec(group: ConfigDict) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """The CLM rows plus the sentence pairs (two sentences: hard negatives are known only from the data)."""
+        pairs = (group.batch_size, 2, group.pair_length)
+        return dict(DatasetIterator.batch_spec(group), cl_tokens=(pairs, np.dtype(np.int32)),
+                    cl_masks=(pairs, np.dtype(np.int32)))
+
     def _batches_from(self, result: PairExample) -> Iterator[dict[str, np.ndarray]]:
         self._pending.append(result)
         self.stats["truncated_sentences"] += result.truncated

@@ -260,6 +260,13 @@ class DatasetIterator:
         self._batches: Optional[Iterator] = None
         self._pool = None
 
+    @staticmethod
+    def batch_spec(group: ConfigDict) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """(shape, dtype) of each array of a global batch, from the source's config group alone."""
+        rows = (group.batch_size, group.seq_length)
+        spec = {key: (rows, np.dtype(np.int32)) for key in ("input_tokens", "target_tokens", "segment_ids", "positions")}
+        return dict(spec, loss_masks=(rows, np.dtype(np.float32)))
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "next_record": self.next_record, "packer": self.packer.state_dict(),
                 "stats": dict(self.stats)}
@@ -331,6 +338,14 @@ def build_iterator(config: ConfigDict, tokenizer: Tokenizer, flag: str = "--trai
         raise DataError(f"{flag}.type={config.type!r}: choose one of {sorted(SOURCES)}")
     cls = SOURCES[config.type].iterator_cls or DatasetIterator
     return cls(config, tokenizer, flag, process_index, process_count)
+
+
+def abstract_batch(config: ConfigDict, flag: str = "--train_dataset") -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """The global batch's (shape, dtype) per array for `config.type`, without opening any data."""
+    if config.type not in SOURCES:
+        raise DataError(f"{flag}.type={config.type!r}: choose one of {sorted(SOURCES)}")
+    source = SOURCES[config.type]
+    return (source.iterator_cls or DatasetIterator).batch_spec(config[source.config_key])
 
 
 # Sources defined in other modules register themselves on import.

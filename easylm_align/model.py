@@ -25,6 +25,8 @@ import numpy as np
 from ml_collections import ConfigDict
 from ml_collections.config_dict import placeholder
 
+from easylm_align import attention
+
 DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16,
           "bfloat16": jnp.bfloat16, "fp16": jnp.float16, "float16": jnp.float16}
 
@@ -47,6 +49,8 @@ _DEFAULTS = dict(
     fcm_max_ratio=0.0,
     remat_policy="none",
     scan_layers=False,
+    attention="auto",            # easylm_align.attention.BACKENDS
+    attention_block_size=512,    # query/key block of attention=blockwise
     bos_token_id=1,
     eos_token_id=2,
 )
@@ -122,6 +126,10 @@ def _validate(cfg: dict) -> None:
         raise ValueError("need 0 <= fcm_min_ratio <= fcm_max_ratio <= 1")
     if cfg["remat_policy"] != "none" and not hasattr(jax.checkpoint_policies, cfg["remat_policy"]):
         raise ValueError(f"remat_policy={cfg['remat_policy']!r}: use 'none' or a jax.checkpoint_policies name")
+    if cfg["attention"] not in attention.BACKENDS:
+        raise ValueError(f"attention={cfg['attention']!r}: use one of {', '.join(attention.BACKENDS)}")
+    if cfg["attention_block_size"] < 1:
+        raise ValueError("attention_block_size must be >= 1")
 
 
 def head_dim(config: ConfigDict) -> int:
@@ -182,7 +190,7 @@ class Attention(nn.Module):
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, layer_cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, mask: attention.MaskInfo, layer_cache=None, cache_index=None):
         cfg = self.config
         hd, heads, kv = head_dim(cfg), cfg.num_attention_heads, cfg.num_key_value_heads
         dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -198,15 +206,13 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
             v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
             new_cache = (k, v)
-        # Grouped-query attention: each of the kv heads serves `heads // kv` query heads.
-        q = q.reshape(batch, seq, kv, heads // kv, hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(self.dtype), preferred_element_type=jnp.float32)
-        scores = scores / np.sqrt(hd).astype(np.float32)
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=self.deterministic)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype)).reshape(batch, seq, heads * hd)
-        return dense(cfg.hidden_size, "wo")(out), new_cache
+        dropout = not self.deterministic and cfg.attn_pdrop > 0
+        backend = "einsum" if layer_cache is not None else attention.resolve(cfg.attention, run_options(
+            cfg, self.deterministic, self.dtype))
+        out = attention.attend(q, k.astype(self.dtype), v.astype(self.dtype), mask, backend=backend,
+                               dropout_rate=cfg.attn_pdrop, dropout_rng=self.make_rng("dropout") if dropout else None,
+                               block_size=cfg.attention_block_size)
+        return dense(cfg.hidden_size, "wo")(out.reshape(batch, seq, heads * hd)), new_cache
 
 
 class FeedForward(nn.Module):
@@ -223,6 +229,10 @@ class FeedForward(nn.Module):
                                             * dense(cfg.intermediate_size, "w3")(x))
 
 
+# Logical axes of the residual stream between blocks; easylm_align.sharding maps them to the mesh.
+RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+
 class DecoderLayer(nn.Module):
     """One pre-norm block. Written as a scan body: (carry, per-layer input) -> (carry, per-layer output)."""
     config: ConfigDict
@@ -233,13 +243,14 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, h, cos, sin, mask, cache_index, layer_cache):
         cfg = self.config
+        h = nn.with_logical_constraint(h, RESIDUAL_AXES)
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)
         dropout = nn.Dropout(cfg.resid_pdrop)
         attn_out, new_cache = Attention(cfg, self.deterministic, self.dtype, self.param_dtype, name="attention")(
             norm("attention_norm")(h), cos, sin, mask, layer_cache, cache_index)
         h = h + dropout(attn_out, deterministic=self.deterministic)
         ff_out = FeedForward(cfg, self.dtype, self.param_dtype, name="feed_forward")(norm("ffn_norm")(h))
-        h = h + dropout(ff_out, deterministic=self.deterministic)
+        h = nn.with_logical_constraint(h + dropout(ff_out, deterministic=self.deterministic), RESIDUAL_AXES)
         return h, (new_cache, h)
 
 
@@ -247,17 +258,17 @@ class LlamaOutput(NamedTuple):
     logits: Optional[jnp.ndarray]                     # (batch, seq, vocab), float32
     hidden_states: Optional[tuple[jnp.ndarray, ...]]  # num_layers + 1 entries, as Hugging Face's
     cache: Optional[KVCache]
+    last_hidden_state: Optional[jnp.ndarray] = None   # (batch, seq, hidden) after the final norm
 
 
-def attention_mask(q_slots, k_slots, q_segments, k_segments) -> jnp.ndarray:
-    """Causal and segment mask, (batch, q, k): a query sees earlier slots of its own segment."""
-    causal = q_slots[:, :, None] >= k_slots[:, None, :]
-    same = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
-    return causal & same
+def run_options(cfg: ConfigDict, deterministic: bool, dtype: Any) -> attention.Options:
+    """What attention must support in this call (dropout and FCM only act when training)."""
+    return attention.Options(0.0 if deterministic else cfg.attn_pdrop,
+                             not deterministic and cfg.fcm_max_ratio > 0, dtype)
 
 
 def forgetful_mask(rng, segment_ids: jnp.ndarray, min_ratio: float, max_ratio: float) -> jnp.ndarray:
-    """FCM key mask (batch, 1, k): each row draws r ~ U[min, max] and hides that fraction of keys.
+    """FCM key mask (batch, k): each row draws r ~ U[min, max] and hides that fraction of keys.
 
     The first key of every segment stays visible, so no query is left with nothing to attend to.
     """
@@ -266,7 +277,7 @@ def forgetful_mask(rng, segment_ids: jnp.ndarray, min_ratio: float, max_ratio: f
     ratio = jax.random.uniform(ratio_rng, (batch, 1), minval=min_ratio, maxval=max_ratio)
     keep = jax.random.uniform(key_rng, (batch, seq)) >= ratio
     first = jnp.concatenate([jnp.ones((batch, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-    return (keep | first)[:, None, :]
+    return keep | first
 
 
 class LlamaForCausalLM(nn.Module):
@@ -291,17 +302,18 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = rotary_cos_sin(positions, head_dim(cfg), cfg.rope_theta)
 
         q_slots = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        key_keep = None
+        if not deterministic and cfg.fcm_max_ratio > 0:
+            key_keep = forgetful_mask(self.make_rng("dropout"), segment_ids, cfg.fcm_min_ratio, cfg.fcm_max_ratio)
         if cache is None:
-            mask = attention_mask(q_slots, q_slots, segment_ids, segment_ids)
+            mask = attention.MaskInfo(q_slots, q_slots, segment_ids, segment_ids, key_keep)
             cache_index, layer_caches = None, None
         else:
             cache_index = cache.index
             k_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache_index))
             k_slots = jnp.broadcast_to(jnp.arange(k_segments.shape[1], dtype=jnp.int32), k_segments.shape)
-            mask = attention_mask(q_slots + cache_index, k_slots, segment_ids, k_segments)
+            mask = attention.MaskInfo(q_slots + cache_index, k_slots, segment_ids, k_segments)
             layer_caches = (cache.keys, cache.values)
-        if not deterministic and cfg.fcm_max_ratio > 0:
-            mask = mask & forgetful_mask(self.make_rng("dropout"), segment_ids, cfg.fcm_min_ratio, cfg.fcm_max_ratio)
 
         layer_cls = DecoderLayer
         if cfg.remat_policy != "none":
@@ -342,7 +354,7 @@ class LlamaForCausalLM(nn.Module):
         new_cache = None
         if cache is not None:
             new_cache = KVCache(new_layer_caches[0], new_layer_caches[1], k_segments, cache.index + seq)
-        return LlamaOutput(logits, hidden_states, new_cache)
+        return LlamaOutput(logits, hidden_states, new_cache, h_final)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,6 +387,13 @@ def stack_layers(params: dict, num_layers: int) -> dict:
     out = {k: v for k, v in params.items() if not k.startswith("layers_")}
     out["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"] for i in range(num_layers)])
     return out
+
+
+def lm_head_kernel(params: dict, config: ConfigDict) -> jnp.ndarray:
+    """The (hidden, vocab) output projection: the LM head, or the embedding when they are tied."""
+    if config.tie_word_embeddings:
+        return params["embed_tokens"]["embedding"].T
+    return params["lm_head"]["kernel"]
 
 
 def param_count(params: Any) -> int:

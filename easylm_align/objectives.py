@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
+from easylm_align.model import lm_head_kernel
+
 
 def cross_entropy_loss_and_accuracy(logits: jnp.ndarray, targets: jnp.ndarray,
                                     loss_mask: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -26,6 +28,43 @@ def cross_entropy_loss_and_accuracy(logits: jnp.ndarray, targets: jnp.ndarray,
     return loss, accuracy
 
 
+def chunked_cross_entropy(hidden: jnp.ndarray, kernel: jnp.ndarray, targets: jnp.ndarray,
+                          loss_mask: jnp.ndarray, chunk: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """`cross_entropy_loss_and_accuracy` of `hidden @ kernel` without the whole batch's logits.
+
+    The sequence is cut into chunks of `chunk` positions; each chunk's fp32 logits are made,
+    reduced to its summed loss and correct count, and dropped. `jax.checkpoint` makes the backward
+    pass recompute them chunk by chunk, so at most one chunk's (batch, chunk, vocab) logits and
+    their gradient exist at once. Accuracy comes from the same pass.
+    """
+    batch, seq, width = hidden.shape
+    n = -(-seq // chunk)
+    pad = n * chunk - seq
+    mask = loss_mask.astype(jnp.float32)
+    if pad:  # padded positions have mask 0
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets, mask = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(mask, ((0, 0), (0, pad)))
+    by_chunk = lambda x: jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 1, 0)
+    weights = kernel.astype(hidden.dtype)
+
+    @jax.checkpoint
+    def piece(h, t, m):
+        logits = jnp.einsum("bcd,dv->bcv", h, weights, preferred_element_type=jnp.float32)
+        target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        nll = ((jax.nn.logsumexp(logits, axis=-1) - target_logit) * m).sum()
+        correct = ((jnp.argmax(logits, axis=-1) == t) * m).sum()
+        return nll, jax.lax.stop_gradient(correct)
+
+    def body(carry, xs):
+        nll, correct = piece(*xs)
+        return (carry[0] + nll, carry[1] + correct), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (nll, correct), _ = jax.lax.scan(body, (zero, zero), (by_chunk(hidden), by_chunk(targets), by_chunk(mask)))
+    denom = jnp.maximum(mask.sum(), 1.0)
+    return nll / denom, correct / denom
+
+
 def default_config() -> ConfigDict:
     """`--objectives.*`: weights and options of the training objectives."""
     return ConfigDict(dict(
@@ -34,14 +73,25 @@ def default_config() -> ConfigDict:
         pooler="last-1",            # AFP's default: last token after the first decoder block
         temperature=0.05,           # cosine similarity is divided by it
         hard_negative_weight=0.0,   # logit offset of each row's own hard negative (SimCSE's)
+        # The CLM loss takes this many positions' logits at a time (chunked_cross_entropy), so the
+        # batch's fp32 logits never exist at once; 0 = all at once, from the model's logits.
+        loss_chunk_size=256,
     ))
 
 
 def clm_loss(model, params, batch: dict, rng, deterministic: bool, config) -> tuple[jnp.ndarray, dict]:
     """Causal LM on packed rows (all of COMMIT's stages)."""
+    if config.loss_chunk_size < 0:
+        raise ValueError(f"--objectives.loss_chunk_size={config.loss_chunk_size}: use 0 (off) or a positive size")
+    chunked = config.loss_chunk_size > 0
     out = model.apply({"params": params}, batch["input_tokens"], positions=batch["positions"],
-                      segment_ids=batch["segment_ids"], deterministic=deterministic, rngs={"dropout": rng})
-    loss, accuracy = cross_entropy_loss_and_accuracy(out.logits, batch["target_tokens"], batch["loss_masks"])
+                      segment_ids=batch["segment_ids"], deterministic=deterministic, rngs={"dropout": rng},
+                      return_logits=not chunked)
+    if chunked:
+        loss, accuracy = chunked_cross_entropy(out.last_hidden_state, lm_head_kernel(params, model.config),
+                                               batch["target_tokens"], batch["loss_masks"], config.loss_chunk_size)
+    else:
+        loss, accuracy = cross_entropy_loss_and_accuracy(out.logits, batch["target_tokens"], batch["loss_masks"])
     return loss, {"loss": loss, "accuracy": accuracy, "loss_tokens": batch["loss_masks"].sum()}
 
 

@@ -9,10 +9,12 @@ every host feeds only its own slice of the global batch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
@@ -31,6 +33,16 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"feed_forward/w2/kernel$", P("mp", "fsdp")),
     (r"norm/scale$", P(None)),
     (r"lm_head/kernel$", P("fsdp", "mp")),
+)
+
+
+# Logical activation axes (named in model.py) → mesh axes. Between decoder blocks the residual
+# stream is sharded over the batch axes and, along the sequence, over `mp`, so it is not
+# replicated on every model-parallel device (XLA gathers the sequence for the mp-sharded matmuls).
+ACTIVATION_RULES: tuple[tuple[str, Any], ...] = (
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", "mp"),
+    ("activation_embed", None),
 )
 
 
@@ -81,6 +93,13 @@ def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh, path: str) -> P:
             axis = None
         fitted.append(axis)
     return P(*fitted)
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh) -> Iterator[None]:
+    """Inside: the model's logical activation constraints resolve to `mesh` (outside they are no-ops)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(ACTIVATION_RULES):
+        yield
 
 
 def path_str(path: tuple) -> str:

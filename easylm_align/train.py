@@ -18,13 +18,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import app
 from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from easylm_align import checkpoint, datasets, logger, model, objectives, optimizer, sharding, tokenizer
+from easylm_align import (attention, checkpoint, datasets, logger, memory, model, objectives, optimizer, sharding,
+                          tokenizer)
 from easylm_align.config import FLAGS, define_flags_with_default, parse_flags_or_exit, parsed_config
 
 DEFAULTS = define_flags_with_default(
@@ -40,6 +42,7 @@ DEFAULTS = define_flags_with_default(
     save_model_freq=0,
     save_milestone_freq=0,
     eval_steps=0,
+    dry_run=False,
     objective="clm",
     tokenizer=tokenizer.default_config(),
     train_dataset=datasets.default_config(),
@@ -83,9 +86,16 @@ class Trainer:
         self.tokenizer.check_fits(self.llama_config.vocab_size)
         if cfg.objective not in objectives.OBJECTIVES:
             raise ValueError(f"--objective={cfg.objective!r}: choose one of {sorted(objectives.OBJECTIVES)}")
-        self.train_data = self._dataset(cfg.train_dataset, "--train_dataset")
-        self.eval_data = self._dataset(cfg.eval_dataset, "--eval_dataset") if cfg.eval_steps > 0 else None
         self.model = model.build_model(self.llama_config, cfg.dtype, cfg.param_dtype)
+        try:  # a backend the run's options rule out is a config error, found before any data is read
+            attention.resolve(self.llama_config.attention, model.run_options(self.llama_config, False, self.model.dtype))
+        except ValueError as e:
+            raise ValueError(f"--llama.attention / --update_llama_config: {e}") from None
+        if cfg.dry_run:  # shapes come from the config; no data is opened
+            self.train_data = self.eval_data = None
+        else:
+            self.train_data = self._dataset(cfg.train_dataset, "--train_dataset")
+            self.eval_data = self._dataset(cfg.eval_dataset, "--eval_dataset") if cfg.eval_steps > 0 else None
         self.tx, self.current_lr = optimizer.build(cfg.optimizer)
         self.output_dir = Path(cfg.logger.output_dir or f"outputs/{time.strftime('%Y%m%d-%H%M%S')}").absolute()
 
@@ -105,13 +115,17 @@ class Trainer:
         return {"opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32),
                 "rng": jax.random.key_data(jax.random.fold_in(rng, 1))}
 
-    def _build_state(self, ckpt: checkpoint.TrainCheckpointer) -> tuple[Any, dict]:
-        rng = jax.random.PRNGKey(self.cfg.seed)
-        abstract_params, abstract_state = jax.eval_shape(self._init_state, rng)
+    def _abstract_state(self) -> tuple[Any, Any]:
+        """Shapes, dtypes and shardings of the parameters and train state; nothing is allocated."""
+        abstract_params, abstract_state = jax.eval_shape(self._init_state, jax.random.PRNGKey(self.cfg.seed))
         self.param_sh = sharding.param_shardings(abstract_params, self.mesh)
         self.state_sh = sharding.state_shardings(abstract_state, self.mesh)
-        params_t = sharding.with_shardings(abstract_params, self.param_sh)
-        state_t = sharding.with_shardings(abstract_state, self.state_sh)
+        return (sharding.with_shardings(abstract_params, self.param_sh),
+                sharding.with_shardings(abstract_state, self.state_sh))
+
+    def _build_state(self, ckpt: checkpoint.TrainCheckpointer) -> tuple[Any, dict]:
+        rng = jax.random.PRNGKey(self.cfg.seed)
+        params_t, state_t = self._abstract_state()
         kind, path = checkpoint.parse_load_checkpoint(self.cfg.load_checkpoint)
         if ckpt.latest_step() is not None:  # resume this run: weights, optimizer, step, RNG and data
             params, state, meta = ckpt.restore_latest(params_t, state_t)
@@ -135,10 +149,8 @@ class Trainer:
         (_, metrics), grads = jax.value_and_grad(
             lambda p: loss_fn(self.model, p, batch, step_rng, False, self.cfg.objectives), has_aux=True)(params)
         updates, opt_state = self.tx.update(grads, state["opt_state"], params)
-        params = jax.tree_util.tree_map(lambda p, u: (p + u).astype(p.dtype), params, updates)
-        metrics = dict(metrics, gradient_norm=jax.numpy.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
-                                                                 for g in jax.tree_util.tree_leaves(grads))),
-                       learning_rate=self.current_lr(opt_state))
+        params = optax.apply_updates(params, updates)
+        metrics = dict(metrics, gradient_norm=optax.tree.norm(grads), learning_rate=self.current_lr(opt_state))
         return params, {"opt_state": opt_state, "step": state["step"] + 1, "rng": jax.random.key_data(rng)}, metrics
 
     def _eval_step(self, params, batch):
@@ -148,14 +160,44 @@ class Trainer:
 
     # -- loop ----------------------------------------------------------------------------------
 
+    def _jit_train_step(self):
+        batch_sh, repl = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
+        return jax.jit(self._train_step, in_shardings=(self.param_sh, self.state_sh, batch_sh),
+                       out_shardings=(self.param_sh, self.state_sh, repl), donate_argnums=(0, 1))
+
+    def dry_run(self) -> dict[str, Any]:
+        """Compiles the train step for abstract arrays and reports its per-device memory; allocates nothing."""
+        params_t, state_t = self._abstract_state()
+        spec = datasets.abstract_batch(self.cfg.train_dataset, "--train_dataset")
+        group = datasets.SOURCES[self.cfg.train_dataset.type].config_key
+        sharding.check_batch_divisible(spec["input_tokens"][0][0], self.mesh, f"--train_dataset.{group}.batch_size")
+        batch_t = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(self.mesh))
+                   for k, (shape, dtype) in spec.items()}
+        start = time.perf_counter()
+        with sharding.activation_rules(self.mesh):
+            compiled = self._jit_train_step().lower(params_t, state_t, batch_t).compile()
+        seconds = time.perf_counter() - start
+        report = {"dry_run": True, "devices": jax.device_count(), "platform": jax.default_backend(),
+                  "mesh": dict(self.mesh.shape), "params": model.param_count(params_t),
+                  "batch": {k: list(shape) for k, (shape, _) in spec.items()},
+                  "attention": attention.resolve(self.llama_config.attention,
+                                                 model.run_options(self.llama_config, False, self.model.dtype)),
+                  "memory_gib_per_device": memory.compiled_memory_gib(compiled),
+                  "compile_seconds": round(seconds, 2)}
+        print(json.dumps(report), flush=True)
+        return report
+
     def run(self) -> Path:
+        with sharding.activation_rules(self.mesh):  # the model's activation constraints resolve on this mesh
+            return self._train()
+
+    def _train(self) -> Path:
         cfg = self.cfg
         ckpt = checkpoint.TrainCheckpointer(self.output_dir, cfg.save_model_freq, cfg.save_milestone_freq)
         params, state = self._build_state(ckpt)
         step = int(state["step"])
         batch_sh, repl = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
-        train_step = jax.jit(self._train_step, in_shardings=(self.param_sh, self.state_sh, batch_sh),
-                             out_shardings=(self.param_sh, self.state_sh, repl), donate_argnums=(0, 1))
+        train_step = self._jit_train_step()
         eval_step = jax.jit(self._eval_step, in_shardings=(self.param_sh, batch_sh), out_shardings=repl)
         flops = model.flops_per_token(self.llama_config, self.train_data.seq_length)
         metrics_log = logger.MetricsLogger(cfg.logger, self.output_dir, flops, resume_step=step)
@@ -165,6 +207,18 @@ class Trainer:
         meta = lambda data_state: {"step": step, "dataset": _gather_dataset_states(data_state),
                                    "flags": cfg.to_dict(), "llama_config": self.llama_config.to_dict()}
         progress = tqdm(total=cfg.total_steps, initial=step, disable=jax.process_index() != 0, desc="train")
+        unchecked: list[tuple[int, Any]] = []  # (step, its loss) not yet read back from the device
+
+        def check_finite() -> None:
+            """Reads the pending losses (blocking on them only); stops at the first non-finite one."""
+            while unchecked:
+                at, loss = unchecked.pop(0)
+                value = float(loss)
+                if not np.isfinite(value):
+                    where = f"the last good checkpoint is {ckpt.step_path(last_saved)}" if last_saved else \
+                        "no checkpoint was saved before it"
+                    raise TrainingDiverged(f"non-finite loss ({value}) at step {at}; stopped; {where}")
+
         try:
             if step < cfg.total_steps:
                 batch, data_state = next(self.train_data), self.train_data.state_dict()
@@ -175,13 +229,15 @@ class Trainer:
                 trained_state = data_state
                 if step < cfg.total_steps:  # prepare the next batch while the device works
                     batch, data_state = next(self.train_data), self.train_data.state_dict()
-                loss = float(metrics["loss"])
-                if not np.isfinite(loss):
-                    where = f"the last good checkpoint is {ckpt.step_path(last_saved)}" if last_saved else \
-                        "no checkpoint was saved before it"
-                    raise TrainingDiverged(f"non-finite loss ({loss}) at step {step}; stopped; {where}")
+                # One step behind: the previous step's loss is ready by now, and the device already
+                # has this step queued, so reading it does not stall the pipeline.
+                check_finite()
+                unchecked.append((step, metrics["loss"]))
                 progress.update(1)
-                if step % cfg.log_freq == 0 or step == cfg.total_steps:
+                logging_step = step % cfg.log_freq == 0 or step == cfg.total_steps
+                if logging_step or ckpt.due(step):
+                    check_finite()  # nothing non-finite is logged as progress or saved
+                if logging_step:
                     row = dict(metrics, **self._data_metrics())
                     if self.eval_data is not None:
                         row.update(self._evaluate(eval_step, params))
@@ -221,7 +277,11 @@ def main(argv) -> None:
         absl_logging.set_verbosity(absl_logging.WARNING)
     sharding.initialize_distributed(FLAGS.jax_distributed)
     try:
-        output_dir = Trainer(parsed_config()).run()
+        trainer = Trainer(parsed_config())
+        if trainer.cfg.dry_run:
+            trainer.dry_run()
+            return
+        output_dir = trainer.run()
     except TrainingDiverged as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)

@@ -361,12 +361,12 @@ def test_forgetful_mask_statistics():
     batch, seq = 4, 8192
     ones = jnp.ones((batch, seq), jnp.int32)
     mask = np.asarray(model.forgetful_mask(jax.random.PRNGKey(0), ones, 0.3, 0.3))
-    assert mask.shape == (batch, 1, seq) and mask.dtype == bool
-    hidden = 1.0 - mask[:, 0].mean(axis=-1)
+    assert mask.shape == (batch, seq) and mask.dtype == bool
+    hidden = 1.0 - mask.mean(axis=-1)
     np.testing.assert_allclose(hidden, 0.3, atol=0.03)
     # A ratio range gives each row its own ratio inside it.
     mask = np.asarray(model.forgetful_mask(jax.random.PRNGKey(1), jnp.ones((16, seq), jnp.int32), 0.1, 0.6))
-    hidden = 1.0 - mask[:, 0].mean(axis=-1)
+    hidden = 1.0 - mask.mean(axis=-1)
     assert ((hidden > 0.1 - 0.03) & (hidden < 0.6 + 0.03)).all()
     assert hidden.std() > 0.05
     # Ratio 0 hides nothing.
@@ -382,12 +382,12 @@ def test_forgetful_mask_keeps_first_key_of_each_segment():
     first = np.zeros(64, bool)
     first[starts] = True
     for seed in range(5):
-        mask = np.asarray(model.forgetful_mask(jax.random.PRNGKey(seed), jnp.asarray(seg), 1.0, 1.0))[:, 0]
+        mask = np.asarray(model.forgetful_mask(jax.random.PRNGKey(seed), jnp.asarray(seg), 1.0, 1.0))
         # Ratio 1 hides every key except the first of each segment.
         np.testing.assert_array_equal(mask[:2], np.stack([first] * 2))
         assert mask[2, starts].all() and not mask[2, 1:5].any()
     for seed in range(20):
-        mask = np.asarray(model.forgetful_mask(jax.random.PRNGKey(seed), jnp.asarray(seg), 0.9, 0.99))[:, 0]
+        mask = np.asarray(model.forgetful_mask(jax.random.PRNGKey(seed), jnp.asarray(seg), 0.9, 0.99))
         assert mask[:, starts].all()
 
 

@@ -273,3 +273,16 @@ def test_config_files_name_only_real_flags(flagfile):
     argv = ["train", *config.FLAGS.read_flags_from_files([f"--flagfile={flagfile}"], force_gnu=False)]
     assert len(argv) > 5
     config.check_flag_names(argv, config.known_flag_names())
+
+
+def test_dry_run_reports_memory_without_data_or_allocation(tmp_path):
+    cfg = make_config(tmp_path / "out", dry_run=True, mesh_dim="1,2,4",
+                      train_dataset__json_dataset__path=str(tmp_path / "absent.jsonl"))  # never opened
+    report = train.Trainer(cfg).dry_run()
+    memory = report["memory_gib_per_device"]
+    assert set(memory) == {"arguments", "outputs", "temporaries", "aliased", "total"}
+    assert memory["total"] == pytest.approx(memory["arguments"] + memory["outputs"] - memory["aliased"]
+                                            + memory["temporaries"], abs=0.01)
+    assert memory["arguments"] > 0 and report["compile_seconds"] > 0 and report["devices"] == 8
+    assert report["mesh"] == {"dp": 1, "fsdp": 2, "mp": 4}
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,328 @@
+"""Attention backends behind one function, chosen by the LLaMA config field `attention`.
+
+Every backend computes, per query, softmax(q·k / sqrt(d)) over the keys it may see, times v:
+a key is visible when it is at an earlier or equal slot, in the same non-zero segment, and kept
+by forgetful causal masking (FCM). `MaskInfo` carries those facts as per-token vectors, so a
+backend that never materialises the (query, key) mask does not have to.
+
+* `einsum`: the plain path. fp32 scores of shape (batch, kv_heads, group, T, S) and a full mask;
+  supports everything (dropout, FCM, the KV cache); the reference the others are tested against.
+* `xla`: `jax.nn.dot_product_attention(implementation="xla")`, the mask passed densely. No
+  attention dropout.
+* `cudnn`: the same call with `implementation="cudnn"` (fused flash attention on NVIDIA GPUs,
+  bf16/fp16 only). No attention dropout.
+* `splash`: the Pallas splash-attention kernel on TPU (causal mask and segment ids inside the
+  kernel; interpreted elsewhere, which is only useful for tests). No dropout, no FCM.
+* `blockwise`: memory-efficient attention in plain JAX: an online softmax over key blocks
+  (Rabe & Staats, "Self-attention does not need O(n²) memory", 2021; the FlashAttention
+  recurrence, Dao et al., 2022) with a custom VJP that recomputes each block in the backward
+  pass, so neither pass holds more than one (query block, key block) tile of scores. Causal
+  blocks above the diagonal are skipped. Supports segment ids, FCM and attention dropout on
+  every platform.
+* `auto`: `splash` on TPU and `cudnn` on GPU where the run's options allow, else `blockwise`
+  when attention dropout is on, else `xla`; the pick is logged once.
+
+Queries whose row sees no key (padding, segment 0) have an unspecified output; their
+positions carry no loss. The KV-cache decoding path always uses `einsum`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BACKENDS = ("auto", "einsum", "xla", "cudnn", "splash", "blockwise")
+_NEG = float(np.finfo(np.float32).min)
+
+
+class MaskInfo(NamedTuple):
+    """Who may attend to whom, as per-token vectors (batch, T) for queries and (batch, S) for keys."""
+    q_slots: jnp.ndarray
+    k_slots: jnp.ndarray
+    q_segments: jnp.ndarray
+    k_segments: jnp.ndarray
+    key_keep: Optional[jnp.ndarray] = None  # FCM: False hides the key from every query of its row
+
+    def dense(self) -> jnp.ndarray:
+        """The (batch, T, S) boolean mask."""
+        return block_mask(self.q_slots, self.k_slots, self.q_segments, self.k_segments, self.key_keep)
+
+
+def block_mask(q_slots, k_slots, q_segments, k_segments, key_keep=None) -> jnp.ndarray:
+    causal = q_slots[:, :, None] >= k_slots[:, None, :]
+    same = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
+    mask = causal & same
+    return mask if key_keep is None else mask & key_keep[:, None, :]
+
+
+class Options(NamedTuple):
+    """What a run needs of its attention; `auto` picks from these."""
+    dropout_rate: float
+    fcm: bool
+    dtype: Any
+
+
+def supported(backend: str, options: Options, platform: str) -> Optional[str]:
+    """None if `backend` can run with `options` on `platform`, else the reason it cannot."""
+    if backend in ("einsum", "blockwise"):
+        return None
+    if options.dropout_rate > 0:
+        return f"attention={backend} has no attention dropout (attn_pdrop > 0)"
+    if backend == "xla":
+        return None
+    if backend == "cudnn":
+        if platform != "gpu":
+            return "attention=cudnn needs an NVIDIA GPU"
+        if jnp.dtype(options.dtype) not in (jnp.bfloat16, jnp.float16):
+            return "attention=cudnn needs bf16 or fp16 compute (--dtype)"
+        return None
+    if backend == "splash":
+        if options.fcm:
+            return "attention=splash has no forgetful causal masking (fcm_max_ratio > 0)"
+        return None
+    raise ValueError(f"attention={backend!r}: use one of {BACKENDS}")
+
+
+@functools.lru_cache(maxsize=None)
+def _log_pick(backend: str, platform: str) -> None:
+    logging.info("attention=auto picked %s on %s", backend, platform)
+
+
+def resolve(backend: str, options: Options, platform: Optional[str] = None) -> str:
+    """The concrete backend for a config value; raises ValueError with the reason when it cannot run."""
+    platform = platform or jax.default_backend()
+    if backend != "auto":
+        reason = supported(backend, options, platform)
+        if reason:
+            raise ValueError(reason)
+        return backend
+    preferred = {"tpu": "splash", "gpu": "cudnn"}.get(platform)
+    for candidate in ([preferred] if preferred else []) + ["xla", "blockwise"]:
+        if supported(candidate, options, platform) is None:
+            _log_pick(candidate, platform)
+            return candidate
+    raise AssertionError("blockwise supports every option")
+
+
+def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: MaskInfo, *, backend: str,
+           dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
+           block_size: int = 512) -> jnp.ndarray:
+    """q (batch, T, heads, d), k/v (batch, S, kv_heads, d) → (batch, T, heads, d) in q's dtype.
+
+    `backend` is a concrete one (see `resolve`). Dropout applies to the attention probabilities
+    when `dropout_rng` is given and `dropout_rate > 0`.
+    """
+    rate = dropout_rate if dropout_rng is not None else 0.0
+    if backend == "einsum":
+        return _einsum(q, k, v, mask.dense(), rate, dropout_rng)
+    if backend in ("xla", "cudnn"):
+        dense = mask.dense()[:, None]
+        return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=dense,
+                                            implementation=backend).astype(q.dtype)
+    if backend == "splash":
+        return _splash(q, k, v, mask, interpret=jax.default_backend() != "tpu")
+    if backend == "blockwise":
+        return blockwise_attention(q, k, v, mask, rate, dropout_rng, block_size)
+    raise ValueError(f"attention={backend!r} is not a concrete backend")
+
+
+def _grouped(q: jnp.ndarray, kv_heads: int) -> jnp.ndarray:
+    """(batch, T, heads, d) → (batch, T, kv_heads, group, d): each kv head serves `group` query heads."""
+    b, t, h, d = q.shape
+    return q.reshape(b, t, kv_heads, h // kv_heads, d)
+
+
+def _einsum(q, k, v, dense_mask, rate, rng):
+    b, t, h, d = q.shape
+    qg = _grouped(q, k.shape[2])
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = jnp.where(dense_mask[:, None, None], scores / np.sqrt(d).astype(np.float32), _NEG)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if rate > 0:
+        keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - rate), 0.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(q.dtype), v.astype(q.dtype))
+    return out.reshape(b, t, h, d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Blockwise attention with a recomputing backward pass
+# ----------------------------------------------------------------------------------------------
+
+class _Blocks(NamedTuple):
+    size: int      # block length along both T and S
+    n: int         # number of blocks
+    rate: float    # attention dropout
+
+
+def blockwise_attention(q, k, v, mask: MaskInfo, rate: float = 0.0, rng: Optional[jax.Array] = None,
+                        block_size: int = 512) -> jnp.ndarray:
+    """Blockwise attention for self-attention without a cache (T == S, slots 0..T-1 per row).
+
+    The sequence is padded to a multiple of the block with segment 0 (invisible keys).
+    """
+    b, t, h, d = q.shape
+    size = min(block_size, t)
+    n = -(-t // size)
+    pad = n * size - t
+
+    def padded(x, value=0):
+        return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value) if pad else x
+
+    slots = jnp.broadcast_to(jnp.arange(n * size, dtype=jnp.int32), (b, n * size))
+    keep = mask.key_keep if mask.key_keep is not None else jnp.ones((b, t), bool)
+    vectors = (slots, padded(mask.q_segments), padded(mask.k_segments), padded(keep, False))
+    rng = rng if rng is not None and rate > 0 else jax.random.PRNGKey(0)
+    out = _flash(_Blocks(size, n, rate if rate > 0 else 0.0), _grouped(padded(q), k.shape[2]),
+                 padded(k).astype(q.dtype), padded(v).astype(q.dtype), vectors, rng)
+    return out[:, :t].reshape(b, t, h, d)
+
+
+def _tile(blocks: _Blocks, q, k, v, vectors, rng, i, j):
+    """Scores, visibility and dropout keep-mask of query block i against key block j (fp32)."""
+    slots, q_seg, k_seg, keep = vectors
+    s = blocks.size
+    qi = jax.lax.dynamic_slice_in_dim(q, i * s, s, axis=1)
+    kj = jax.lax.dynamic_slice_in_dim(k, j * s, s, axis=1)
+    vj = jax.lax.dynamic_slice_in_dim(v, j * s, s, axis=1)
+    cut = lambda x, at: jax.lax.dynamic_slice_in_dim(x, at * s, s, axis=1)
+    visible = block_mask(cut(slots, i), cut(slots, j), cut(q_seg, i), cut(k_seg, j), cut(keep, j))[:, None, None]
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
+    drop = None
+    if blocks.rate > 0:
+        tile_rng = jax.random.fold_in(jax.random.fold_in(rng, i), j)
+        drop = jax.random.bernoulli(tile_rng, 1.0 - blocks.rate, scores.shape) / (1.0 - blocks.rate)
+    return qi, kj, vj, scores, visible, drop
+
+
+def dropout_keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...], block_size: int) -> jnp.ndarray:
+    """The dense (batch, kv, group, T, S) scale (0 or 1/(1-rate)) that `blockwise` applies, for tests
+    and for anyone who needs the same dropout pattern on another path. T == S, a multiple of the block."""
+    b, kv, g, t, _ = shape
+    n = t // block_size
+    rows = [jnp.concatenate([jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(rng, i), j), 1.0 - rate,
+                                                  (b, kv, g, block_size, block_size))
+                             for j in range(n)], axis=-1) for i in range(n)]
+    return jnp.concatenate(rows, axis=-2) / (1.0 - rate)
+
+
+def _last_visible_block(blocks: _Blocks, i):
+    """Key blocks 0..result-1 hold every key a query of block i can see (causal)."""
+    return jnp.minimum(blocks.n, i + 1)
+
+
+def _forward(blocks: _Blocks, q, k, v, vectors, rng):
+    b, t, kv, g, d = q.shape
+    s = blocks.size
+
+    def query_block(i):
+        def key_block(j, carry):
+            m, l, acc = carry
+            _, _, vj, scores, visible, drop = _tile(blocks, q, k, v, vectors, rng, i, j)
+            m_new = jnp.maximum(m, jnp.max(jnp.where(visible, scores, _NEG), axis=-1))
+            p = jnp.where(visible, jnp.exp(scores - m_new[..., None]), 0.0)
+            correction = jnp.exp(m - m_new)
+            l = l * correction + p.sum(-1)
+            p = p * drop if drop is not None else p
+            acc = acc * correction[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), vj,
+                                                           preferred_element_type=jnp.float32)
+            return m_new, l, acc
+
+        init = (jnp.full((b, kv, g, s), _NEG, jnp.float32), jnp.zeros((b, kv, g, s), jnp.float32),
+                jnp.zeros((b, kv, g, s, d), jnp.float32))
+        m, l, acc = jax.lax.fori_loop(0, _last_visible_block(blocks, i), key_block, init)
+        safe = jnp.where(l > 0, l, 1.0)
+        out = jnp.where((l > 0)[..., None], acc / safe[..., None], 0.0)
+        lse = jnp.where(l > 0, m + jnp.log(safe), 0.0)
+        return out, lse
+
+    out, lse = jax.lax.map(query_block, jnp.arange(blocks.n))  # (n, b, kv, g, s, d), (n, b, kv, g, s)
+    out = jnp.moveaxis(out, 0, 3).reshape(b, kv, g, t, d)
+    lse = jnp.moveaxis(lse, 0, 3).reshape(b, kv, g, t)
+    return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(blocks: _Blocks, q, k, v, vectors, rng):
+    out, _ = _forward(blocks, q, k, v, vectors, rng)
+    return jnp.einsum("bkgtd->btkgd", out).astype(q.dtype)
+
+
+def _flash_fwd(blocks, q, k, v, vectors, rng):
+    out, lse = _forward(blocks, q, k, v, vectors, rng)
+    return jnp.einsum("bkgtd->btkgd", out).astype(q.dtype), (q, k, v, vectors, rng, out, lse)
+
+
+def _flash_bwd(blocks, residuals, d_out):
+    q, k, v, vectors, rng, out, lse = residuals
+    s = blocks.size
+    do = jnp.einsum("btkgd->bkgtd", d_out).astype(jnp.float32)
+    delta = jnp.sum(do * out, axis=-1)  # (b, kv, g, t): rowsum(dO ∘ O), FlashAttention's D
+
+    def key_block(dq, j):
+        def query_block(i, carry):
+            dq, dk_j, dv_j = carry
+            qi, kj, vj, scores, visible, drop = _tile(blocks, q, k, v, vectors, rng, i, j)
+            cut = lambda x: jax.lax.dynamic_slice_in_dim(x, i * s, s, axis=3)
+            p = jnp.where(visible, jnp.exp(scores - cut(lse)[..., None]), 0.0)
+            do_i = cut(do)
+            p_dropped = p * drop if drop is not None else p
+            dv_j = dv_j + jnp.einsum("bkgqs,bkgqd->bskd", p_dropped, do_i)
+            dp = jnp.einsum("bkgqd,bskd->bkgqs", do_i, vj.astype(jnp.float32))
+            dp = dp * drop if drop is not None else dp
+            ds = p * (dp - cut(delta)[..., None]) / np.sqrt(q.shape[-1])
+            dk_j = dk_j + jnp.einsum("bkgqs,bqkgd->bskd", ds, qi.astype(jnp.float32))
+            dq_i = jnp.einsum("bkgqs,bskd->bqkgd", ds, kj.astype(jnp.float32))
+            dq = jax.lax.dynamic_update_slice_in_dim(dq, jax.lax.dynamic_slice_in_dim(dq, i * s, s, 1) + dq_i,
+                                                     i * s, axis=1)
+            return dq, dk_j, dv_j
+
+        zeros = jnp.zeros(k.shape[:1] + (s,) + k.shape[2:], jnp.float32)
+        dq, dk_j, dv_j = jax.lax.fori_loop(j, blocks.n, query_block, (dq, zeros, zeros))  # causal: i >= j
+        return dq, (dk_j, dv_j)
+
+    dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(blocks.n))
+    unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(k.shape)
+    return dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype), None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Splash attention (Pallas, TPU)
+# ----------------------------------------------------------------------------------------------
+
+def _splash(q, k, v, mask: MaskInfo, interpret: bool) -> jnp.ndarray:
+    """Causal splash attention with segment ids; one MQA kernel per kv head serves its query group."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    group = h // kv
+    block = min(512, t)
+    if t % block or t % 128:
+        raise ValueError(f"attention=splash needs a sequence length divisible by 128 (got {t})")
+    sizes = kernel.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    causal = masks.MultiHeadMask([masks.CausalMask((t, t)) for _ in range(group)])
+    mqa = kernel.make_splash_mqa_single_device(causal, block_sizes=sizes, interpret=interpret)
+    qg = jnp.einsum("btkgd->bkgtd", _grouped(q, kv)) / np.sqrt(d).astype(q.dtype)  # the kernel does not scale
+    kh, vh = (jnp.einsum("bskd->bksd", x.astype(q.dtype)) for x in (k, v))
+
+    def one_row(qr, kr, vr, q_seg, k_seg):
+        segments = kernel.SegmentIds(q=q_seg, kv=k_seg)
+        return jax.vmap(lambda qq, kk, vv: mqa(qq, kk, vv, segment_ids=segments))(qr, kr, vr)
+
+    # Padding (segment 0) gets a segment of its own, -1: no real query sees it, and a padding query
+    # sees itself, so its output stays finite (a NaN there would reach real rows through v).
+    pad_apart = lambda seg: jnp.where(seg == 0, -1, seg)
+    out = jax.vmap(one_row)(qg, kh, vh, pad_apart(mask.q_segments), pad_apart(mask.k_segments))  # (b, kv, g, t, d)
+    return jnp.einsum("bkgtd->btkgd", out).reshape(b, t, h, d).astype(q.dtype)

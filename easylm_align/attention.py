@@ -178,7 +178,7 @@ def blockwise_attention(q, k, v, mask: MaskInfo, rate: float = 0.0, rng: Optiona
     keep = mask.key_keep if mask.key_keep is not None else jnp.ones((b, t), bool)
     vectors = (slots, padded(mask.q_segments), padded(mask.k_segments), padded(keep, False))
     rng = rng if rng is not None and rate > 0 else jax.random.PRNGKey(0)
-    out = _flash(_Blocks(size, n, rate if rate > 0 else 0.0), _grouped(padded(q), k.shape[2]),
+    out = _flash(_Blocks(size, n, rate), _grouped(padded(q), k.shape[2]),
                  padded(k).astype(q.dtype), padded(v).astype(q.dtype), vectors, rng)
     return out[:, :t].reshape(b, t, h, d)
 
@@ -194,11 +194,14 @@ def _tile(blocks: _Blocks, q, k, v, vectors, rng, i, j):
     visible = block_mask(cut(slots, i), cut(slots, j), cut(q_seg, i), cut(k_seg, j), cut(keep, j))[:, None, None]
     scale = 1.0 / np.sqrt(q.shape[-1])
     scores = jnp.einsum("bqkgd,bskd->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
-    drop = None
-    if blocks.rate > 0:
-        tile_rng = jax.random.fold_in(jax.random.fold_in(rng, i), j)
-        drop = jax.random.bernoulli(tile_rng, 1.0 - blocks.rate, scores.shape) / (1.0 - blocks.rate)
+    drop = _tile_dropout(rng, blocks.rate, i, j, scores.shape) if blocks.rate > 0 else None
     return qi, kj, vj, scores, visible, drop
+
+
+def _tile_dropout(rng: jax.Array, rate: float, i, j, shape: tuple[int, ...]) -> jnp.ndarray:
+    """Tile (i, j)'s dropout scale, 0 or 1/(1-rate): its own key, so both passes draw the same pattern."""
+    keep = jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(rng, i), j), 1.0 - rate, shape)
+    return keep / (1.0 - rate)
 
 
 def dropout_keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...], block_size: int) -> jnp.ndarray:
@@ -206,10 +209,9 @@ def dropout_keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...], block
     and for anyone who needs the same dropout pattern on another path. T == S, a multiple of the block."""
     b, kv, g, t, _ = shape
     n = t // block_size
-    rows = [jnp.concatenate([jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(rng, i), j), 1.0 - rate,
-                                                  (b, kv, g, block_size, block_size))
-                             for j in range(n)], axis=-1) for i in range(n)]
-    return jnp.concatenate(rows, axis=-2) / (1.0 - rate)
+    tile = (b, kv, g, block_size, block_size)
+    rows = [jnp.concatenate([_tile_dropout(rng, rate, i, j, tile) for j in range(n)], axis=-1) for i in range(n)]
+    return jnp.concatenate(rows, axis=-2)
 
 
 def _last_visible_block(blocks: _Blocks, i):
@@ -250,8 +252,7 @@ def _forward(blocks: _Blocks, q, k, v, vectors, rng):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(blocks: _Blocks, q, k, v, vectors, rng):
-    out, _ = _forward(blocks, q, k, v, vectors, rng)
-    return jnp.einsum("bkgtd->btkgd", out).astype(q.dtype)
+    return _flash_fwd(blocks, q, k, v, vectors, rng)[0]
 
 
 def _flash_fwd(blocks, q, k, v, vectors, rng):

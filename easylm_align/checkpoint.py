@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from easylm_align import easylm_checkpoint
+from easylm_align import easylm_checkpoint, model
 from easylm_align.sharding import path_str
 
 STEP_PREFIX = "streaming_params"
@@ -123,9 +123,8 @@ def _load_easylm(path: Path, target: Any, llama_config: Optional[Any]) -> Any:
     """An EasyLM file into `target`, one tensor at a time (each placed on its shards as read)."""
     if llama_config is None:
         raise CheckpointError(f"{path} is an EasyLM streaming file; reading it needs the model config")
-    head_dim = llama_config.hidden_size // llama_config.num_attention_heads
     try:
-        reader = easylm_checkpoint.StreamingParams(path, head_dim)
+        reader = easylm_checkpoint.StreamingParams(path, model.head_dim(llama_config))
     except easylm_checkpoint.EasyLMFormatError as e:
         raise CheckpointError(str(e)) from None
     flat_target = {path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(target)[0]}

@@ -243,7 +243,7 @@ def _reader(ckpt: Path, config: ConfigDict) -> Any:
     if not easylm_checkpoint.is_streaming_file(ckpt):
         return _ParamsReader(ckpt)
     try:
-        return easylm_checkpoint.StreamingParams(ckpt, config.hidden_size // config.num_attention_heads)
+        return easylm_checkpoint.StreamingParams(ckpt, model.head_dim(config))
     except easylm_checkpoint.EasyLMFormatError as e:
         raise ConversionError(str(e)) from None
 

@@ -88,7 +88,8 @@ class Trainer:
             raise ValueError(f"--objective={cfg.objective!r}: choose one of {sorted(objectives.OBJECTIVES)}")
         self.model = model.build_model(self.llama_config, cfg.dtype, cfg.param_dtype)
         try:  # a backend the run's options rule out is a config error, found before any data is read
-            attention.resolve(self.llama_config.attention, model.run_options(self.llama_config, False, self.model.dtype))
+            self.attention_backend = attention.resolve(
+                self.llama_config.attention, model.run_options(self.llama_config, False, self.model.dtype))
         except ValueError as e:
             raise ValueError(f"--llama.attention / --update_llama_config: {e}") from None
         if cfg.dry_run:  # shapes come from the config; no data is opened
@@ -180,8 +181,7 @@ class Trainer:
         report = {"dry_run": True, "devices": jax.device_count(), "platform": jax.default_backend(),
                   "mesh": dict(self.mesh.shape), "params": model.param_count(params_t),
                   "batch": {k: list(shape) for k, (shape, _) in spec.items()},
-                  "attention": attention.resolve(self.llama_config.attention,
-                                                 model.run_options(self.llama_config, False, self.model.dtype)),
+                  "attention": self.attention_backend,
                   "memory_gib_per_device": memory.compiled_memory_gib(compiled),
                   "compile_seconds": round(seconds, 2)}
         print(json.dumps(report), flush=True)
@@ -207,12 +207,12 @@ class Trainer:
         meta = lambda data_state: {"step": step, "dataset": _gather_dataset_states(data_state),
                                    "flags": cfg.to_dict(), "llama_config": self.llama_config.to_dict()}
         progress = tqdm(total=cfg.total_steps, initial=step, disable=jax.process_index() != 0, desc="train")
-        unchecked: list[tuple[int, Any]] = []  # (step, its loss) not yet read back from the device
+        unchecked: list[tuple[int, Any]] = []  # at most one (step, loss) not yet read back from the device
 
         def check_finite() -> None:
-            """Reads the pending losses (blocking on them only); stops at the first non-finite one."""
-            while unchecked:
-                at, loss = unchecked.pop(0)
+            """Reads the pending loss (blocking on it only); stops if it is not finite."""
+            if unchecked:
+                at, loss = unchecked.pop()
                 value = float(loss)
                 if not np.isfinite(value):
                     where = f"the last good checkpoint is {ckpt.step_path(last_saved)}" if last_saved else \

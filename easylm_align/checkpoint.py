@@ -25,6 +25,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from easylm_align import easylm_checkpoint, model
 from easylm_align.sharding import path_str
@@ -76,14 +77,20 @@ def save_params(path: str | Path, params: Any, meta: Optional[dict] = None) -> N
         ckptr.save(Path(path).absolute(), args=ocp.args.Composite(**items))
 
 
-def _check_shapes(path: Path, target: Any) -> None:
-    """Compares stored array shapes with the model's before restoring, to fail with a clear message."""
+def _stored_shapes(path: Path) -> dict[str, tuple]:
     stored = ocp.PyTreeCheckpointer().metadata(path / "params")
     stored_tree = getattr(stored, "item_metadata", stored)
     stored_tree = getattr(stored_tree, "tree", stored_tree)
-    flat_stored = {path_str(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(stored_tree)[0]}
-    flat_target = {path_str(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(target)[0]}
-    _compare_shapes(path, flat_stored, flat_target)
+    return {path_str(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(stored_tree)[0]}
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple]:
+    return {path_str(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_shapes(path: Path, target: Any) -> None:
+    """Compares stored array shapes with the model's before restoring, to fail with a clear message."""
+    _compare_shapes(path, _stored_shapes(path), _flat_shapes(target))
 
 
 def _compare_shapes(path: Path, flat_stored: dict[str, tuple], flat_target: dict[str, tuple]) -> None:
@@ -110,13 +117,62 @@ def load_params(path: str, target: Any, llama_config: Optional[Any] = None) -> A
     ckpt = resolve_path(path)
     if easylm_checkpoint.is_streaming_file(ckpt):
         return _load_easylm(ckpt, target, llama_config)
-    _check_shapes(ckpt, target)
-    restore = jax.tree_util.tree_map(lambda x: ocp.utils.to_shape_dtype_struct(x) if not isinstance(
+    target = jax.tree_util.tree_map(lambda x: ocp.utils.to_shape_dtype_struct(x) if not isinstance(
         x, jax.ShapeDtypeStruct) else x, target)
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        restored = ckptr.restore(ckpt, args=ocp.args.Composite(params=ocp.args.StandardRestore(restore)))
+    stored = _stored_shapes(ckpt)
+    other_layout = _other_layer_layout(target)
+    if stored != _flat_shapes(target) and stored == _flat_shapes(other_layout):
+        # Written with the other `scan_layers` layout: read it as stored, then (un)stack on device.
+        params = _restore_params(ckpt, other_layout)
+        logging.info("loaded params from %s (layers %s)", ckpt, "stacked" if "layers" in target else "unstacked")
+        return _relayout(params, target)
+    _compare_shapes(ckpt, stored, _flat_shapes(target))
     logging.info("loaded params from %s", ckpt)
-    return restored["params"]
+    return _restore_params(ckpt, target)
+
+
+def _restore_params(ckpt: Path, target: Any) -> Any:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        return ckptr.restore(ckpt, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+
+
+def _num_layers(params: dict) -> int:
+    if "layers" in params:
+        return jax.tree_util.tree_leaves(params["layers"])[0].shape[0]
+    return sum(key.startswith("layers_") for key in params)
+
+
+def _other_layer_layout(target: dict) -> dict:
+    """`target` (ShapeDtypeStructs) in the other layer layout; each leaf keeps its sharding, with the
+    layer axis unsharded, so a stored layout is read shard by shard as well."""
+    n = _num_layers(target)
+
+    def relaid(leaf: jax.ShapeDtypeStruct, stack: bool) -> jax.ShapeDtypeStruct:
+        shape = (n, *leaf.shape) if stack else leaf.shape[1:]
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            spec = P(None, *sharding.spec) if stack else P(*sharding.spec[1:])
+            sharding = NamedSharding(sharding.mesh, spec)
+        return jax.ShapeDtypeStruct(shape, leaf.dtype, sharding=sharding)
+
+    if "layers" in target:
+        rest = {k: v for k, v in target.items() if k != "layers"}
+        return dict(rest, **{f"layers_{i}": jax.tree_util.tree_map(lambda x: relaid(x, False), target["layers"])
+                             for i in range(n)})
+    if not n:
+        return target
+    rest = {k: v for k, v in target.items() if not k.startswith("layers_")}
+    return dict(rest, layers=jax.tree_util.tree_map(lambda x: relaid(x, True), target["layers_0"]))
+
+
+def _relayout(params: dict, target: dict) -> dict:
+    """Stacks or unstacks the layers of `params` into `target`'s layout and shardings."""
+    n = _num_layers(params)
+    convert = model.stack_layers if "layers" in target else model.unstack_layers
+    shardings = jax.tree_util.tree_map(lambda x: getattr(x, "sharding", None), target)
+    if any(s is None for s in jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: x is None)):
+        return convert(params, n)
+    return jax.jit(lambda p: convert(p, n), out_shardings=shardings)(params)
 
 
 def _load_easylm(path: Path, target: Any, llama_config: Optional[Any]) -> Any:

@@ -61,21 +61,27 @@ def _llama(h, i, layers, heads, kv=None, max_pos=2048, eps=1e-6, **extra):
                 num_key_value_heads=kv or heads, max_position_embeddings=max_pos, rms_norm_eps=eps, **extra)
 
 
+# The large presets scan their layers and rematerialise each block in the backward pass (as EasyLM's
+# remat_block and MaxText do), and blockwise attention takes 64-token blocks: the seed's 7B command
+# then needs 13.96 GiB per device instead of 83.6 (docs/PERFORMANCE.md; 512-token blocks: 14.21).
+# Checkpoints load into either layer layout (`checkpoint.load_params`).
+_LARGE = dict(scan_layers=True, remat_policy="nothing_saveable", attention_block_size=64)
+
 # Named configurations for --load_llama_config. LLaMA-1 sizes and `debug` are EasyLM's (`debug`:
 # 2 layers with LLaMA's 32,000-token vocabulary, for smoke tests with a real LLaMA tokenizer);
 # `demo` is the trainer's default, sized to the demo tokenizer shipped in the package (4,096 pieces).
 LLAMA_PRESETS: dict[str, dict[str, Any]] = {
     "debug": _llama(128, 256, 2, 4),
     "demo": _llama(128, 352, 2, 4, kv=2, max_pos=1024, vocab_size=4096),
-    "1b": _llama(2048, 5504, 22, 16),
-    "3b": _llama(3200, 8640, 26, 32),
-    "7b": _llama(4096, 11008, 32, 32),
-    "13b": _llama(5120, 13824, 40, 40),
-    "30b": _llama(6656, 17920, 60, 52),
-    "65b": _llama(8192, 22016, 80, 64),
-    "llama2_7b": _llama(4096, 11008, 32, 32, max_pos=4096, eps=1e-5),
-    "llama2_13b": _llama(5120, 13824, 40, 40, max_pos=4096, eps=1e-5),
-    "llama2_70b": _llama(8192, 28672, 80, 64, kv=8, max_pos=4096, eps=1e-5),
+    "1b": _llama(2048, 5504, 22, 16, **_LARGE),
+    "3b": _llama(3200, 8640, 26, 32, **_LARGE),
+    "7b": _llama(4096, 11008, 32, 32, **_LARGE),
+    "13b": _llama(5120, 13824, 40, 40, **_LARGE),
+    "30b": _llama(6656, 17920, 60, 52, **_LARGE),
+    "65b": _llama(8192, 22016, 80, 64, **_LARGE),
+    "llama2_7b": _llama(4096, 11008, 32, 32, max_pos=4096, eps=1e-5, **_LARGE),
+    "llama2_13b": _llama(5120, 13824, 40, 40, max_pos=4096, eps=1e-5, **_LARGE),
+    "llama2_70b": _llama(8192, 28672, 80, 64, kv=8, max_pos=4096, eps=1e-5, **_LARGE),
 }
 
 

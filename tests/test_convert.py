@@ -470,3 +470,26 @@ def test_easylm_files_that_cannot_be_read_say_why(tmp_path):
     junk.write_bytes((ASSETS / "demo_tokenizer.model").read_bytes())
     with pytest.raises(checkpoint.CheckpointError, match="not an EasyLM streaming checkpoint"):
         checkpoint.load_params(str(junk), target, config)
+
+
+@pytest.mark.parametrize("stored_scan", [False, True])
+def test_params_load_into_the_other_layer_layout_sharded(stored_scan, tmp_path):
+    """params:: reads a checkpoint written with the other `scan_layers` layout (the large presets
+    scan by default, older checkpoints and imports may not), placed on the target's shardings."""
+    from easylm_align import sharding
+    stored_config, target_config = our_config(scan_layers=stored_scan), our_config(scan_layers=not stored_scan)
+    written = random_checkpoint(tmp_path / "ckpt", stored_config)
+    mesh = sharding.make_mesh("1,2,4")
+    abstract = jax.eval_shape(lambda r: model.init_params(model.build_model(target_config), r), jax.random.PRNGKey(0))
+    target = sharding.with_shardings(abstract, sharding.param_shardings(abstract, mesh))
+    loaded = checkpoint.load_params(str(tmp_path / "ckpt"), target)
+    relaid = (model.stack_layers if target_config.scan_layers else model.unstack_layers)(
+        written, target_config.num_hidden_layers)
+    assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(relaid)
+    for got, want, spec in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(relaid),
+                               jax.tree_util.tree_leaves(target)):
+        np.testing.assert_array_equal(np.asarray(got), want)
+        assert got.sharding == spec.sharding
+    x = np.arange(12, dtype=np.int32).reshape(1, 12) % VOCAB
+    np.testing.assert_allclose(forward_fn(target_config)(loaded, x), forward_fn(stored_config)(written, x),
+                               rtol=1e-5, atol=1e-5)

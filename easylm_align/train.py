@@ -28,6 +28,7 @@ from tqdm import tqdm
 from easylm_align import (attention, checkpoint, datasets, logger, memory, model, objectives, optimizer, sharding,
                           tokenizer)
 from easylm_align.config import FLAGS, define_flags_with_default, parse_flags_or_exit, parsed_config
+from easylm_align.evaluation import during_training
 
 DEFAULTS = define_flags_with_default(
     seed=42,
@@ -52,6 +53,7 @@ DEFAULTS = define_flags_with_default(
     objectives=objectives.default_config(),
     logger=logger.default_config(),
     jax_distributed=sharding.default_distributed_config(),
+    squad_eval=during_training.default_config(),
 )
 
 
@@ -97,6 +99,7 @@ class Trainer:
         else:
             self.train_data = self._dataset(cfg.train_dataset, "--train_dataset")
             self.eval_data = self._dataset(cfg.eval_dataset, "--eval_dataset") if cfg.eval_steps > 0 else None
+        self.squad_eval = during_training.SquadDuringTraining(cfg.squad_eval, self.model, self.tokenizer, self.mesh)
         self.tx, self.current_lr = optimizer.build(cfg.optimizer)
         self.output_dir = Path(cfg.logger.output_dir or f"outputs/{time.strftime('%Y%m%d-%H%M%S')}").absolute()
 
@@ -234,13 +237,15 @@ class Trainer:
                 check_finite()
                 unchecked.append((step, metrics["loss"]))
                 progress.update(1)
-                logging_step = step % cfg.log_freq == 0 or step == cfg.total_steps
+                logging_step = step % cfg.log_freq == 0 or step == cfg.total_steps or self.squad_eval.due(step)
                 if logging_step or ckpt.due(step):
                     check_finite()  # nothing non-finite is logged as progress or saved
                 if logging_step:
                     row = dict(metrics, **self._data_metrics())
                     if self.eval_data is not None:
                         row.update(self._evaluate(eval_step, params))
+                    if self.squad_eval.due(step):
+                        row.update(self.squad_eval(params))
                     row = metrics_log.log(step, row)
                     progress.set_postfix(loss=f"{row['loss']:.4f}")
                 if ckpt.due(step) or step == cfg.total_steps:

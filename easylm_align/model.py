@@ -109,12 +109,32 @@ def _merge(cfg: dict, updates: dict, source: str) -> None:
             near = difflib.get_close_matches(key, list(cfg), n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise ValueError(f"{source}: unknown LLaMA config field {key!r}{hint}")
-        if isinstance(cfg[key], bool) and not isinstance(value, bool):
-            raise ValueError(f"{source}: {key} must be true or false, got {value!r}")
-        cfg[key] = value if isinstance(cfg[key], bool) else type(cfg[key])(value)
+        cfg[key] = _typed(value, type(cfg[key]), f"{source}: {key}")
+
+
+def _typed(value: Any, kind: type, name: str) -> Any:
+    """`value` as the field's type; a value of another JSON type is an error, not a silent conversion."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    if kind is float and not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
 
 
 def _validate(cfg: dict) -> None:
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings"):
+        if cfg[key] < 1:
+            raise ValueError(f"{key}={cfg[key]} must be positive")
+    for key in ("rms_norm_eps", "rope_theta", "initializer_range"):
+        if cfg[key] <= 0:
+            raise ValueError(f"{key}={cfg[key]} must be positive")
+    for key in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
+        if not 0.0 <= cfg[key] < 1.0:
+            raise ValueError(f"{key}={cfg[key]} must be in [0, 1)")
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     if cfg["hidden_size"] % heads:
         raise ValueError(f"hidden_size={cfg['hidden_size']} is not divisible by num_attention_heads={heads}")

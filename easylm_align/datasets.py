@@ -56,6 +56,9 @@ class Source:
     def __init__(self, config: ConfigDict, flag: str):
         self.config = config
         self.flag = flag  # e.g. "--train_dataset.json_dataset", for error messages
+        for key in ("seq_length", "batch_size"):
+            if config[key] < 1:
+                raise DataError(f"{flag}.{key}={config[key]} must be positive")
 
     def records(self, start: int) -> Iterator[Record]:
         """One epoch of records, from record number `start`."""

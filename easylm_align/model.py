@@ -382,7 +382,13 @@ class LlamaForCausalLM(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 def build_model(config: ConfigDict, dtype: str = "fp32", param_dtype: str = "fp32") -> LlamaForCausalLM:
-    return LlamaForCausalLM(config, dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype])
+    return LlamaForCausalLM(config, dtype=get_dtype(dtype, "--dtype"), param_dtype=get_dtype(param_dtype, "--param_dtype"))
+
+
+def get_dtype(name: str, flag: str) -> Any:
+    if name not in DTYPES:
+        raise ValueError(f"{flag}={name!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def init_params(model: LlamaForCausalLM, rng: jax.Array) -> dict:

@@ -23,6 +23,10 @@ ON_BAD_LINE = ("error", "skip")
 # A byte that is not UTF-8, decoded with errors="surrogateescape".
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
 _DECODER = json.JSONDecoder()
+# A \u escape of a UTF-16 surrogate; JSON decodes a pair of them to one character, a lone one to a
+# surrogate code point, which is not text (UTF-8 cannot encode it, tokenizers fail on it).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class DataError(ValueError):
@@ -121,7 +125,18 @@ def parse_object(line: str) -> tuple[Optional[dict], str]:
         return None, "JSON nested too deeply"
     if not isinstance(value, dict):
         return None, f"expected a JSON object, got {_json_type(value)}"
-    return value, ""
+    return value, lone_surrogate(line, value)
+
+
+def lone_surrogate(text: str, value: Any) -> str:
+    """What is wrong if `value`, parsed from `text`, holds a string with a lone surrogate escape."""
+    if not _SURROGATE_ESCAPE.search(text):  # the walk below is needed only where such escapes occur
+        return ""
+    bad = _SURROGATE.search(json.dumps(value, ensure_ascii=False))
+    if not bad:
+        return ""
+    return (f"the escape \\u{ord(bad.group()):04x} is a lone UTF-16 surrogate, not a character; "
+            "expected text (surrogate escapes come in pairs)")
 
 
 def _json_type(value: Any) -> str:
@@ -171,9 +186,9 @@ def _list_element(text: str, path: str, start: int, end: int, value: Any, policy
     bad = _UNDECODABLE.search(text, start, end)
     if bad:
         return policy.reject(path, _line_of(text, bad.start()), _byte_problem(text, bad.start()))
-    if not isinstance(value, dict):
-        return policy.reject(path, _line_of(text, start), f"expected a list of JSON objects, got {_json_type(value)}")
-    return Row(path, _line_of(text, start), value)
+    problem = (f"expected a list of JSON objects, got {_json_type(value)}" if not isinstance(value, dict)
+               else lone_surrogate(text[start:end], value))
+    return policy.reject(path, _line_of(text, start), problem) if problem else Row(path, _line_of(text, start), value)
 
 
 def _skip_space(text: str, pos: int) -> int:

@@ -188,8 +188,9 @@ def _jsonl_rows(path: Path, fields: Mapping[str, tuple[type, ...]]) -> Iterator[
         for name, types in fields.items():
             value = row.value.get(name)
             if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                found = f"got {value!r}" if name in row.value else "it is missing"
                 raise DataError(f"{row.location}: expected field {name!r} of type "
-                                f"{' or '.join(t.__name__ for t in types)}, got {value!r}")
+                                f"{' or '.join(t.__name__ for t in types)}; {found}")
         yield row
 
 

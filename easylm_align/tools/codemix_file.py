@@ -29,20 +29,23 @@ from easylm_align import records
 from easylm_align.codemix import CodeMixer, MixStats
 from easylm_align.records import DataError
 
-_DICT = flags.DEFINE_string("dict", None, "MUSE dictionary: one 'source translation' per line.")
-_RATIO = flags.DEFINE_float("ratio", None, "codemix_ratio: chance of replacing a dictionary word.")
-_SEED = flags.DEFINE_integer("seed", 0, "With each example's index, fixes that example's mixing.")
-_INPUT = flags.DEFINE_string("input", None, "File to code-mix.")
-_OUTPUT = flags.DEFINE_string("output", None, "Where to write the code-mixed file.")
-_FIELD = flags.DEFINE_string("field", "text", "Comma-separated fields to mix in JSON records.")
-_FORMAT = flags.DEFINE_enum("format", "auto", ["auto", "text", "jsonl", "json"], "Input format.")
-_LOWERCASE_FALLBACK = flags.DEFINE_boolean(
-    "lowercase_fallback", False,
-    "Also look a word up in lowercase (codemix_lowercase_fallback); the reference does not.")
-_WHITESPACE_SPLIT = flags.DEFINE_boolean(
-    "whitespace_split", False,
-    "Split words on any whitespace run, kept exactly (codemix_whitespace_split); the "
-    "reference splits on ' ' only.")
+
+def _define_flags() -> None:
+    """The tool's flags, defined only when it runs, so that importing its functions defines none."""
+    flags.DEFINE_string("dict", None, "MUSE dictionary: one 'source translation' per line.")
+    flags.DEFINE_float("ratio", None, "codemix_ratio: chance of replacing a dictionary word.")
+    flags.DEFINE_integer("seed", 0, "With each example's index, fixes that example's mixing.")
+    flags.DEFINE_string("input", None, "File to code-mix.")
+    flags.DEFINE_string("output", None, "Where to write the code-mixed file.")
+    flags.DEFINE_string("field", "text", "Comma-separated fields to mix in JSON records.")
+    flags.DEFINE_enum("format", "auto", ["auto", "text", "jsonl", "json"], "Input format.")
+    flags.DEFINE_boolean(
+        "lowercase_fallback", False,
+        "Also look a word up in lowercase (codemix_lowercase_fallback); the reference does not.")
+    flags.DEFINE_boolean(
+        "whitespace_split", False,
+        "Split words on any whitespace run, kept exactly (codemix_whitespace_split); the "
+        "reference splits on ' ' only.")
 
 
 def _detect_format(path: str, head: str) -> str:
@@ -141,14 +144,14 @@ def codemix_file(
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    fields = [f.strip() for f in _FIELD.value.split(",") if f.strip()]
+    FLAGS = flags.FLAGS
+    fields = [f.strip() for f in FLAGS.field.split(",") if f.strip()]
     if not fields:
         raise app.UsageError("--field must name at least one field")
     try:
-        mixer = CodeMixer.from_file(_DICT.value, _RATIO.value, _SEED.value,
-                                    lowercase_fallback=_LOWERCASE_FALLBACK.value,
-                                    whitespace_split=_WHITESPACE_SPLIT.value)
-        stats = codemix_file(mixer, _INPUT.value, _OUTPUT.value, fields, _FORMAT.value)
+        mixer = CodeMixer.from_file(FLAGS.dict, FLAGS.ratio, FLAGS.seed, lowercase_fallback=FLAGS.lowercase_fallback,
+                                    whitespace_split=FLAGS.whitespace_split)
+        stats = codemix_file(mixer, FLAGS.input, FLAGS.output, fields, FLAGS.format)
     except ValueError as e:  # DataError (DictionaryError too) and a bad ratio
         sys.exit(f"codemix_file: error: {e}")
     in_dict_share = stats.words_in_dict / stats.words_seen if stats.words_seen else 0.0
@@ -159,5 +162,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     flags.mark_flags_as_required(["dict", "ratio", "input", "output"])
     app.run(main)

@@ -27,6 +27,7 @@ _DECODER = json.JSONDecoder()
 # surrogate code point, which is not text (UTF-8 cannot encode it, tokenizers fail on it).
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_SPACE = re.compile("[ \t\r\n]*")
 
 
 class DataError(ValueError):
@@ -158,10 +159,10 @@ def json_lines(path: str | Path, policy: BadLines, first: int = 0, keep_blank: b
 
 def json_list(text: str, path: str | Path, policy: BadLines) -> Iterator[Row]:
     """The objects of a JSON list held in `text` (the file `path`), each with the line it starts on."""
-    path = str(path)
+    path, line_of = str(path), _LineCounter(text)
     pos = _skip_space(text, 0)
     if not text.startswith("[", pos):
-        raise DataError(f"{path}:{_line_of(text, pos)}: expected a JSON list ('[')")
+        raise DataError(f"{path}:{line_of(pos)}: expected a JSON list ('[')")
     pos = _skip_space(text, pos + 1)
     while not text.startswith("]", pos):
         start = pos
@@ -170,8 +171,14 @@ def json_list(text: str, path: str | Path, policy: BadLines) -> Iterator[Row]:
         except json.JSONDecodeError as e:
             raise _list_error(text, path, start, e.pos, f"invalid JSON ({e.msg})") from None
         except RecursionError:
-            raise DataError(f"{path}:{_line_of(text, start)}: JSON nested too deeply") from None
-        yield _list_element(text, path, start, pos, value, policy)
+            raise DataError(f"{path}:{line_of(start)}: JSON nested too deeply") from None
+        bad = _UNDECODABLE.search(text, start, pos)
+        if bad:
+            yield policy.reject(path, line_of(bad.start()), _byte_problem(text, bad.start()))
+        else:
+            problem = (f"expected a list of JSON objects, got {_json_type(value)}" if not isinstance(value, dict)
+                       else lone_surrogate(text[start:pos], value))
+            yield policy.reject(path, line_of(start), problem) if problem else Row(path, line_of(start), value)
         pos = _skip_space(text, pos)
         if text.startswith(",", pos):
             pos = _skip_space(text, pos + 1)
@@ -179,22 +186,25 @@ def json_list(text: str, path: str | Path, policy: BadLines) -> Iterator[Row]:
             raise _list_error(text, path, pos, pos, "expected ',' or ']' after a list element")
     end = _skip_space(text, pos + 1)
     if end < len(text):
-        raise DataError(f"{path}:{_line_of(text, end)}: unexpected text after the JSON list; expected one list")
+        raise DataError(f"{path}:{line_of(end)}: unexpected text after the JSON list; expected one list")
 
 
-def _list_element(text: str, path: str, start: int, end: int, value: Any, policy: BadLines) -> Row:
-    bad = _UNDECODABLE.search(text, start, end)
-    if bad:
-        return policy.reject(path, _line_of(text, bad.start()), _byte_problem(text, bad.start()))
-    problem = (f"expected a list of JSON objects, got {_json_type(value)}" if not isinstance(value, dict)
-               else lone_surrogate(text[start:end], value))
-    return policy.reject(path, _line_of(text, start), problem) if problem else Row(path, _line_of(text, start), value)
+class _LineCounter:
+    """Line numbers of positions in `text`, counted on from the last position asked (elements come in order)."""
+
+    def __init__(self, text: str):
+        self.text, self.pos, self.line = text, 0, 1
+
+    def __call__(self, index: int) -> int:
+        if index < self.pos:
+            return _line_of(self.text, index)
+        self.line += self.text.count("\n", self.pos, index)
+        self.pos = index
+        return self.line
 
 
 def _skip_space(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in " \t\r\n":
-        pos += 1
-    return pos
+    return _SPACE.match(text, pos).end()
 
 
 def _list_error(text: str, path: str, start: int, error_pos: int, message: str) -> DataError:

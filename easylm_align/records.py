@@ -4,11 +4,12 @@ Each record comes with its file and line, and every problem is a `DataError` wor
 `file:line: what is wrong; what was expected`. Files must be UTF-8: they are decoded with
 `errors="surrogateescape"`, so a byte that is not UTF-8 becomes a code point that valid UTF-8 never
 decodes to, and is reported with its line and column instead of as a `UnicodeDecodeError`. A UTF-8
-byte-order mark at the start of a file is dropped. Lines end at `\\n`, `\\r\\n` or `\\r` only.
+byte-order mark at the start of a file is dropped. Lines end at `\\n`, `\\r\\n` or `\\r` (in a JSON list,
+where line ends are kept, lines are counted at `\\n`).
 
 A bad line (not UTF-8, not a JSON object, a wrong number of TSV fields, or a record its consumer
-rejects) is handled by one policy, `BadLines`: `error` stops at it; `skip` counts it and goes on, and
-the caller reports the count. A JSON list whose structure is broken is an error under either policy:
+rejects) is handled by one policy, `BadLines`: `error` stops at it; `skip` passes it on as a row
+marked `bad` and goes on, and the caller counts and reports those (training logs `data/skipped_lines`). A JSON list whose structure is broken is an error under either policy:
 after it nothing can be read reliably.
 """
 
@@ -47,7 +48,7 @@ class Row(NamedTuple):
 
 
 class BadLines:
-    """The bad-line policy: `error` raises DataError; `skip` counts the line in `skipped`.
+    """The bad-line policy: `error` raises DataError; `skip` lets the caller skip (and count) the line.
 
     `flag` (e.g. `--train_dataset.json_dataset`) names the flag group holding `on_bad_line`, so the
     error can say how to skip such lines.
@@ -56,14 +57,13 @@ class BadLines:
     def __init__(self, on_bad_line: str = "error", flag: str = ""):
         if on_bad_line not in ON_BAD_LINE:
             raise DataError(f"{flag}.on_bad_line={on_bad_line!r}: use 'error' or 'skip'")
-        self.skip, self.flag, self.skipped = on_bad_line == "skip", flag, 0
+        self.skip, self.flag = on_bad_line == "skip", flag
 
     def check(self, location: str, problem: str) -> None:
-        """Counts a bad line under `skip`; raises DataError naming `location` (file:line) under `error`."""
+        """Under `error`, raises DataError naming `location` (file:line), `problem` and how to skip."""
         if not self.skip:
             hint = f"; pass {self.flag}.on_bad_line=skip to skip such lines" if self.flag else ""
             raise DataError(f"{location}: {problem}{hint}")
-        self.skipped += 1
 
     def reject(self, path: str, line: int, problem: str) -> Row:
         """The skipped row for a bad line, or DataError under the `error` policy."""

@@ -129,7 +129,7 @@ def _validate(cfg: dict) -> None:
                 "num_key_value_heads", "max_position_embeddings"):
         if cfg[key] < 1:
             raise ValueError(f"{key}={cfg[key]} must be positive")
-    for key in ("rms_norm_eps", "rope_theta", "initializer_range"):
+    for key in ("rms_norm_eps", "rope_theta"):
         if cfg[key] <= 0:
             raise ValueError(f"{key}={cfg[key]} must be positive")
     for key in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):

@@ -39,7 +39,7 @@ import collections
 import json
 import random
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from easylm_align.records import BadLines, DataError, json_records, tsv_rows

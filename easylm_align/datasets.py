@@ -10,10 +10,8 @@ uninterrupted one would. Processing can run in `num_workers` processes; order is
 
 from __future__ import annotations
 
-import glob
 import multiprocessing
 from collections import Counter
-from pathlib import Path
 from typing import ClassVar, Iterator, NamedTuple, Optional
 
 import numpy as np
@@ -83,9 +81,8 @@ class JsonSource(Source):
     def __init__(self, config: ConfigDict, flag: str):
         super().__init__(config, flag)
         self.bad_lines = records.BadLines(config.on_bad_line, flag)
-        self.files = sorted(glob.glob(config.path)) if any(c in config.path for c in "*?[") else [config.path]
-        self.files = [f for f in self.files if Path(f).is_file()]
-        if not config.path or not self.files:
+        self.files = records.matching_files(config.path)
+        if not self.files:
             raise DataError(f"{flag}.path={config.path!r} matches no file")
 
     def records(self, start: int) -> Iterator[Record]:
@@ -119,7 +116,7 @@ class HuggingfaceSource(Source):
         if not config.path:
             raise DataError(f"{flag}.path is empty")
         data_files = config.data_files or None
-        if data_files and not glob.glob(data_files):
+        if data_files and not records.matching_files(data_files):
             raise DataError(f"{flag}.data_files={data_files!r} matches no file")
         try:
             self.dataset = hf_datasets.load_dataset(config.path, config.name or None, split=config.split,

@@ -93,13 +93,16 @@ def get_llama_config(name: str, update_json: str = "", overrides: Optional[dict]
     if update_json:
         try:
             updates = json.loads(update_json)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--update_llama_config is not valid JSON ({e}): {update_json!r}") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"--update_llama_config is not valid JSON ({e}): {update_json[:200]!r}") from None
         if not isinstance(updates, dict):
             raise ValueError(f"--update_llama_config must be a JSON object, got {update_json!r}")
         _merge(cfg, updates, "--update_llama_config")
     _merge(cfg, {k: v for k, v in (overrides or {}).items() if v is not None}, "--llama")
-    _validate(cfg)
+    try:
+        _validate(cfg)
+    except ValueError as e:  # name the flags that made the config
+        raise ValueError(f"--load_llama_config={name!r} with --update_llama_config / --llama.*: {e}") from None
     return ConfigDict(cfg)
 
 

@@ -15,7 +15,9 @@ after it nothing can be read reliably.
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Collection, Iterator, NamedTuple, Optional
@@ -85,6 +87,23 @@ def _byte_problem(text: str, index: int) -> str:
 
 def _line_of(text: str, index: int) -> int:
     return text.count("\n", 0, index) + 1
+
+
+# Linux's limits on a file name and a path; a pattern beyond them names no file.
+_NAME_MAX, _PATH_MAX = 255, 4096
+
+
+def matching_files(pattern: str) -> list[str]:
+    """The files a path or glob pattern (one with `*?[`) names, sorted.
+
+    A pattern no file could match (a name or path over the file system's limits) is not globbed:
+    Python's glob takes time quadratic in the length of a run of `[`, so a junk flag value could hang.
+    """
+    encoded = os.fsencode(pattern)
+    if not pattern or len(encoded) > _PATH_MAX or any(len(name) > _NAME_MAX for name in encoded.split(b"/")):
+        return []
+    files = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+    return [f for f in files if Path(f).is_file()]
 
 
 def _check_file(path: str | Path) -> str:

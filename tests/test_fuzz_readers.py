@@ -25,7 +25,7 @@ from easylm_align.evaluation import icl_tasks, squad
 from easylm_align.tokenizer import DEMO_TOKENIZER, Tokenizer
 from easylm_align.tools import codemix_file, generate_afp_data
 
-FUZZ = settings(max_examples=30, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 OWN_ERRORS = (records.DataError, squad.SquadFormatError)
 _names = itertools.count()
@@ -331,7 +331,8 @@ def test_codemix_file(tmp_dir, dictionary, kind, as_list, as_lines):
 # Flag values
 # ---------------------------------------------------------------------------------------------
 
-junk = st.text(max_size=30) | st.sampled_from(["abc", "1e999", "-5", "0", "nan", "[1]", "{}", "1,2", ",,", " 8 "])
+junk = st.text(max_size=30) | st.sampled_from(["abc", "1e999", "-5", "0", "nan", "[1]", "{}", "1,2", ",,", " 8 ",
+                                               "[" * 5_000])
 
 
 @FUZZ
@@ -354,7 +355,7 @@ def test_update_llama_config(value):
     try:
         model.get_llama_config("demo", value)
     except ValueError as e:
-        assert "update_llama_config" in str(e) or re.match(r"\w+=", str(e)), str(e)
+        assert "--update_llama_config" in str(e), str(e)
 
 
 @FUZZ

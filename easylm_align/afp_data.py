@@ -35,7 +35,7 @@ from typing import Iterator, NamedTuple, Optional
 import numpy as np
 from ml_collections import ConfigDict
 
-from easylm_align import text_processors
+from easylm_align import records, text_processors
 from easylm_align.codemix import MixStats
 from easylm_align.datasets import (DEMO_CORPUS, DataError, DatasetIterator, JsonSource, Record,
                                    register_source)
@@ -161,8 +161,13 @@ class PairSource(JsonSource):
     def is_json(self, path: str) -> bool:
         raise NotImplementedError
 
-    def parse_text_line(self, line: str, location: str) -> Record:
+    def text_record(self, fields: list[str]) -> dict:
+        """The example of one non-blank line of a non-JSON file, split at tabs."""
         raise NotImplementedError
+
+    # A line of a non-JSON file must have one of these numbers of tab-separated fields (None: any).
+    num_fields: Optional[tuple[int, ...]] = None
+    field_names = ""
 
     def records(self, start: int) -> Iterator[Record]:
         if self.is_json(self.files[0]):
@@ -170,13 +175,11 @@ class PairSource(JsonSource):
             return
         number = 0
         for path in self.files:
-            with open(path, encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
-                    if number >= start:
-                        line = line.rstrip("\r\n")
-                        location = f"{path}:{line_no}"
-                        yield self.parse_text_line(line, location) if line.strip() else Record(None, location)
-                    number += 1
+            for row in records.tsv_rows(path, self.bad_lines, self.num_fields, self.field_names, keep_blank=True):
+                if number >= start:
+                    example = None if row.value is None else self.text_record(row.value)
+                    yield Record(example, row.location, row.bad)
+                number += 1
 
     def processor(self, text_config: ConfigDict, tokenizer: Tokenizer) -> PairProcessor:
         raise NotImplementedError
@@ -261,16 +264,13 @@ class AfpSource(PairSource):
     def is_json(self, path: str) -> bool:
         return not path.endswith(".tsv")
 
-    def parse_text_line(self, line: str, location: str) -> Record:
-        fields = line.split("\t")
-        if len(fields) not in (2, 3):
-            if self.config.on_bad_line == "skip":
-                return Record(None, location, bad=True)
-            raise DataError(f"{location}: expected 2 or 3 tab-separated fields (sent0, sent1[, hard_neg]), "
-                            f"got {len(fields)}")
+    num_fields = (2, 3)
+    field_names = "sent0, sent1[, hard_neg]"
+
+    def text_record(self, fields: list[str]) -> dict:
         example = dict(zip(("sent0", "sent1", HARD_NEGATIVE), fields))
         prompt = f"{fields[0]} = "
-        return Record(dict(example, clm_text=prompt + fields[1], clm_prompt_len=len(prompt)), location)
+        return dict(example, clm_text=prompt + fields[1], clm_prompt_len=len(prompt))
 
     def processor(self, text_config: ConfigDict, tokenizer: Tokenizer) -> PairProcessor:
         return AfpProcessor(text_config, tokenizer, self.config.pair_length, self.num_sentences)
@@ -291,8 +291,8 @@ class CodemixPairsSource(PairSource):
     def is_json(self, path: str) -> bool:
         return Path(path).suffix in (".json", ".jsonl")
 
-    def parse_text_line(self, line: str, location: str) -> Record:
-        return Record({self.config.text_field: line}, location)
+    def text_record(self, fields: list[str]) -> dict:
+        return {self.config.text_field: "\t".join(fields)}
 
     def processor(self, text_config: ConfigDict, tokenizer: Tokenizer) -> PairProcessor:
         return CodemixPairProcessor(text_config, tokenizer, self.config.pair_length, self.config.text_field)

@@ -47,6 +47,9 @@ from collections.abc import Mapping, Sequence
 from itertools import compress
 from typing import NamedTuple
 
+from easylm_align import records
+from easylm_align.records import DataError
+
 __all__ = [
     "CodeMixer",
     "DictionaryError",
@@ -55,7 +58,7 @@ __all__ = [
 ]
 
 
-class DictionaryError(ValueError):
+class DictionaryError(DataError):
     """A bilingual dictionary file is missing, unreadable, malformed or empty."""
 
 
@@ -70,31 +73,27 @@ def load_muse_dictionary(path: str | os.PathLike) -> dict[str, tuple[str, ...]]:
     as the reference's loader does, so it is twice as likely to be chosen. Blank lines and
     lines starting with ``#`` are skipped (the MUSE files contain a few pairs such as
     ``#aaa #aaa``; a leading ``#`` is a skip character, so those could never match anyway).
-    The result is cached per file and shared: treat it as read-only.
+    Any other line (one word, three, a byte that is not UTF-8) is an error naming the file and
+    line: a dictionary with such lines is most likely not a MUSE dictionary at all, so nothing is
+    skipped. The result is cached per file and shared: treat it as read-only.
     """
-    try:
-        resolved = os.path.realpath(path)
-        stat = os.stat(resolved)
-        key = (resolved, stat.st_mtime_ns, stat.st_size)
-        if key in _DICTIONARY_CACHE:
-            return _DICTIONARY_CACHE[key]
-        with open(resolved, encoding="utf-8-sig") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise DictionaryError(f"{path}: dictionary file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DictionaryError(f"{path}: cannot read dictionary: {e}") from None
-
+    resolved = os.path.realpath(path)
+    if not os.path.isfile(resolved):
+        raise DictionaryError(f"{path}: dictionary file not found")
+    stat = os.stat(resolved)
+    key = (resolved, stat.st_mtime_ns, stat.st_size)
+    if key in _DICTIONARY_CACHE:
+        return _DICTIONARY_CACHE[key]
     pairs: dict[str, list[str]] = {}
-    for lineno, line in enumerate(lines, start=1):
+    for lineno, line in records.lines(resolved):
         columns = line.split()
         if not columns or columns[0].startswith("#"):
             continue
-        if len(columns) != 2:
-            raise DictionaryError(
-                f"{path}:{lineno}: expected two columns 'source translation' separated by a "
-                f"space or a tab, got {len(columns)}: {line.strip()!r}"
-            )
+        problem = records.not_utf8(line) or (
+            "" if len(columns) == 2 else f"expected two columns 'source translation' separated by a space "
+                                         f"or a tab, got {len(columns)}: {line.strip()[:80]!r}")
+        if problem:
+            raise DictionaryError(f"{path}:{lineno}: {problem}")
         source, target = columns
         pairs.setdefault(source, []).append(target)
     if not pairs:

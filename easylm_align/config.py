@@ -16,6 +16,8 @@ from absl import flags
 from ml_collections import ConfigDict, config_flags
 
 FLAGS = flags.FLAGS
+# What parsing a malformed flag value raises (absl's own errors, ml_collections' for dotted flags).
+FLAG_VALUE_ERRORS = (flags.Error, ValueError, KeyError, TypeError, AttributeError)
 _DEFINED: dict[str, Any] = {}
 
 
@@ -91,7 +93,7 @@ def parse_flags_or_exit(argv: Sequence[str]) -> list[str]:
     _exit_on_unknown(argv, known_flag_names())
     try:
         return FLAGS(argv)
-    except (flags.Error, ValueError, KeyError, TypeError, AttributeError) as e:  # malformed values
+    except FLAG_VALUE_ERRORS as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
 

@@ -10,30 +10,20 @@ uninterrupted one would. Processing can run in `num_workers` processes; order is
 
 from __future__ import annotations
 
-import glob
-import json
 import multiprocessing
-import re
 from collections import Counter
-from pathlib import Path
 from typing import ClassVar, Iterator, NamedTuple, Optional
 
 import numpy as np
 from ml_collections import ConfigDict
 
-from easylm_align import text_processors
+from easylm_align import records, text_processors
 from easylm_align.packing import Packer
+from easylm_align.records import DataError
 from easylm_align.tokenizer import ASSETS, Tokenizer
 
 DEMO_CORPUS = ASSETS / "demo_corpus.jsonl"
 SOURCES: dict[str, type["Source"]] = {}
-# JSON files are read with errors="surrogateescape": a byte that is not UTF-8 becomes one of these
-# code points (valid UTF-8 never decodes to them), so it can be reported with its line and column.
-_UNDECODABLE = re.compile("[\udc80-\udcff]")
-
-
-class DataError(ValueError):
-    pass
 
 
 class Record(NamedTuple):
@@ -64,15 +54,24 @@ class Source:
     def __init__(self, config: ConfigDict, flag: str):
         self.config = config
         self.flag = flag  # e.g. "--train_dataset.json_dataset", for error messages
+        for key in ("seq_length", "batch_size"):
+            if config[key] < 1:
+                raise DataError(f"{flag}.{key}={config[key]} must be positive")
 
     def records(self, start: int) -> Iterator[Record]:
         """One epoch of records, from record number `start`."""
         raise NotImplementedError
 
+    def reject(self, record: Record, problem: str) -> Record:
+        """A record its processor rejected: the skipped record under a skip policy, else DataError."""
+        raise DataError(f"{record.location}: {problem}")
+
 
 @register_source("json")
 class JsonSource(Source):
-    """Local JSON-lines files (one example per line) or JSON files holding a list (Alpaca's)."""
+    """Local JSON-lines files (one example per line) or JSON files holding a list (Alpaca's), read by
+    `records` under the `on_bad_line` policy; every line of a JSON-lines file and every list element
+    is one record."""
     config_key = "json_dataset"
 
     @staticmethod
@@ -81,78 +80,22 @@ class JsonSource(Source):
 
     def __init__(self, config: ConfigDict, flag: str):
         super().__init__(config, flag)
-        if config.on_bad_line not in ("error", "skip"):
-            raise DataError(f"{flag}.on_bad_line={config.on_bad_line!r}: use 'error' or 'skip'")
-        self.files = sorted(glob.glob(config.path)) if any(c in config.path for c in "*?[") else [config.path]
-        self.files = [f for f in self.files if Path(f).is_file()]
-        if not config.path or not self.files:
+        self.bad_lines = records.BadLines(config.on_bad_line, flag)
+        self.files = records.matching_files(config.path)
+        if not self.files:
             raise DataError(f"{flag}.path={config.path!r} matches no file")
 
     def records(self, start: int) -> Iterator[Record]:
         number = 0
         for path in self.files:
-            with open(path, encoding="utf-8", errors="surrogateescape") as f:
-                head = f.read(4096).lstrip()
-                f.seek(0)
-                if head.startswith("["):
-                    examples = self._load_list(f, path)
-                    if number + len(examples) <= start:
-                        number += len(examples)
-                        continue
-                    for i, example in enumerate(examples):
-                        if number >= start:
-                            yield Record(example, f"{path}[{i}]")
-                        number += 1
-                    continue
-                for line_no, line in enumerate(f, 1):
-                    if number >= start:
-                        yield self._parse_line(line, path, line_no)
-                    number += 1
+            for row in records.json_records(path, self.bad_lines, first=max(start - number, 0), keep_blank=True):
+                if number >= start:
+                    yield Record(row.value, row.location, row.bad)
+                number += 1
 
-    def _load_list(self, f, path: str) -> list:
-        text = f.read()
-        bad = _UNDECODABLE.search(text)
-        if bad:
-            line = text.count("\n", 0, bad.start()) + 1
-            raise DataError(f"{path}:{line}: {_not_utf8(text, bad.start())}")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        if not all(isinstance(x, dict) for x in data):
-            raise DataError(f"{path}: expected a JSON list of objects")
-        return data
-
-    def _parse_line(self, line: str, path: str, line_no: int) -> Record:
-        location = f"{path}:{line_no}"
-        if not line.strip():
-            return Record(None, location)
-        example, problem = _json_object(line)
-        if problem:
-            if self.config.on_bad_line == "skip":
-                return Record(None, location, bad=True)
-            raise DataError(f"{location}: {problem}; pass {self.flag}.on_bad_line=skip to skip such lines")
-        return Record(example, location)
-
-
-def _json_object(line: str) -> tuple[Optional[dict], str]:
-    """The JSON object on one line, or what is wrong with the line."""
-    bad = _UNDECODABLE.search(line)
-    if bad:
-        return None, _not_utf8(line, bad.start())
-    try:
-        example = json.loads(line)
-    except json.JSONDecodeError as e:
-        return None, f"invalid JSON line ({e.msg})"
-    if not isinstance(example, dict):
-        return None, "invalid JSON line (not a JSON object)"
-    return example, ""
-
-
-def _not_utf8(text: str, index: int) -> str:
-    """Names the byte that `text[index]` (a surrogate escape) stands for and its column in its line."""
-    column = index - text.rfind("\n", 0, index)
-    return f"byte 0x{ord(text[index]) - 0xDC00:02x} at column {column} is not UTF-8 (JSON files must be UTF-8)"
+    def reject(self, record: Record, problem: str) -> Record:
+        self.bad_lines.check(record.location, problem)
+        return Record(None, record.location, bad=True)
 
 
 @register_source("huggingface")
@@ -173,7 +116,7 @@ class HuggingfaceSource(Source):
         if not config.path:
             raise DataError(f"{flag}.path is empty")
         data_files = config.data_files or None
-        if data_files and not glob.glob(data_files):
+        if data_files and not records.matching_files(data_files):
             raise DataError(f"{flag}.data_files={data_files!r} matches no file")
         try:
             self.dataset = hf_datasets.load_dataset(config.path, config.name or None, split=config.split,
@@ -311,7 +254,7 @@ class DatasetIterator:
             start, added = self.next_record, 0
             for number, record, result in self._processed(start):
                 if isinstance(result, Exception):
-                    raise DataError(f"{record.location}: {result}")
+                    record = self.source.reject(record, str(result))
                 self.next_record = number + 1
                 if record.example is None:
                     self.stats["skipped_lines"] += record.bad

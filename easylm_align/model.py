@@ -99,13 +99,16 @@ def get_llama_config(name: str, update_json: str = "", overrides: Optional[dict]
     if update_json:
         try:
             updates = json.loads(update_json)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--update_llama_config is not valid JSON ({e}): {update_json!r}") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"--update_llama_config is not valid JSON ({e}): {update_json[:200]!r}") from None
         if not isinstance(updates, dict):
             raise ValueError(f"--update_llama_config must be a JSON object, got {update_json!r}")
         _merge(cfg, updates, "--update_llama_config")
     _merge(cfg, {k: v for k, v in (overrides or {}).items() if v is not None}, "--llama")
-    _validate(cfg)
+    try:
+        _validate(cfg)
+    except ValueError as e:  # name the flags that made the config
+        raise ValueError(f"--load_llama_config={name!r} with --update_llama_config / --llama.*: {e}") from None
     return ConfigDict(cfg)
 
 
@@ -115,12 +118,32 @@ def _merge(cfg: dict, updates: dict, source: str) -> None:
             near = difflib.get_close_matches(key, list(cfg), n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise ValueError(f"{source}: unknown LLaMA config field {key!r}{hint}")
-        if isinstance(cfg[key], bool) and not isinstance(value, bool):
-            raise ValueError(f"{source}: {key} must be true or false, got {value!r}")
-        cfg[key] = value if isinstance(cfg[key], bool) else type(cfg[key])(value)
+        cfg[key] = _typed(value, type(cfg[key]), f"{source}: {key}")
+
+
+def _typed(value: Any, kind: type, name: str) -> Any:
+    """`value` as the field's type; a value of another JSON type is an error, not a silent conversion."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    if kind is float and not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
 
 
 def _validate(cfg: dict) -> None:
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings"):
+        if cfg[key] < 1:
+            raise ValueError(f"{key}={cfg[key]} must be positive")
+    for key in ("rms_norm_eps", "rope_theta"):
+        if cfg[key] <= 0:
+            raise ValueError(f"{key}={cfg[key]} must be positive")
+    for key in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
+        if not 0.0 <= cfg[key] < 1.0:
+            raise ValueError(f"{key}={cfg[key]} must be in [0, 1)")
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     if cfg["hidden_size"] % heads:
         raise ValueError(f"hidden_size={cfg['hidden_size']} is not divisible by num_attention_heads={heads}")
@@ -368,7 +391,13 @@ class LlamaForCausalLM(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 def build_model(config: ConfigDict, dtype: str = "fp32", param_dtype: str = "fp32") -> LlamaForCausalLM:
-    return LlamaForCausalLM(config, dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype])
+    return LlamaForCausalLM(config, dtype=get_dtype(dtype, "--dtype"), param_dtype=get_dtype(param_dtype, "--param_dtype"))
+
+
+def get_dtype(name: str, flag: str) -> Any:
+    if name not in DTYPES:
+        raise ValueError(f"{flag}={name!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def init_params(model: LlamaForCausalLM, rng: jax.Array) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 from typing import Any, Iterator, Optional, Sequence
 
@@ -59,13 +60,13 @@ def parse_mesh_dim(mesh_dim: str, num_devices: int) -> tuple[int, int, int]:
     if len(dims) != 3 or dims.count(-1) > 1 or any(d == 0 or d < -1 for d in dims):
         raise ShardingError(f"--mesh_dim={mesh_dim!r}: expected three positive integers 'dp,fsdp,mp' "
                             "with at most one -1")
-    known = int(np.prod([d for d in dims if d != -1]))
+    known = math.prod(d for d in dims if d != -1)
     if -1 in dims:
         if num_devices % known:
             raise ShardingError(f"--mesh_dim={mesh_dim!r}: {num_devices} devices are not divisible by {known}")
         dims[dims.index(-1)] = num_devices // known
-    if int(np.prod(dims)) != num_devices:
-        raise ShardingError(f"--mesh_dim={mesh_dim!r} has {int(np.prod(dims))} slots but there are "
+    if math.prod(dims) != num_devices:
+        raise ShardingError(f"--mesh_dim={mesh_dim!r} has {math.prod(dims)} slots but there are "
                             f"{num_devices} devices; make the product match or use -1 for one axis")
     return tuple(dims)
 

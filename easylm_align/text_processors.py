@@ -152,11 +152,21 @@ class TextProcessor:
         return self.mixer.mix_fields(texts, index)
 
 
-def get_field(example: dict, name: str) -> str:
-    if name not in example:
+def get_field(example: dict, name: str, required: bool = True) -> str:
+    """A text field: a string, or null for an empty one; a number, list or object is an error."""
+    if name not in example and required:
         raise ProcessorError(f"example has no field {name!r} (it has {sorted(example)})")
-    value = example[name]
-    return "" if value is None else str(value)
+    value = example.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ProcessorError(f"field {name!r} must be a string, got {type(value).__name__} {_preview(value)}")
+    return value
+
+
+def _preview(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @register("fields")
@@ -225,7 +235,7 @@ class AlpacaProcessor(TextProcessor):
         """The formatted prompt and the output, code-mixed as configured."""
         # Missing keys are errors; an empty output is not (Alpaca has 28: only EOS is trained).
         instruction, inp, output = (get_field(example, "instruction"),
-                                    str(example.get("input") or ""), get_field(example, "output"))
+                                    get_field(example, "input", required=False), get_field(example, "output"))
         if self.config.block_codemix_in_template:
             (instruction, inp, output), stats = self.mix([instruction, inp, output], index)
             prompt = self.format_prompt(instruction, inp)

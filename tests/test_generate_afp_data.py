@@ -184,7 +184,7 @@ def test_mismatched_ids_name_file_and_line(tmp_path):
     _write_bx(tmp_path, "en", en)
     _write_bx(tmp_path, "zh", zh)
     line = next(i for i, t in enumerate((tmp_path / "zh.json").read_text().splitlines(), 1) if "alpaca-99999" in t)
-    with pytest.raises(gen.AfpDataError, match=rf"zh\.json:{line - 3}: id 'alpaca-99999' does not occur in .*en\.json"):
+    with pytest.raises(gen.DataError, match=rf"zh\.json:{line - 3}: id 'alpaca-99999' does not occur in .*en\.json"):
         gen.generate("bilingual", ["en", "zh"], bactrian_dir=tmp_path)
 
 
@@ -193,7 +193,7 @@ def test_missing_id_in_other_language_names_pivot_line(tmp_path):
     _write_bx(tmp_path, "en", en)
     _write_bx(tmp_path, "zh", zh)
     line = next(i for i, t in enumerate((tmp_path / "en.json").read_text().splitlines(), 1) if "alpaca-00004" in t)
-    with pytest.raises(gen.AfpDataError, match=rf"en\.json:{line - 3}: id 'alpaca-00004' does not occur in .*zh\.json"):
+    with pytest.raises(gen.DataError, match=rf"en\.json:{line - 3}: id 'alpaca-00004' does not occur in .*zh\.json"):
         gen.generate("bilingual", ["en", "zh"], bactrian_dir=tmp_path)
 
 
@@ -202,24 +202,24 @@ def test_duplicate_id_and_bad_json(tmp_path):
     en[2]["id"] = en[0]["id"]
     _write_bx(tmp_path, "en", en)
     _write_bx(tmp_path, "zh", _records("zh", 3))
-    with pytest.raises(gen.AfpDataError, match=r"en\.json:\d+: duplicate id 'alpaca-00000' \(first at line 2\)"):
+    with pytest.raises(gen.DataError, match=r"en\.json:\d+: duplicate id 'alpaca-00000' \(first at line 2\)"):
         gen.generate("bilingual", ["en", "zh"], bactrian_dir=tmp_path)
     good = '{"id": "a", "instruction": "x",\n   "input": "", "output": "y"\n  }'
     (tmp_path / "en.json").write_text(f"[\n  {good},\n  {{oops}}\n]")
-    with pytest.raises(gen.AfpDataError, match=r"en\.json:5: invalid JSON"):
+    with pytest.raises(gen.DataError, match=r"en\.json:5: invalid JSON"):
         gen.read_instruction_file(tmp_path / "en.json")
     (tmp_path / "en.json").write_text('[\n  {"id": "a", "instruction": "x", "input": null}\n]')
-    with pytest.raises(gen.AfpDataError, match=r"en\.json:2: record lacks a string field 'output'"):
+    with pytest.raises(gen.DataError, match=r"en\.json:2: record lacks a string field 'output'"):
         gen.read_instruction_file(tmp_path / "en.json")
 
 
 def test_tsv_line_without_tab(tmp_path):
     path = tmp_path / "pairs.tsv"
     path.write_text("Hello.\t你好。\nGood night.\t晚安。\nno tab here\n", encoding="utf-8")
-    with pytest.raises(gen.AfpDataError, match=r"pairs\.tsv:3: no tab"):
+    with pytest.raises(gen.DataError, match=r"pairs\.tsv:3: no tab"):
         gen.generate("translation", ["en", "zh"], translation_file=path)
     path.write_text("a\tb\tc\n", encoding="utf-8")
-    with pytest.raises(gen.AfpDataError, match=r"pairs\.tsv:1: expected 2 tab-separated fields, got 3"):
+    with pytest.raises(gen.DataError, match=r"pairs\.tsv:1: expected 2 tab-separated fields, got 3"):
         gen.read_translation_file(path, "en", "zh")
 
 

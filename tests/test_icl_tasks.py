@@ -177,8 +177,8 @@ def test_errors(tmp_path, pawsx):
     d = tmp_path / "pawsx" / "x-final" / "en"
     d.mkdir(parents=True)
     (d / "dev_2k.tsv").write_text("id\tsentence1\tsentence2\tlabel\n1\ta\tb\t1\n2\ta\tb\n")
-    with pytest.raises(icl.TaskDataError, match=r"dev_2k\.tsv:3: expected 4 tab-separated fields, got 3"):
+    with pytest.raises(icl.DataError, match=r"dev_2k\.tsv:3: expected 4 tab-separated fields, got 3"):
         icl.load_task("pawsx", "en", "dev", tmp_path)
     (d / "test_2k.tsv").write_text("id\tsentence1\tsentence2\tlabel\n1\ta\tb\tyes\n")
-    with pytest.raises(icl.TaskDataError, match=r"test_2k\.tsv:2: label must be 0 or 1"):
+    with pytest.raises(icl.DataError, match=r"test_2k\.tsv:2: label must be 0 or 1"):
         icl.load_task("pawsx", "en", "test", tmp_path)

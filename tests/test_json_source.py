@@ -31,7 +31,7 @@ def test_json_lines_name_the_line_and_column_of_the_bad_byte(tmp_path, tok):
     path.write_bytes(b"\n".join([GOOD, GOOD, bad, GOOD]) + b"\n")
     with pytest.raises(datasets.DataError) as info:
         take(iterator(path, tok), 8)  # far enough to reach line 3
-    assert str(info.value) == (f"{path}:3: byte 0xff at column 14 is not UTF-8 (JSON files must be UTF-8); "
+    assert str(info.value) == (f"{path}:3: byte 0xff at column 14 is not UTF-8 (the file must be UTF-8); "
                                "pass --train_dataset.json_dataset.on_bad_line=skip to skip such lines")
     # Like any bad line, it can be skipped; the good lines around it are read unchanged.
     it = iterator(path, tok, on_bad_line="skip")
@@ -42,10 +42,10 @@ def test_json_lines_name_the_line_and_column_of_the_bad_byte(tmp_path, tok):
 
 def test_json_list_names_the_line_and_column_of_the_bad_byte(tmp_path, tok):
     path = tmp_path / "d.json"
-    records = [{"instruction": "a", "input": "", "output": "b"}] * 3
+    records = [{"text": "a"}] * 3
     text = json.dumps(records, indent=2).encode()
     lines = text.split(b"\n")
-    n = [i for i, line in enumerate(lines) if b"instruction" in line][1]  # the second record's
+    n = [i for i, line in enumerate(lines) if b'"text"' in line][1]  # the second record's
     lines[n] = lines[n].replace(b'"a"', b'"\xe9"')  # Latin-1 é: a lead byte without its continuation
     path.write_bytes(b"\n".join(lines))
     column = lines[n].index(b"\xe9") + 1

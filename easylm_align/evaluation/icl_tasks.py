@@ -26,8 +26,9 @@ import json
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+
+from easylm_align.records import BadLines, DataError, Row, json_lines, tsv_rows
 
 
 @dataclass(frozen=True)
@@ -67,13 +68,6 @@ class Result:
     request: Request
     logprobs: tuple[float, ...]
     lengths: tuple[int, ...]  # characters by default; token counts work as well
-
-
-class TaskDataError(ValueError):
-    """Malformed task data; the message names the file and line."""
-
-    def __init__(self, path: Path | str, line: int, message: str):
-        super().__init__(f"{path}:{line}: {message}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,7 +140,7 @@ class PawsXTask(ICLTask):
         examples = []
         for lineno, (rid, s1, s2, label) in rows:
             if label not in ("0", "1"):
-                raise TaskDataError(path, lineno, f"label must be 0 or 1, got {label!r}")
+                raise DataError(f"{path}:{lineno}: label must be 0 or 1, got {label!r}")
             examples.append(Example(rid, {"sentence1": s1, "sentence2": s2}, 0 if label == "1" else 1))
         return examples
 
@@ -184,19 +178,20 @@ def _xnli_label(value: object, path: Path, lineno: int) -> int:
     try:
         return _XNLI_LABEL_IDS[str(value).strip().lower()]
     except KeyError:
-        raise TaskDataError(path, lineno, f"unknown XNLI label {value!r}") from None
+        raise DataError(f"{path}:{lineno}: unknown XNLI label {value!r}; expected one of "
+                        f"{', '.join(XNLI_LABELS)} or 0/1/2") from None
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed row) for each non-blank line of a JSON-lines file."""
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskDataError(path, lineno, f"invalid JSON: {e.msg}") from None
+def _jsonl_rows(path: Path, fields: Mapping[str, tuple[type, ...]]) -> Iterator[Row]:
+    """The rows of a JSON-lines file; each must hold `fields` with values of the given types."""
+    for row in json_lines(path, BadLines()):
+        for name, types in fields.items():
+            value = row.value.get(name)
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                found = f"got {value!r}" if name in row.value else "it is missing"
+                raise DataError(f"{row.location}: expected field {name!r} of type "
+                                f"{' or '.join(t.__name__ for t in types)}; {found}")
+        yield row
 
 
 def load_xnli_file(path: Path | str, lang: str | None = None) -> list[Example]:
@@ -214,12 +209,11 @@ def load_xnli_file(path: Path | str, lang: str | None = None) -> list[Example]:
         raise FileNotFoundError(f"XNLI file not found: {path}")
     examples = []
     if path.suffix == ".jsonl":
-        for lineno, row in _jsonl_rows(path):
-            if not all(isinstance(row.get(k), str) for k in ("premise", "hypothesis")):
-                raise TaskDataError(path, lineno, "expected string fields 'premise' and 'hypothesis'")
-            fields = {"premise": row["premise"], "hypothesis": row["hypothesis"]}
-            label = _xnli_label(row.get("label"), path, lineno)
-            examples.append(Example(str(row.get("id", lineno)), fields, label))
+        for row in _jsonl_rows(path, {"premise": (str,), "hypothesis": (str,), "label": (str, int)}):
+            record = row.value
+            fields = {"premise": record["premise"], "hypothesis": record["hypothesis"]}
+            label = _xnli_label(record["label"], path, row.line)
+            examples.append(Example(str(record.get("id", row.line)), fields, label))
         return examples
     rows = _read_tsv(path)
     header = rows[0][1] if rows else []
@@ -227,7 +221,7 @@ def load_xnli_file(path: Path | str, lang: str | None = None) -> list[Example]:
         col = {name: i for i, name in enumerate(header)}
         for lineno, row in rows[1:]:
             if len(row) != len(header):
-                raise TaskDataError(path, lineno, f"expected {len(header)} fields, got {len(row)}")
+                raise DataError(f"{path}:{lineno}: expected {len(header)} tab-separated fields, got {len(row)}")
             if lang is not None and "language" in col and row[col["language"]] != lang:
                 continue
             fields = {"premise": row[col["sentence1"]], "hypothesis": row[col["sentence2"]]}
@@ -238,7 +232,8 @@ def load_xnli_file(path: Path | str, lang: str | None = None) -> list[Example]:
         rows = rows[1:]
     for lineno, row in rows:
         if len(row) != 3:
-            raise TaskDataError(path, lineno, f"expected 3 fields (premise, hypothesis, label), got {len(row)}")
+            raise DataError(f"{path}:{lineno}: expected 3 tab-separated fields (premise, hypothesis, label), "
+                            f"got {len(row)}")
         fields = {"premise": row[0], "hypothesis": row[1]}
         examples.append(Example(str(lineno), fields, _xnli_label(row[2], path, lineno)))
     return examples
@@ -292,11 +287,13 @@ class XcopaTask(ICLTask):
         if not path.is_file():
             raise FileNotFoundError(f"XCOPA file not found: {path}")
         examples = []
-        for lineno, row in _jsonl_rows(path):
-            if row.get("question") not in ("cause", "effect") or row.get("label") not in (0, 1):
-                raise TaskDataError(path, lineno, "expected question cause/effect and label 0/1")
-            fields = {k: row[k] for k in ("premise", "choice1", "choice2", "question")}
-            examples.append(Example(str(row.get("idx", lineno)), fields, row["label"]))
+        text = dict.fromkeys(("premise", "choice1", "choice2", "question"), (str,))
+        for row in _jsonl_rows(path, dict(text, label=(int,))):
+            record = row.value
+            if record["question"] not in ("cause", "effect") or record["label"] not in (0, 1):
+                raise DataError(f"{row.location}: expected question cause/effect and label 0/1")
+            fields = {k: record[k] for k in text}
+            examples.append(Example(str(record.get("idx", row.line)), fields, record["label"]))
         return examples
 
     def template_fields(self, example: Example, prompt_lang: str) -> dict[str, str]:
@@ -349,19 +346,13 @@ def _read_tsv(path: Path, expected_header: Sequence[str] | None = None) -> list[
     is given, in which case it is checked and dropped and every row must have that many fields."""
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if line.strip():
-                rows.append((lineno, line.split("\t")))
+    counts = None if expected_header is None else (len(expected_header),)
+    rows = [(row.line, row.value) for row in tsv_rows(path, BadLines(), counts)]
     if expected_header is None:
         return rows
     if not rows or rows[0][1] != list(expected_header):
-        raise TaskDataError(path, 1, f"expected header {'<TAB>'.join(expected_header)}")
-    for lineno, row in rows[1:]:
-        if len(row) != len(expected_header):
-            raise TaskDataError(path, lineno, f"expected {len(expected_header)} tab-separated fields, got {len(row)}")
+        raise DataError(f"{path}:{rows[0][0] if rows else 1}: expected the header "
+                        f"{'<TAB>'.join(expected_header)}")
     return rows[1:]
 
 

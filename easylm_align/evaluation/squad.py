@@ -78,10 +78,7 @@ def load_squad(path: str | Path) -> list[QAExample]:
     path = Path(path)
     if not path.is_file():
         raise SquadFormatError(f"{path}: no such file")
-    try:
-        root = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SquadFormatError(f"{path}: not valid JSON ({e})") from None
+    root = _read_json(path)
     if not isinstance(root, dict) or not isinstance(root.get("data"), list):
         raise SquadFormatError(f"{path}: expected a JSON object with a 'data' list (SQuAD v1.1 format)")
 
@@ -92,7 +89,9 @@ def load_squad(path: str | Path) -> list[QAExample]:
         paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
         if not isinstance(paragraphs, list):
             raise SquadFormatError(f"{path}: {where_article}: missing 'paragraphs' list")
-        title = article.get("title", "") or ""
+        title = article.get("title") or ""
+        if not isinstance(title, str):
+            raise SquadFormatError(f"{path}: {where_article}: 'title' must be a string, got {title!r}")
         for p, paragraph in enumerate(paragraphs):
             where_paragraph = f"{where_article}, paragraph {p}"
             if not isinstance(paragraph, dict) or not isinstance(paragraph.get("context"), str):
@@ -105,6 +104,23 @@ def load_squad(path: str | Path) -> list[QAExample]:
     if not examples:
         raise SquadFormatError(f"{path}: contains no questions")
     return examples
+
+
+def _read_json(path: Path) -> object:
+    """The file's JSON value; bytes that are not UTF-8 and JSON syntax errors are named by line and column."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line, column = data.count(b"\n", 0, e.start) + 1, e.start - data.rfind(b"\n", 0, e.start)
+        raise SquadFormatError(f"{path}:{line}: byte 0x{data[e.start]:02x} at column {column} is not UTF-8 "
+                               "(the file must be UTF-8)") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SquadFormatError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise SquadFormatError(f"{path}: not valid SQuAD JSON (nested too deeply)") from None
 
 
 def _read_qa(path: Path, where: str, qa: object, context: str, title: str, seen: set[str]) -> QAExample:

@@ -19,32 +19,33 @@ Words are split and looked up by the reference's rule unless ``--lowercase_fallb
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 from absl import app, flags
 
+from easylm_align import records
 from easylm_align.codemix import CodeMixer, MixStats
-
-_DICT = flags.DEFINE_string("dict", None, "MUSE dictionary: one 'source translation' per line.")
-_RATIO = flags.DEFINE_float("ratio", None, "codemix_ratio: chance of replacing a dictionary word.")
-_SEED = flags.DEFINE_integer("seed", 0, "With each example's index, fixes that example's mixing.")
-_INPUT = flags.DEFINE_string("input", None, "File to code-mix.")
-_OUTPUT = flags.DEFINE_string("output", None, "Where to write the code-mixed file.")
-_FIELD = flags.DEFINE_string("field", "text", "Comma-separated fields to mix in JSON records.")
-_FORMAT = flags.DEFINE_enum("format", "auto", ["auto", "text", "jsonl", "json"], "Input format.")
-_LOWERCASE_FALLBACK = flags.DEFINE_boolean(
-    "lowercase_fallback", False,
-    "Also look a word up in lowercase (codemix_lowercase_fallback); the reference does not.")
-_WHITESPACE_SPLIT = flags.DEFINE_boolean(
-    "whitespace_split", False,
-    "Split words on any whitespace run, kept exactly (codemix_whitespace_split); the "
-    "reference splits on ' ' only.")
+from easylm_align.records import DataError
 
 
-class InputError(Exception):
-    """A problem with the input file, reported as one line naming the file and line."""
+def _define_flags() -> None:
+    """The tool's flags, defined only when it runs, so that importing its functions defines none."""
+    flags.DEFINE_string("dict", None, "MUSE dictionary: one 'source translation' per line.")
+    flags.DEFINE_float("ratio", None, "codemix_ratio: chance of replacing a dictionary word.")
+    flags.DEFINE_integer("seed", 0, "With each example's index, fixes that example's mixing.")
+    flags.DEFINE_string("input", None, "File to code-mix.")
+    flags.DEFINE_string("output", None, "Where to write the code-mixed file.")
+    flags.DEFINE_string("field", "text", "Comma-separated fields to mix in JSON records.")
+    flags.DEFINE_enum("format", "auto", ["auto", "text", "jsonl", "json"], "Input format.")
+    flags.DEFINE_boolean(
+        "lowercase_fallback", False,
+        "Also look a word up in lowercase (codemix_lowercase_fallback); the reference does not.")
+    flags.DEFINE_boolean(
+        "whitespace_split", False,
+        "Split words on any whitespace run, kept exactly (codemix_whitespace_split); the "
+        "reference splits on ' ' only.")
 
 
 def _detect_format(path: str, head: str) -> str:
@@ -56,14 +57,12 @@ def _detect_format(path: str, head: str) -> str:
 
 
 def _mix_record(
-    mixer: CodeMixer, record: Any, fields: Sequence[str], index: int, where: str
-) -> tuple[Any, MixStats]:
-    if not isinstance(record, dict):
-        raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    mixer: CodeMixer, record: dict, fields: Sequence[str], index: int, where: str
+) -> tuple[dict, MixStats]:
     for field in fields:
         if not isinstance(record.get(field), str):
             problem = "missing" if field not in record else "not a string"
-            raise InputError(
+            raise DataError(
                 f"{where}: field {field!r} is {problem} (record keys: {', '.join(record)})"
             )
     mixed, stats = mixer.mix_fields([record[f] for f in fields], index)
@@ -78,8 +77,11 @@ def _lines(content: str) -> list[str]:
     return lines if lines[-1] else lines[:-1]
 
 
-def _mix_text(mixer: CodeMixer, content: str) -> Iterator[tuple[str, MixStats]]:
+def _mix_text(mixer: CodeMixer, content: str, path: str) -> Iterator[tuple[str, MixStats]]:
     for index, line in enumerate(_lines(content)):
+        problem = records.not_utf8(line)
+        if problem:
+            raise DataError(f"{path}:{index + 1}: {problem}")
         mixed, stats = mixer.mix_fields((line,), index)
         yield mixed[0], stats
 
@@ -92,10 +94,9 @@ def _mix_jsonl(
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        record, problem = records.parse_object(line)
+        if problem:
+            raise DataError(f"{where}: {problem}")
         mixed, stats = _mix_record(mixer, record, fields, index, where)
         index += 1
         yield json.dumps(mixed, ensure_ascii=False) + "\n", stats
@@ -105,36 +106,23 @@ def codemix_file(
     mixer: CodeMixer, input_path: str, output_path: str, fields: Sequence[str], fmt: str = "auto"
 ) -> MixStats:
     """Code-mixes ``input_path`` into ``output_path``; returns the summed statistics."""
-    try:
-        with open(input_path, encoding="utf-8", newline="") as f:
-            content = f.read()
-    except FileNotFoundError:
-        raise InputError(f"{input_path}: input file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{input_path}: cannot read: {e}") from None
+    if not os.path.isfile(input_path):
+        raise DataError(f"{input_path}: input file not found")
+    content = records.read_text(input_path)
     if fmt == "auto":
         fmt = _detect_format(input_path, content[:100])
 
     total = MixStats()
     if fmt == "json":
-        try:
-            records = json.loads(content)
-        except json.JSONDecodeError as e:
-            raise InputError(
-                f"{input_path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})"
-            ) from None
-        if not isinstance(records, list):
-            raise InputError(f"{input_path}: expected a JSON list of objects")
         mixed_records = []
-        for index, record in enumerate(records):
-            where = f"{input_path}: record {index}"
-            mixed, stats = _mix_record(mixer, record, fields, index, where)
+        for index, row in enumerate(records.json_list(content, input_path, records.BadLines())):
+            mixed, stats = _mix_record(mixer, row.value, fields, index, row.location)
             mixed_records.append(mixed)
             total += stats
         out = json.dumps(mixed_records, ensure_ascii=False, indent=4) + "\n"
     else:
         pieces = (
-            _mix_text(mixer, content)
+            _mix_text(mixer, content, input_path)
             if fmt == "text"
             else _mix_jsonl(mixer, content, fields, input_path)
         )
@@ -144,25 +132,27 @@ def codemix_file(
             total += stats
         out = "".join(chunks)
     try:
-        with open(output_path, "w", encoding="utf-8", newline="") as f:
+        # A JSON escape such as "\udc80" decodes to a lone surrogate, which UTF-8 cannot encode;
+        # written back as the same escape, the output's JSON reads as the input's did.
+        with open(output_path, "w", encoding="utf-8", errors="backslashreplace", newline="") as f:
             f.write(out)
     except OSError as e:
-        raise InputError(f"{output_path}: cannot write: {e}") from None
+        raise DataError(f"{output_path}: cannot write: {e}") from None
     return total
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    fields = [f.strip() for f in _FIELD.value.split(",") if f.strip()]
+    FLAGS = flags.FLAGS
+    fields = [f.strip() for f in FLAGS.field.split(",") if f.strip()]
     if not fields:
         raise app.UsageError("--field must name at least one field")
     try:
-        mixer = CodeMixer.from_file(_DICT.value, _RATIO.value, _SEED.value,
-                                    lowercase_fallback=_LOWERCASE_FALLBACK.value,
-                                    whitespace_split=_WHITESPACE_SPLIT.value)
-        stats = codemix_file(mixer, _INPUT.value, _OUTPUT.value, fields, _FORMAT.value)
-    except (InputError, ValueError) as e:  # DictionaryError and a bad ratio are ValueErrors
+        mixer = CodeMixer.from_file(FLAGS.dict, FLAGS.ratio, FLAGS.seed, lowercase_fallback=FLAGS.lowercase_fallback,
+                                    whitespace_split=FLAGS.whitespace_split)
+        stats = codemix_file(mixer, FLAGS.input, FLAGS.output, fields, FLAGS.format)
+    except ValueError as e:  # DataError (DictionaryError too) and a bad ratio
         sys.exit(f"codemix_file: error: {e}")
     in_dict_share = stats.words_in_dict / stats.words_seen if stats.words_seen else 0.0
     print(f"words seen:               {stats.words_seen:,}")
@@ -172,5 +162,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     flags.mark_flags_as_required(["dict", "ratio", "input", "output"])
     app.run(main)

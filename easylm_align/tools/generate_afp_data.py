@@ -39,8 +39,10 @@ import collections
 import json
 import random
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+
+from easylm_align.records import BadLines, DataError, json_records, tsv_rows
 
 MODES = ("bilingual", "crosslingual", "translation")
 
@@ -62,13 +64,6 @@ LANG_NAMES: dict[str, str] = {
 CIF_FORMAT = "{instruction} {input} Answer in {tgt_lang}: "
 CIF_NO_INPUT = "{instruction} Answer in {tgt_lang}: "
 TRANSLATION_FORMATS = ("{src} Translate into {tgt_lang}: ", "{src} = ")
-
-
-class AfpDataError(ValueError):
-    """Malformed input data; the message names the file and line."""
-
-    def __init__(self, path: Path | str, line: int, message: str):
-        super().__init__(f"{path}:{line}: {message}")
 
 
 def language_name(code: str) -> str:
@@ -99,39 +94,6 @@ def output_filename(
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
 
 
-def _iter_json_records(path: Path) -> Iterator[tuple[int, object]]:
-    """Yield (line number, record) from a JSON list (Bactrian-X layout) or a JSON-lines file."""
-    text = path.read_text(encoding="utf-8")
-    decoder = json.JSONDecoder()
-    pos = len(text) - len(text.lstrip())
-    if not text.startswith("[", pos):
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise AfpDataError(path, lineno, f"invalid JSON line: {e.msg}") from None
-        return
-    # Decode the list element by element so every record keeps its line number.
-    line, line_pos = 1, 0
-    pos += 1
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        line += text.count("\n", line_pos, pos)
-        line_pos = pos
-        if pos >= len(text):
-            raise AfpDataError(path, line, "unterminated JSON list")
-        if text[pos] == "]":
-            return
-        try:
-            record, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise AfpDataError(path, e.lineno, f"invalid JSON: {e.msg}") from None
-        yield line, record
-        pos = end
-
-
 def read_instruction_file(path: Path | str) -> list[tuple[int, dict]]:
     """Read a Bactrian-X style file: records with string `id`, `instruction`, `input`, `output`.
 
@@ -140,19 +102,18 @@ def read_instruction_file(path: Path | str) -> list[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"instruction file not found: {path}")
-    records = []
-    for lineno, record in _iter_json_records(path):
-        if not isinstance(record, dict):
-            raise AfpDataError(path, lineno, f"expected a JSON object, got {type(record).__name__}")
+    rows = []
+    for row in json_records(path, BadLines()):
+        record = row.value
         if record.get("input") is None:
             record["input"] = ""
         for key in ("id", "instruction", "input", "output"):
             if not isinstance(record.get(key), str):
-                raise AfpDataError(path, lineno, f"record lacks a string field {key!r}")
-        records.append((lineno, record))
-    if not records:
-        raise AfpDataError(path, 1, "no records")
-    return records
+                raise DataError(f"{row.location}: record lacks a string field {key!r} (got {record.get(key)!r})")
+        rows.append((row.line, record))
+    if not rows:
+        raise DataError(f"{path}:1: no records; expected a JSON list or JSON lines of instruction records")
+    return rows
 
 
 def load_aligned(bactrian_dir: Path | str, languages: Sequence[str]) -> dict[str, list[dict]]:
@@ -167,9 +128,7 @@ def load_aligned(bactrian_dir: Path | str, languages: Sequence[str]) -> dict[str
         ids: dict[str, tuple[int, dict]] = {}
         for lineno, record in read_instruction_file(path):
             if record["id"] in ids:
-                raise AfpDataError(
-                    path, lineno, f"duplicate id {record['id']!r} (first at line {ids[record['id']][0]})"
-                )
+                raise DataError(f"{path}:{lineno}: duplicate id {record['id']!r} (first at line {ids[record['id']][0]})")
             ids[record["id"]] = (lineno, record)
         by_lang[lang] = ids
     pivot = languages[0]
@@ -178,10 +137,10 @@ def load_aligned(bactrian_dir: Path | str, languages: Sequence[str]) -> dict[str
         path = bactrian_dir / f"{lang}.json"
         for rid, (lineno, _) in by_lang[lang].items():
             if rid not in by_lang[pivot]:
-                raise AfpDataError(path, lineno, f"id {rid!r} does not occur in {pivot_path}")
+                raise DataError(f"{path}:{lineno}: id {rid!r} does not occur in {pivot_path}")
         for rid, (lineno, _) in by_lang[pivot].items():
             if rid not in by_lang[lang]:
-                raise AfpDataError(pivot_path, lineno, f"id {rid!r} does not occur in {path}")
+                raise DataError(f"{pivot_path}:{lineno}: id {rid!r} does not occur in {path}")
     order = sorted(by_lang[pivot])
     return {lang: [by_lang[lang][rid][1] for rid in order] for lang in languages}
 
@@ -195,25 +154,21 @@ def read_translation_file(path: Path | str, src: str, tgt: str) -> list[tuple[st
     pairs = []
     columns = (0, 1)
     n_fields = 2
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            fields = line.split("\t")
-            if lineno == 1 and src in fields and tgt in fields:
-                columns, n_fields = (fields.index(src), fields.index(tgt)), len(fields)
-                continue
-            if len(fields) == 1:
-                raise AfpDataError(path, lineno, "no tab: expected tab-separated sentences")
-            if len(fields) != n_fields:
-                raise AfpDataError(path, lineno, f"expected {n_fields} tab-separated fields, got {len(fields)}")
-            pair = (fields[columns[0]].strip(), fields[columns[1]].strip())
-            if not all(pair):
-                raise AfpDataError(path, lineno, "empty sentence")
-            pairs.append(pair)
+    for row in tsv_rows(path, BadLines()):
+        fields = row.value
+        if row.line == 1 and src in fields and tgt in fields:
+            columns, n_fields = (fields.index(src), fields.index(tgt)), len(fields)
+            continue
+        if len(fields) == 1:
+            raise DataError(f"{row.location}: no tab: expected tab-separated sentences")
+        if len(fields) != n_fields:
+            raise DataError(f"{row.location}: expected {n_fields} tab-separated fields, got {len(fields)}")
+        pair = (fields[columns[0]].strip(), fields[columns[1]].strip())
+        if not all(pair):
+            raise DataError(f"{row.location}: empty sentence")
+        pairs.append(pair)
     if not pairs:
-        raise AfpDataError(path, 1, "no sentence pairs")
+        raise DataError(f"{path}:1: no sentence pairs; expected lines of tab-separated sentences")
     return pairs
 
 

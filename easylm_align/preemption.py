@@ -65,7 +65,7 @@ class StopRequest:
             return
         # With the sync service, SIGTERM belongs to JAX's own handler; SIGINT is passed on to it.
         for sig in (signal.SIGINT,) if self.synced else SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, self._handle) or signal.SIG_DFL  # None: set outside Python
 
     def restore(self) -> None:
         for sig, previous in self._previous.items():
@@ -87,7 +87,7 @@ class StopRequest:
         """Called once per step on every host, with the number of steps done."""
         if self.synced:
             if multihost_utils.reached_preemption_sync_point(step):
-                self.received = self.received or "SIGTERM"
+                self.received = self.received or "SIGTERM (on some host)"
                 return True
             return False
         return self.received is not None

@@ -48,9 +48,8 @@ def environment(workdir: Path) -> dict[str, str]:
 
 def logged_steps(out: Path) -> list[int]:
     path = out / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    return [json.loads(line)["step"] for line in lines if line.endswith("\n")]  # not a row being written
 
 
 def checkpoints(out: Path) -> tuple[list[int], bool]:

@@ -116,9 +116,10 @@ import numpy as np
 from easylm_align import checkpoint
 ckpt = checkpoint.TrainCheckpointer(sys.argv[1], 1, 0)
 state = {"step": np.int32(0)}
-ckpt.save(1, {"w": np.full(8_000_000, 1.0, np.float32)}, state, {"step": 1})
+ckpt.save(1, {"w": np.full(16_000_000, 1.0, np.float32)}, state, {"step": 1})
 ckpt.wait()
-ckpt.save(2, {"w": np.full(8_000_000, 2.0, np.float32)}, state, {"step": 2})  # returns while Orbax writes
+# 64 MB that do not compress: Orbax is still writing them when save() has returned.
+ckpt.save(2, {"w": np.random.default_rng(0).random(16_000_000, np.float32)}, state, {"step": 2})
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
@@ -131,7 +132,7 @@ def test_a_kill_during_an_async_save_leaves_the_previous_checkpoint(tmp_path):
     assert names == ["streaming_params_1", "streaming_params_2.orbax-checkpoint-tmp"]  # killed mid-write
     ckpt = checkpoint.TrainCheckpointer(tmp_path, 1, 0)
     assert ckpt.latest_step() == 1
-    target = {"w": jax.ShapeDtypeStruct((8_000_000,), np.float32)}
+    target = {"w": jax.ShapeDtypeStruct((16_000_000,), np.float32)}
     params, state, meta = ckpt.restore_latest(target, {"step": jax.ShapeDtypeStruct((), np.int32)})
     assert meta == {"step": 1} and np.all(np.asarray(params["w"]) == 1.0)
     ckpt.close()

@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = {"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1, "fcm_max_ratio": 0.2}
 EXIT_PREEMPTED = 75  # easylm_align.preemption.EXIT_PREEMPTED (not imported: this process stays JAX-free)
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
+KINDS = ("SIGTERM", "SIGKILL", "SIGKILL mid-save")  # taken in turn, in a random order
 
 
 def train_command(out: Path, args: argparse.Namespace) -> list[str]:
@@ -83,18 +84,23 @@ def wait_for(proc: subprocess.Popen, ready, timeout: float = 900) -> bool:
     return False
 
 
-def one_kill(out: Path, args: argparse.Namespace, rng: random.Random, report: Report) -> bool:
-    """Starts (or resumes) the run and kills it once, a few steps after the step it resumes from;
-    returns False when the run finished first."""
-    start_step = max(checkpoints(out)[0], default=0)
-    kind = rng.choice(["SIGTERM", "SIGKILL", "SIGKILL mid-save"])
+def one_kill(out: Path, kind: str, args: argparse.Namespace, rng: random.Random, report: Report) -> bool:
+    """Starts (or resumes) the run and kills it once (`kind`), a few steps after the step it resumes
+    from; returns False when the run finished first."""
+    start_step, launched = max(checkpoints(out)[0], default=0), time.time_ns()
     proc = subprocess.Popen(train_command(out, args), cwd=REPO, env=environment(args.workdir),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     target = start_step + rng.randint(1, args.save_every * 2)
+
+    def reached_target() -> bool:  # rows the killed attempt logged past its checkpoint are stale until
+        metrics = out / "metrics.jsonl"  # the new one rewrites the file
+        return (metrics.exists() and metrics.stat().st_mtime_ns > launched
+                and (logged_steps(out)[-1:] or [0])[0] >= target)
+
     if kind == "SIGKILL mid-save":  # the first save after `target` steps, caught while it is written
-        ready = lambda: (logged_steps(out)[-1:] or [0])[0] >= target and checkpoints(out)[1]
+        ready = lambda: reached_target() and checkpoints(out)[1]
     else:
-        ready = lambda: (logged_steps(out)[-1:] or [0])[0] >= target
+        ready = reached_target
     if not wait_for(proc, ready):
         _, stderr = proc.communicate()
         if proc.returncode != 0:
@@ -134,6 +140,7 @@ def finish(out: Path, args: argparse.Namespace) -> None:
 
 def final_params(out: Path, steps: int) -> dict:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, str(REPO))
     import numpy as np
     from easylm_align import checkpoint
     params = checkpoint.load_params_numpy(str(out / f"checkpoints/streaming_params_{steps}"))
@@ -171,8 +178,10 @@ def main() -> None:
     finish(args.workdir / "reference", args)
     print(f"{args.kills} kills ...", flush=True)
     soaked = args.workdir / "soaked"
-    for _ in range(args.kills):
-        if not one_kill(soaked, args, rng, report):
+    kinds = [KINDS[i % len(KINDS)] for i in range(args.kills)]
+    rng.shuffle(kinds)
+    for kind in kinds:
+        if not one_kill(soaked, kind, args, rng, report):
             break  # the run finished before this kill: --steps was too small for --kills
     finish(soaked, args)
     compare(args.workdir / "reference", soaked, args.steps, report)

@@ -169,8 +169,9 @@ def test_nonfinite_skip_leaves_weights_and_optimizer_unchanged_and_counts(tmp_pa
     # Warmup from 0: step 1 changes nothing, step 2 (lr 2.5e29) makes the weights so large that the
     # loss or gradient of step 3 overflows; under `skip` every later step is skipped, never applied.
     cfg = make_config(tmp_path, total_steps=4, update_llama_config=ONE_LAYER, save_milestone_freq=2,
-                      nonfinite_policy="skip", optimizer__adamw_optimizer__lr=1e30, optimizer__adamw_optimizer__lr_warmup_steps=4,
-                      optimizer__adamw_optimizer__clip_gradient=0.0, optimizer__adamw_optimizer__weight_decay=0.0)
+                      nonfinite_policy="skip", optimizer__adamw_optimizer__lr=1e30,
+                      optimizer__adamw_optimizer__lr_warmup_steps=4, optimizer__adamw_optimizer__clip_gradient=0.0,
+                      optimizer__adamw_optimizer__weight_decay=0.0)
     t = train.Trainer(cfg)
     t.run()  # no TrainingDiverged: skipping is the policy
     rows = read_metrics(tmp_path)

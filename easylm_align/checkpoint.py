@@ -16,11 +16,13 @@ reads the `params` item of either kind; `trainstate::PATH` reads all of a train 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
+import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 import numpy as np
@@ -243,17 +245,42 @@ def load_train_state(path: str, params: Any, train_state: Any) -> tuple[Any, Any
     return _restore_items(ckpt, params, train_state)
 
 
+class CheckpointSaveError(RuntimeError):
+    pass
+
+
+def require_writable(directory: Path, flag: str) -> None:
+    """Fails before training starts if `directory` cannot be created or written to."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag}={directory}: cannot write there ({e.strerror or e}); "
+                         "choose a writable directory") from None
+
+
 class TrainCheckpointer:
     """Keeps the latest checkpoint (every `save_model_freq` steps) and every milestone
-    (`save_milestone_freq`) under `output_dir/checkpoints/streaming_params_{step}`."""
+    (`save_milestone_freq`) under `output_dir/checkpoints/streaming_params_{step}`.
+
+    Saves are asynchronous: `save` returns once the arrays are copied to host memory (so the
+    caller may donate them to the next step) and Orbax writes them in the background, into a
+    temporary directory renamed on commit. A kill mid-write leaves the previous checkpoint as the
+    latest; the temporary directory is removed on the next start. Older checkpoints are deleted
+    only after a newer one is committed.
+    """
 
     def __init__(self, output_dir: Path, save_model_freq: int, save_milestone_freq: int):
         self.save_model_freq, self.save_milestone_freq = save_model_freq, save_milestone_freq
         self.directory = (Path(output_dir) / "checkpoints").absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=1, keep_period=save_milestone_freq or None,
-                                               step_prefix=STEP_PREFIX, create=True)
+                                               step_prefix=STEP_PREFIX, create=True,
+                                               enable_async_checkpointing=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, item_names=("params", "train_state", "meta"),
                                              options=options)
+        self.committed: Optional[int] = self.manager.latest_step()  # the newest complete checkpoint
+        self._writing: Optional[int] = None
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -265,14 +292,39 @@ class TrainCheckpointer:
         return any(freq > 0 and step % freq == 0 for freq in (self.save_model_freq, self.save_milestone_freq))
 
     def save(self, step: int, params: Any, train_state: Any, meta: dict) -> None:
-        self.manager.save(step, force=True, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), train_state=ocp.args.StandardSave(train_state),
-            meta=ocp.args.JsonSave(meta)))
+        """Starts writing `step`; the previous save is finished (or its error raised) first."""
+        self.wait()
+        self._writing = step
+        with self._naming_failure():
+            self.manager.save(step, force=True, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), train_state=ocp.args.StandardSave(train_state),
+                meta=ocp.args.JsonSave(meta)))
+
+    def wait(self) -> None:
+        """Blocks until the save in progress is committed."""
+        with self._naming_failure():
+            self.manager.wait_until_finished()
+        if self._writing is not None:
+            self.committed, self._writing = self._writing, None
+
+    @contextlib.contextmanager
+    def _naming_failure(self) -> Iterator[None]:
+        """A failed write (disk full, permissions) names the checkpoint and the one still intact."""
+        try:
+            yield
+        except Exception as e:
+            step, self._writing = self._writing, None
+            kept = (f"the previous checkpoint {self.step_path(self.committed)} is intact" if self.committed
+                    is not None else "no earlier checkpoint exists")
+            raise CheckpointSaveError(f"writing checkpoint {self.step_path(step)} failed: {e}\n{kept}; free space "
+                                      "or fix --logger.output_dir, then rerun the same command to resume") from e
 
     def restore_latest(self, params: Any, train_state: Any) -> tuple[Any, Any, dict]:
         self.manager.wait_until_finished()
         return _restore_items(self.step_path(self.latest_step()), params, train_state)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()

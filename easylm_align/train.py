@@ -25,8 +25,8 @@ from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from easylm_align import (attention, checkpoint, datasets, logger, memory, model, objectives, optimizer, sharding,
-                          tokenizer)
+from easylm_align import (attention, checkpoint, datasets, logger, memory, model, objectives, optimizer, preemption,
+                          sharding, tokenizer)
 from easylm_align.config import FLAGS, define_flags_with_default, parse_flags_or_exit, parsed_config
 from easylm_align.evaluation import during_training
 
@@ -44,6 +44,7 @@ DEFAULTS = define_flags_with_default(
     save_milestone_freq=0,
     eval_steps=0,
     dry_run=False,
+    nonfinite_policy="stop",
     objective="clm",
     tokenizer=tokenizer.default_config(),
     train_dataset=datasets.default_config(),
@@ -60,6 +61,11 @@ DEFAULTS = define_flags_with_default(
 def default_config() -> ConfigDict:
     """All train flags as one ConfigDict (for running the trainer from Python)."""
     return ConfigDict(copy.deepcopy(DEFAULTS))
+
+
+# stop: a non-finite loss ends the run (exit 1) and keeps the last good checkpoint;
+# skip: a step whose loss or gradient norm is not finite leaves weights and optimizer state as they were.
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 class TrainingDiverged(RuntimeError):
@@ -88,6 +94,8 @@ class Trainer:
         self.tokenizer.check_fits(self.llama_config.vocab_size)
         if cfg.objective not in objectives.OBJECTIVES:
             raise ValueError(f"--objective={cfg.objective!r}: choose one of {sorted(objectives.OBJECTIVES)}")
+        if cfg.nonfinite_policy not in NONFINITE_POLICIES:
+            raise ValueError(f"--nonfinite_policy={cfg.nonfinite_policy!r}: choose one of {NONFINITE_POLICIES}")
         self.model = model.build_model(self.llama_config, cfg.dtype, cfg.param_dtype)
         try:  # a backend the run's options rule out is a config error, found before any data is read
             self.attention_backend = attention.resolve(
@@ -117,7 +125,7 @@ class Trainer:
 
     def _fresh_train_state(self, params: Any, rng: jax.Array) -> dict:
         return {"opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32),
-                "rng": jax.random.key_data(jax.random.fold_in(rng, 1))}
+                "rng": jax.random.key_data(jax.random.fold_in(rng, 1)), "nonfinite_skips": jnp.zeros((), jnp.int32)}
 
     def _abstract_state(self) -> tuple[Any, Any]:
         """Shapes, dtypes and shardings of the parameters and train state; nothing is allocated."""
@@ -153,9 +161,17 @@ class Trainer:
         (_, metrics), grads = jax.value_and_grad(
             lambda p: loss_fn(self.model, p, batch, step_rng, False, self.cfg.objectives), has_aux=True)(params)
         updates, opt_state = self.tx.update(grads, state["opt_state"], params)
-        params = optax.apply_updates(params, updates)
-        metrics = dict(metrics, gradient_norm=optax.tree.norm(grads), learning_rate=self.current_lr(opt_state))
-        return params, {"opt_state": opt_state, "step": state["step"] + 1, "rng": jax.random.key_data(rng)}, metrics
+        new_params = optax.apply_updates(params, updates)
+        grad_norm, skips = optax.tree.norm(grads), state["nonfinite_skips"]
+        if self.cfg.nonfinite_policy == "skip":  # decided on the device: no host sync per step
+            finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+            new_params, opt_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
+                                                           (new_params, opt_state), (params, state["opt_state"]))
+            skips = skips + jnp.where(finite, 0, 1).astype(skips.dtype)
+        metrics = dict(metrics, gradient_norm=grad_norm, learning_rate=self.current_lr(opt_state),
+                       nonfinite_skips=skips)
+        return new_params, {"opt_state": opt_state, "step": state["step"] + 1, "rng": jax.random.key_data(rng),
+                            "nonfinite_skips": skips}, metrics
 
     def _eval_step(self, params, batch):
         _, metrics = objectives.OBJECTIVES[self.cfg.objective](
@@ -196,6 +212,7 @@ class Trainer:
 
     def _train(self) -> Path:
         cfg = self.cfg
+        checkpoint.require_writable(self.output_dir, "--logger.output_dir")
         ckpt = checkpoint.TrainCheckpointer(self.output_dir, cfg.save_model_freq, cfg.save_milestone_freq)
         params, state = self._build_state(ckpt)
         step = int(state["step"])
@@ -211,6 +228,8 @@ class Trainer:
                                    "flags": cfg.to_dict(), "llama_config": self.llama_config.to_dict()}
         progress = tqdm(total=cfg.total_steps, initial=step, disable=jax.process_index() != 0, desc="train")
         unchecked: list[tuple[int, Any]] = []  # at most one (step, loss) not yet read back from the device
+        skips_seen = int(state["nonfinite_skips"])
+        stop_request = preemption.StopRequest()
 
         def check_finite() -> None:
             """Reads the pending loss (blocking on it only); stops if it is not finite."""
@@ -225,6 +244,7 @@ class Trainer:
         try:
             if step < cfg.total_steps:
                 batch, data_state = next(self.train_data), self.train_data.state_dict()
+            stop_request.install()
             while step < cfg.total_steps:
                 params, state, metrics = train_step(params, state, sharding.host_batch_to_global(batch, self.mesh))
                 step += 1
@@ -235,10 +255,13 @@ class Trainer:
                 # One step behind: the previous step's loss is ready by now, and the device already
                 # has this step queued, so reading it does not stall the pipeline.
                 check_finite()
-                unchecked.append((step, metrics["loss"]))
+                if cfg.nonfinite_policy == "stop":
+                    unchecked.append((step, metrics["loss"]))
                 progress.update(1)
+                # Every host asks every step: with several hosts this is where they agree on a step.
+                preempted = stop_request.reached(step) and step < cfg.total_steps
                 logging_step = step % cfg.log_freq == 0 or step == cfg.total_steps or self.squad_eval.due(step)
-                if logging_step or ckpt.due(step):
+                if logging_step or ckpt.due(step) or preempted:
                     check_finite()  # nothing non-finite is logged as progress or saved
                 if logging_step:
                     row = dict(metrics, **self._data_metrics())
@@ -248,10 +271,14 @@ class Trainer:
                         row.update(self.squad_eval(params))
                     row = metrics_log.log(step, row)
                     progress.set_postfix(loss=f"{row['loss']:.4f}")
-                if ckpt.due(step) or step == cfg.total_steps:
-                    ckpt.save(step, params, state, meta(trained_state))
+                    skips_seen = _warn_new_skips(step, int(row["nonfinite_skips"]), skips_seen)
+                if ckpt.due(step) or step == cfg.total_steps or preempted:
+                    ckpt.save(step, params, state, meta(trained_state))  # async: training goes on
                     last_saved = step
+                if preempted:
+                    raise preemption.Preempted(step, ckpt.step_path(step), stop_request.received)
         finally:
+            stop_request.restore()
             progress.close()
             ckpt.close()
             metrics_log.close()
@@ -276,6 +303,13 @@ class Trainer:
         return {f"eval_{k}": float(np.mean([r[k] for r in rows])) for k in ("loss", "accuracy")}
 
 
+def _warn_new_skips(step: int, skips: int, seen: int) -> int:
+    if skips > seen:
+        logging.warning("--nonfinite_policy=skip: %d step(s) up to step %d had a non-finite loss or gradient "
+                        "and changed nothing (%d in all)", skips - seen, step, skips)
+    return skips
+
+
 def main(argv) -> None:
     del argv
     if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO; keep the console readable
@@ -287,7 +321,11 @@ def main(argv) -> None:
             trainer.dry_run()
             return
         output_dir = trainer.run()
-    except TrainingDiverged as e:
+    except preemption.Preempted as e:
+        print(f"preempted: {e}", flush=True)
+        sys.exit(preemption.EXIT_PREEMPTED)
+    except (TrainingDiverged, checkpoint.CheckpointSaveError) as e:
+        logging.debug("stopped", exc_info=True)
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
     except (ValueError, FileNotFoundError) as e:

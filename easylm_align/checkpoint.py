@@ -28,12 +28,13 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from easylm_align import easylm_checkpoint, model
+from easylm_align.errors import UserError
 from easylm_align.sharding import path_str
 
 STEP_PREFIX = "streaming_params"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     pass
 
 

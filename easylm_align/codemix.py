@@ -47,6 +47,8 @@ from collections.abc import Mapping, Sequence
 from itertools import compress
 from typing import NamedTuple
 
+from easylm_align.errors import ConfigError, UserError
+
 __all__ = [
     "CodeMixer",
     "DictionaryError",
@@ -55,7 +57,7 @@ __all__ = [
 ]
 
 
-class DictionaryError(ValueError):
+class DictionaryError(UserError):
     """A bilingual dictionary file is missing, unreadable, malformed or empty."""
 
 
@@ -175,7 +177,7 @@ class CodeMixer:
         whitespace_split: bool = False,
     ):
         if not 0.0 <= float(ratio) <= 1.0:  # also rejects NaN
-            raise ValueError(f"codemix_ratio must be in [0, 1], got {ratio!r}")
+            raise ConfigError(f"codemix_ratio must be in [0, 1], got {ratio!r}")
         self.dictionary = dictionary
         self.ratio = float(ratio)
         self.seed = int(seed)

@@ -22,6 +22,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from easylm_align import text_processors
+from easylm_align.errors import UserError
 from easylm_align.packing import Packer
 from easylm_align.tokenizer import ASSETS, Tokenizer
 
@@ -32,7 +33,7 @@ SOURCES: dict[str, type["Source"]] = {}
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     pass
 
 

@@ -21,6 +21,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
+from easylm_align.errors import UserError
+
 MESH_AXES = ("dp", "fsdp", "mp")
 BATCH_AXES = ("dp", "fsdp")
 
@@ -46,7 +48,7 @@ ACTIVATION_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError):
     pass
 
 

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from easylm_align import (attention, checkpoint, datasets, logger, memory, model, objectives, optimizer, sharding,
                           tokenizer)
 from easylm_align.config import FLAGS, define_flags_with_default, parse_flags_or_exit, parsed_config
+from easylm_align.errors import ConfigError, UserError
 
 DEFAULTS = define_flags_with_default(
     seed=42,
@@ -85,13 +86,13 @@ class Trainer:
         self.tokenizer = tokenizer.Tokenizer.from_config(cfg.tokenizer)
         self.tokenizer.check_fits(self.llama_config.vocab_size)
         if cfg.objective not in objectives.OBJECTIVES:
-            raise ValueError(f"--objective={cfg.objective!r}: choose one of {sorted(objectives.OBJECTIVES)}")
+            raise ConfigError(f"--objective={cfg.objective!r}: choose one of {sorted(objectives.OBJECTIVES)}")
         self.model = model.build_model(self.llama_config, cfg.dtype, cfg.param_dtype)
         try:  # a backend the run's options rule out is a config error, found before any data is read
             self.attention_backend = attention.resolve(
                 self.llama_config.attention, model.run_options(self.llama_config, False, self.model.dtype))
-        except ValueError as e:
-            raise ValueError(f"--llama.attention / --update_llama_config: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"--llama.attention / --update_llama_config: {e}") from None
         if cfg.dry_run:  # shapes come from the config; no data is opened
             self.train_data = self.eval_data = None
         else:
@@ -285,7 +286,7 @@ def main(argv) -> None:
     except TrainingDiverged as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
-    except (ValueError, FileNotFoundError) as e:
+    except UserError as e:  # anything else is a bug and keeps its traceback
         logging.debug("user error", exc_info=True)
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 from pathlib import Path
 
+from easylm_align.errors import UserError
+
 
 @dataclass(frozen=True)
 class Example:
@@ -69,11 +71,11 @@ class Result:
     lengths: tuple[int, ...]  # characters by default; token counts work as well
 
 
-class TaskDataError(ValueError):
-    """Malformed task data; the message names the file and line."""
+class TaskDataError(UserError):
+    """Missing or malformed task data; the message names the file (and the line, when there is one)."""
 
-    def __init__(self, path: Path | str, line: int, message: str):
-        super().__init__(f"{path}:{line}: {message}")
+    def __init__(self, path: Path | str, line: int | None, message: str):
+        super().__init__(f"{path}:{line}: {message}" if line is not None else f"{path}: {message}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,7 +213,7 @@ def load_xnli_file(path: Path | str, lang: str | None = None) -> list[Example]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"XNLI file not found: {path}")
+        raise TaskDataError(path, None, "XNLI file not found")
     examples = []
     if path.suffix == ".jsonl":
         for lineno, row in _jsonl_rows(path):
@@ -262,7 +264,7 @@ class XnliTask(ICLTask):
         for path in candidates:
             if path.is_file():
                 return load_xnli_file(path, lang)
-        raise FileNotFoundError(f"no XNLI {lang}/{split} file; tried {', '.join(map(str, candidates))}")
+        raise TaskDataError(root, None, f"no XNLI {lang}/{split} file; tried {', '.join(map(str, candidates))}")
 
 
 # AFP's xcopa_prompt.py: the question word and the conjunction are in the prompt language.
@@ -290,7 +292,7 @@ class XcopaTask(ICLTask):
         split = _XCOPA_SPLITS.get(split, split)
         path = Path(data_dir) / "xcopa" / lang / f"{split}.{lang}.jsonl"
         if not path.is_file():
-            raise FileNotFoundError(f"XCOPA file not found: {path}")
+            raise TaskDataError(path, None, "XCOPA file not found")
         examples = []
         for lineno, row in _jsonl_rows(path):
             if row.get("question") not in ("cause", "effect") or row.get("label") not in (0, 1):
@@ -348,7 +350,7 @@ def _read_tsv(path: Path, expected_header: Sequence[str] | None = None) -> list[
     """(line number, fields) for each non-blank line, header included unless `expected_header`
     is given, in which case it is checked and dropped and every row must have that many fields."""
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise TaskDataError(path, None, "data file not found")
     rows = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):

@@ -14,6 +14,7 @@ from absl import logging as absl_logging
 
 from easylm_align import checkpoint, model, sharding, tokenizer
 from easylm_align.config import FLAGS
+from easylm_align.errors import ConfigError, UserError
 
 
 def model_flags() -> dict[str, Any]:
@@ -35,10 +36,10 @@ def load_model(cfg: Any) -> tuple[Any, model.LlamaForCausalLM, tokenizer.Tokeniz
     """Params (sharded on the `--mesh_dim` mesh), model, tokenizer and mesh from `model_flags`."""
     kind, path = checkpoint.parse_load_checkpoint(cfg.load_checkpoint)
     if not kind:
-        raise ValueError("--load_checkpoint=params::PATH is required")
+        raise ConfigError("--load_checkpoint=params::PATH is required")
     for name in (cfg.dtype, cfg.param_dtype):
         if name not in model.DTYPES:
-            raise ValueError(f"dtype {name!r}: use one of {sorted(model.DTYPES)}")
+            raise ConfigError(f"dtype {name!r}: use one of {sorted(model.DTYPES)}")
     # Cheap checks first, so a wrong path fails before anything is compiled or read.
     tok = tokenizer.Tokenizer.from_config(cfg.tokenizer)
     ckpt_path = checkpoint.resolve_path(path)
@@ -71,7 +72,7 @@ def cli_main(run: Callable[[Any], dict], format_table: Callable[[dict], str], ou
     sharding.initialize_distributed(FLAGS.jax_distributed)
     try:
         report = run(FLAGS)
-    except (ValueError, FileNotFoundError) as e:
+    except UserError as e:  # anything else is a bug and keeps its traceback
         logging.debug("user error", exc_info=True)
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)

@@ -42,6 +42,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from easylm_align.errors import UserError
+
 MODES = ("bilingual", "crosslingual", "translation")
 
 # Bactrian-X's 52 languages (names as in AFP's lang_dict.py) plus Greek.
@@ -64,7 +66,7 @@ CIF_NO_INPUT = "{instruction} Answer in {tgt_lang}: "
 TRANSLATION_FORMATS = ("{src} Translate into {tgt_lang}: ", "{src} = ")
 
 
-class AfpDataError(ValueError):
+class AfpDataError(UserError):
     """Malformed input data; the message names the file and line."""
 
     def __init__(self, path: Path | str, line: int, message: str):

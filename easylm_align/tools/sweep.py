@@ -49,6 +49,7 @@ from absl import app, flags
 from ml_collections import ConfigDict
 
 from easylm_align.config import FLAGS, check_flag_names, define_flags_with_default, parse_flags_or_exit
+from easylm_align.errors import UserError
 from easylm_align.evaluate import check_eval_config, default_eval_config, task_name
 
 STEP_DIR = re.compile(r"^streaming_params_(\d+)$")
@@ -63,7 +64,7 @@ _REPORT_KEYS = ("squad_file", "lang", "prompt_lang", "prompt_style", "shots", "s
 SWEEP_FLAGS = ("param", "values", "sweep_dir", "dry_run", "eval")
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """Bad input to the sweep: reported as one line, exit status 2."""
 
 

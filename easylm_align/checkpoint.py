@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from easylm_align import easylm_checkpoint, model
 from easylm_align.errors import UserError
-from easylm_align.sharding import path_str
+from easylm_align.tree_paths import path_str
 
 STEP_PREFIX = "streaming_params"
 
@@ -208,14 +208,6 @@ def _load_easylm(path: Path, target: Any, llama_config: Optional[Any]) -> Any:
 
     logging.info("loading EasyLM streaming params from %s (rotary q/k reordered to the half-split layout)", path)
     return jax.tree_util.tree_map_with_path(lambda p, leaf: place(path_str(p), leaf), target)
-
-
-def load_params_numpy(path: str) -> dict:
-    """Restores the `params` item as host NumPy arrays in their stored dtypes (for conversion tools)."""
-    ckpt = resolve_path(path)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        tree = ckptr.restore(ckpt / "params")
-    return jax.tree_util.tree_map(np.asarray, tree)
 
 
 # ----------------------------------------------------------------------------------------------

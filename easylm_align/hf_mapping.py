@@ -41,7 +41,7 @@ from ml_collections import ConfigDict
 
 from easylm_align import model
 from easylm_align.errors import UserError
-from easylm_align.sharding import path_str
+from easylm_align.tree_paths import path_str
 
 DTYPES: dict[str, Any] = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
 TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}

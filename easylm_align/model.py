@@ -369,6 +369,9 @@ class LlamaForCausalLM(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 def build_model(config: ConfigDict, dtype: str = "fp32", param_dtype: str = "fp32") -> LlamaForCausalLM:
+    for flag, name in (("--dtype", dtype), ("--param_dtype", param_dtype)):
+        if name not in DTYPES:
+            raise ConfigError(f"{flag}={name!r}: use one of {sorted(DTYPES)}")
     return LlamaForCausalLM(config, dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype])
 
 

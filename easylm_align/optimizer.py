@@ -23,7 +23,7 @@ import optax
 from ml_collections import ConfigDict
 
 from easylm_align.errors import ConfigError
-from easylm_align.sharding import path_str
+from easylm_align.tree_paths import path_str
 
 
 def default_config() -> ConfigDict:

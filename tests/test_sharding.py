@@ -17,7 +17,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 from easylm_align import model, optimizer, sharding, train
-from easylm_align.sharding import ShardingError, path_str
+from easylm_align.sharding import ShardingError
+from easylm_align.tree_paths import path_str
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)

@@ -3,40 +3,53 @@
 `define_flags_with_default(optimizer=optimizer.default_config(), seed=42, ...)` defines
 `--optimizer.adamw_optimizer.lr=2e-5`-style flags. `parse_flags_or_exit` checks every flag name
 on the command line before absl sees it, so a typo fails at once, names the flag and suggests the
-nearest valid one, before anything is compiled.
+nearest valid one, before anything is compiled. `parse_config` does the same parsing for a
+command line that is not this process's own (the sweep validating a trainer command): it returns
+the config that command would run with, without defining any global flag.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import sys
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
+from easylm_align.errors import ConfigError
+
 FLAGS = flags.FLAGS
 _DEFINED: dict[str, Any] = {}
+# What absl and ml_collections raise for a malformed flag value.
+_PARSE_ERRORS = (flags.Error, ValueError, KeyError, TypeError, AttributeError)
+
+
+def _define(fv: flags.FlagValues, name: str, value: Any, argv: Sequence[str]) -> None:
+    """One flag (a ConfigDict: a dotted group) on `fv`; ml_collections reads a group's overrides from `argv`."""
+    if isinstance(value, ConfigDict):
+        config_flags.DEFINE_config_dict(name, value, flag_values=fv, sys_argv=list(argv))
+    elif isinstance(value, bool):
+        flags.DEFINE_bool(name, value, None, flag_values=fv)
+    elif isinstance(value, int):
+        flags.DEFINE_integer(name, value, None, flag_values=fv)
+    elif isinstance(value, float):
+        flags.DEFINE_float(name, value, None, flag_values=fv)
+    elif isinstance(value, str):
+        flags.DEFINE_string(name, value, None, flag_values=fv)
+    else:
+        raise TypeError(f"flag {name}: unsupported default of type {type(value).__name__}")
 
 
 def define_flags_with_default(**defaults: Any) -> dict[str, Any]:
-    """Defines one absl flag per keyword; ConfigDicts become dotted flag groups."""
+    """Defines one global absl flag per keyword; ConfigDicts become dotted flag groups."""
     for name, value in defaults.items():
         if isinstance(value, ConfigDict):
             # ml_collections applies `--name.x.y=` overrides from sys.argv while defining the flag,
             # so misspelt names in this group must be caught before that.
             _exit_on_unknown(sys.argv, _leaf_names(name, value), prefix=f"{name}.")
-            config_flags.DEFINE_config_dict(name, value)
-        elif isinstance(value, bool):
-            flags.DEFINE_bool(name, value, None)
-        elif isinstance(value, int):
-            flags.DEFINE_integer(name, value, None)
-        elif isinstance(value, float):
-            flags.DEFINE_float(name, value, None)
-        elif isinstance(value, str):
-            flags.DEFINE_string(name, value, None)
-        else:
-            raise TypeError(f"flag {name}: unsupported default of type {type(value).__name__}")
+        _define(FLAGS, name, value, sys.argv)
         _DEFINED[name] = value
     return defaults
 
@@ -51,12 +64,17 @@ def _leaf_names(prefix: str, cfg: ConfigDict) -> list[str]:
     return names
 
 
-def known_flag_names() -> list[str]:
-    names = [name for name in FLAGS if name not in _DEFINED or not isinstance(_DEFINED[name], ConfigDict)]
-    for name, value in _DEFINED.items():
-        if isinstance(value, ConfigDict):
-            names += _leaf_names(name, value)
+def flag_names(defaults: Mapping[str, Any]) -> list[str]:
+    """Every flag name `defaults` defines: `seed`, and `optimizer.adamw_optimizer.lr` for each leaf of a group."""
+    names = []
+    for name, value in defaults.items():
+        names += _leaf_names(name, value) if isinstance(value, ConfigDict) else [name]
     return names
+
+
+def known_flag_names() -> list[str]:
+    """The names this process accepts on its command line: its own flags and absl's."""
+    return [name for name in FLAGS if name not in _DEFINED] + flag_names(_DEFINED)
 
 
 def check_flag_names(argv: Sequence[str], known: Sequence[str], prefix: str = "") -> None:
@@ -91,7 +109,7 @@ def parse_flags_or_exit(argv: Sequence[str]) -> list[str]:
     _exit_on_unknown(argv, known_flag_names())
     try:
         return FLAGS(argv)
-    except (flags.Error, ValueError, KeyError, TypeError, AttributeError) as e:  # malformed values
+    except _PARSE_ERRORS as e:  # malformed values
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
 
@@ -99,3 +117,28 @@ def parse_flags_or_exit(argv: Sequence[str]) -> list[str]:
 def parsed_config() -> ConfigDict:
     """The parsed value of every flag this program defined, as one ConfigDict."""
     return ConfigDict({name: getattr(FLAGS, name) for name in _DEFINED})
+
+
+def _absl_flags(fv: flags.FlagValues) -> None:
+    """Adds absl's own flags (--verbosity, --flagfile, ...) to `fv`: a command line may use them."""
+    for name in list(FLAGS):
+        if FLAGS[name].name == name and FLAGS.find_module_defining_flag(name, "").startswith("absl"):
+            fv[name] = FLAGS[name]
+
+
+def parse_config(defaults: ConfigDict, argv: Sequence[str]) -> ConfigDict:
+    """The config the command line `argv` (program name first; `--flagfile` allowed) gives a program
+    whose flags are `defaults`, parsed as that program would, with no global flag defined.
+
+    Raises ConfigError naming an unknown flag (and the nearest known one) or a malformed value."""
+    try:
+        argv = [argv[0], *FLAGS.read_flags_from_files(list(argv[1:]), force_gnu=False)]
+        fv = flags.FlagValues()
+        _absl_flags(fv)
+        check_flag_names(argv, [*fv, *flag_names(defaults)])
+        for name, value in copy.deepcopy(defaults).items():
+            _define(fv, name, value, argv)
+        fv(argv)
+    except (*_PARSE_ERRORS, OSError) as e:
+        raise ConfigError(str(e)) from None
+    return ConfigDict({name: getattr(fv, name) for name in defaults})

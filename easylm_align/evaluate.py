@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from easylm_align import model, tokenizer
+from easylm_align import model, run_config, tokenizer
 from easylm_align.config import define_flags_with_default, parse_flags_or_exit
 from easylm_align.errors import ConfigError
 from easylm_align.evaluation import runtime, squad
@@ -51,10 +51,10 @@ def default_eval_config() -> ConfigDict:
     ))
 
 
-def default_flags() -> dict[str, Any]:
-    """The command line's flags and defaults. Defined only when run as a program, so that tools
-    importing `evaluate_squad` next to the trainer do not define the shared flag names twice."""
-    return dict(runtime.model_flags(), eval=default_eval_config())
+def default_flags() -> ConfigDict:
+    """The run configuration: the model flags every program shares and `--eval.*`. Defined as
+    absl flags only when run as a program, so importing `evaluate_squad` defines no flag."""
+    return run_config.default_config(eval=default_eval_config())
 
 
 def task_name(config: ConfigDict) -> str:

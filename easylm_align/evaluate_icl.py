@@ -24,6 +24,7 @@ from absl import app
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
+from easylm_align import run_config
 from easylm_align.config import define_flags_with_default, parse_flags_or_exit
 from easylm_align.errors import ConfigError
 from easylm_align.evaluation import icl_tasks, runtime
@@ -47,9 +48,9 @@ def default_icl_config() -> ConfigDict:
     ))
 
 
-def default_flags() -> dict[str, Any]:
-    """The command line's flags. Defined only when run as a program (see `evaluate.default_flags`)."""
-    return dict(runtime.model_flags(), icl=default_icl_config())
+def default_flags() -> ConfigDict:
+    """The run configuration: the model flags and `--icl.*` (see `evaluate.default_flags`)."""
+    return run_config.default_config(icl=default_icl_config())
 
 
 def _split(value: str, flag: str, cast: Callable = str) -> list:

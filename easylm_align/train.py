@@ -25,40 +25,32 @@ from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from easylm_align import (attention, checkpoint, datasets, logger, memory, model, objectives, optimizer, sharding,
-                          tokenizer)
+from easylm_align import (attention, checkpoint, datasets, logger, memory, model, objectives, optimizer, run_config,
+                          sharding, tokenizer)
 from easylm_align.config import FLAGS, define_flags_with_default, parse_flags_or_exit, parsed_config
 from easylm_align.errors import ConfigError, UserError
 
-DEFAULTS = define_flags_with_default(
+# The trainer's own flags; the model flags every program shares come from run_config.
+DEFAULTS = dict(
     seed=42,
-    mesh_dim="1,-1,1",
-    dtype="fp32",
-    param_dtype="fp32",
     total_steps=300,
-    load_llama_config="demo",
-    update_llama_config="",
-    load_checkpoint="",
     log_freq=20,
     save_model_freq=0,
     save_milestone_freq=0,
     eval_steps=0,
     dry_run=False,
     objective="clm",
-    tokenizer=tokenizer.default_config(),
     train_dataset=datasets.default_config(),
     eval_dataset=datasets.default_config(),
     optimizer=optimizer.default_config(),
-    llama=model.default_llama_overrides(),
     objectives=objectives.default_config(),
     logger=logger.default_config(),
-    jax_distributed=sharding.default_distributed_config(),
 )
 
 
 def default_config() -> ConfigDict:
-    """All train flags as one ConfigDict (for running the trainer from Python)."""
-    return ConfigDict(copy.deepcopy(DEFAULTS))
+    """The trainer's run configuration (every train flag), for running the trainer from Python."""
+    return run_config.default_config(**copy.deepcopy(DEFAULTS))
 
 
 class TrainingDiverged(RuntimeError):
@@ -294,4 +286,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags_with_default(**default_config())
     app.run(main, flags_parser=parse_flags_or_exit)

@@ -1,5 +1,6 @@
-"""What every evaluation command shares: the model flags, loading sharded params, the report file
-and the command-line wrapper that turns user mistakes into one-line errors."""
+"""What every evaluation command shares: loading sharded params from the model flags (defined once,
+in `run_config`), the report file and the command-line wrapper that turns user mistakes into
+one-line errors."""
 
 from __future__ import annotations
 
@@ -17,23 +18,9 @@ from easylm_align.config import FLAGS
 from easylm_align.errors import ConfigError, UserError
 
 
-def model_flags() -> dict[str, Any]:
-    """Flags naming the model to evaluate; the same names and meaning as the trainer's."""
-    return dict(
-        load_checkpoint="",
-        load_llama_config="7b",
-        update_llama_config="",
-        mesh_dim="1,-1,1",
-        dtype="fp32",
-        param_dtype="fp32",
-        tokenizer=tokenizer.default_config(),
-        llama=model.default_llama_overrides(),
-        jax_distributed=sharding.default_distributed_config(),
-    )
-
-
 def load_model(cfg: Any) -> tuple[Any, model.LlamaForCausalLM, tokenizer.Tokenizer, Any]:
-    """Params (sharded on the `--mesh_dim` mesh), model, tokenizer and mesh from `model_flags`."""
+    """Params (sharded on the `--mesh_dim` mesh), model, tokenizer and mesh from the model flags
+    (`run_config.default_config`)."""
     kind, path = checkpoint.parse_load_checkpoint(cfg.load_checkpoint)
     if not kind:
         raise ConfigError("--load_checkpoint=params::PATH is required")

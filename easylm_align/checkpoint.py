@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -236,13 +237,35 @@ def load_train_state(path: str, params: Any, train_state: Any) -> tuple[Any, Any
     return _restore_items(ckpt, params, train_state)
 
 
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    """Where a training run writing to `output_dir` keeps its checkpoints."""
+    return (Path(output_dir) / "checkpoints").absolute()
+
+
+def step_path(output_dir: str | Path, step: int) -> Path:
+    """The checkpoint of `step` of the run writing to `output_dir`: `checkpoints/streaming_params_{step}`."""
+    return checkpoints_dir(output_dir) / f"{STEP_PREFIX}_{step}"
+
+
+def saved_steps(output_dir: str | Path) -> list[int]:
+    """The steps of the run's complete checkpoints, ascending (Orbax's temporary directories of a save
+    in progress have another name, and a checkpoint counts once its params are written)."""
+    directory = checkpoints_dir(output_dir)
+    if not directory.is_dir():
+        return []
+    pattern = re.compile(rf"{STEP_PREFIX}_(\d+)")
+    return sorted(int(m.group(1)) for p in directory.iterdir()
+                  if (m := pattern.fullmatch(p.name)) and (p / "params").is_dir())
+
+
 class TrainCheckpointer:
     """Keeps the latest checkpoint (every `save_model_freq` steps) and every milestone
-    (`save_milestone_freq`) under `output_dir/checkpoints/streaming_params_{step}`."""
+    (`save_milestone_freq`) under `step_path(output_dir, step)`."""
 
     def __init__(self, output_dir: Path, save_model_freq: int, save_milestone_freq: int):
         self.save_model_freq, self.save_milestone_freq = save_model_freq, save_milestone_freq
-        self.directory = (Path(output_dir) / "checkpoints").absolute()
+        self.output_dir = Path(output_dir)
+        self.directory = checkpoints_dir(output_dir)
         options = ocp.CheckpointManagerOptions(max_to_keep=1, keep_period=save_milestone_freq or None,
                                                step_prefix=STEP_PREFIX, create=True)
         self.manager = ocp.CheckpointManager(self.directory, item_names=("params", "train_state", "meta"),
@@ -252,7 +275,7 @@ class TrainCheckpointer:
         return self.manager.latest_step()
 
     def step_path(self, step: int) -> Path:
-        return self.directory / f"{STEP_PREFIX}_{step}"
+        return step_path(self.output_dir, step)
 
     def due(self, step: int) -> bool:
         return any(freq > 0 and step % freq == 0 for freq in (self.save_model_freq, self.save_milestone_freq))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import difflib
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from absl import flags
 from ml_collections import ConfigDict, config_flags
@@ -54,22 +54,24 @@ def define_flags_with_default(**defaults: Any) -> dict[str, Any]:
     return defaults
 
 
-def _leaf_names(prefix: str, cfg: ConfigDict) -> list[str]:
-    names = []
-    for key, value in cfg.items():
-        if isinstance(value, ConfigDict):
-            names += _leaf_names(f"{prefix}.{key}", value)
+def flatten(tree: Mapping[str, Any] | ConfigDict, prefix: str = "") -> dict[str, Any]:
+    """{dotted name: value} for each leaf of a config tree (ConfigDicts or the dicts of its JSON)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, (Mapping, ConfigDict)):
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
-            names.append(f"{prefix}.{key}")
-    return names
+            out[f"{prefix}{key}"] = value
+    return out
 
 
-def flag_names(defaults: Mapping[str, Any]) -> list[str]:
+def _leaf_names(name: str, group: ConfigDict) -> list[str]:
+    return list(flatten(group, f"{name}."))
+
+
+def flag_names(defaults: Mapping[str, Any] | ConfigDict) -> list[str]:
     """Every flag name `defaults` defines: `seed`, and `optimizer.adamw_optimizer.lr` for each leaf of a group."""
-    names = []
-    for name, value in defaults.items():
-        names += _leaf_names(name, value) if isinstance(value, ConfigDict) else [name]
-    return names
+    return list(flatten(defaults))
 
 
 def known_flag_names() -> list[str]:
@@ -142,3 +144,16 @@ def parse_config(defaults: ConfigDict, argv: Sequence[str]) -> ConfigDict:
     except (*_PARSE_ERRORS, OSError) as e:
         raise ConfigError(str(e)) from None
     return ConfigDict({name: getattr(fv, name) for name in defaults})
+
+
+def flag_value(value: Any) -> str:
+    """A value as written on a command line (absl reads booleans as true/false)."""
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def to_flags(cfg: Mapping[str, Any], defaults: Optional[Mapping[str, Any]] = None) -> list[str]:
+    """`--name=value` for each leaf of `cfg` that is set (not None) and, when `defaults` is given,
+    differs from it: the command line that gives `cfg` to a program parsing its flags."""
+    base = flatten(defaults) if defaults is not None else {}
+    return [f"--{name}={flag_value(value)}" for name, value in flatten(cfg).items()
+            if value is not None and (defaults is None or base.get(name) != value)]

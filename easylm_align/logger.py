@@ -19,6 +19,17 @@ PEAK_FLOPS = {
 }
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows a run writing to `output_dir` has logged (one per logged step), oldest first."""
+    path = Path(output_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def default_config() -> ConfigDict:
     return ConfigDict(dict(output_dir="", tensorboard=True, peak_flops_per_device=0.0))
 
@@ -33,7 +44,7 @@ def peak_flops_per_device(override: float = 0.0) -> Optional[float]:
 class MetricsLogger:
     def __init__(self, config: ConfigDict, output_dir: Path, flops_per_token: float, resume_step: int = 0):
         self.is_main = jax.process_index() == 0
-        self.path = output_dir / "metrics.jsonl"
+        self.path = output_dir / METRICS_FILE
         self.flops_per_token = flops_per_token
         self.peak = peak_flops_per_device(config.peak_flops_per_device)
         self.num_devices = jax.device_count()
@@ -49,11 +60,9 @@ class MetricsLogger:
 
     def _truncate_after(self, step: int) -> None:
         """A run killed after its last checkpoint logged steps that the resumed run will log again."""
-        if not self.path.exists():
-            return
-        rows = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(row + "\n" for row in rows))
+        if self.path.exists():
+            kept = [row for row in read_metrics(self.path.parent) if row.get("step", 0) <= step]
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
 
     def count_tokens(self, n: int) -> None:
         self._tokens += n

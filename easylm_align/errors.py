@@ -11,6 +11,11 @@ own subclass (DataError, CheckpointError, ShardingError, ...), so a caller can t
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
+from typing import Iterator
+
 
 class UserError(ValueError):
     """Bad input (a flag, a file, a checkpoint): the message says what is wrong and what is expected."""
@@ -18,3 +23,15 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A flag or config value that cannot work (unknown name, out of range, contradicting another)."""
+
+
+@contextlib.contextmanager
+def exit_on_user_error(status: int = 2) -> Iterator[None]:
+    """For a command's `main`: a UserError raised inside is printed as one line, `error: MESSAGE`, on
+    stderr and exits with `status`; every other exception passes through with its traceback."""
+    try:
+        yield
+    except UserError as e:
+        logging.debug("user error", exc_info=True)  # --verbosity=1 shows where it was raised
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(status)

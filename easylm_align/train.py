@@ -28,7 +28,7 @@ from tqdm import tqdm
 from easylm_align import (attention, checkpoint, datasets, logger, memory, model, objectives, optimizer, run_config,
                           sharding, tokenizer)
 from easylm_align.config import FLAGS, define_flags_with_default, parse_flags_or_exit, parsed_config
-from easylm_align.errors import ConfigError, UserError
+from easylm_align.errors import ConfigError, exit_on_user_error
 
 # The trainer's own flags; the model flags every program shares come from run_config.
 DEFAULTS = dict(
@@ -193,7 +193,8 @@ class Trainer:
         train_step = self._jit_train_step()
         eval_step = jax.jit(self._eval_step, in_shardings=(self.param_sh, batch_sh), out_shardings=repl)
         flops = model.flops_per_token(self.llama_config, self.train_data.seq_length)
-        metrics_log = logger.MetricsLogger(cfg.logger, self.output_dir, flops, resume_step=step)
+        metrics_log = logger.MetricsLogger(cfg.logger, self.output_dir, flops, resume_step=step,
+                                           run_config=cfg.to_dict())
         if jax.process_index() == 0:
             (self.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         last_saved = ckpt.latest_step()
@@ -268,20 +269,17 @@ def main(argv) -> None:
     del argv
     if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO; keep the console readable
         absl_logging.set_verbosity(absl_logging.WARNING)
-    sharding.initialize_distributed(FLAGS.jax_distributed)
     try:
-        trainer = Trainer(parsed_config())
-        if trainer.cfg.dry_run:
-            trainer.dry_run()
-            return
-        output_dir = trainer.run()
+        with exit_on_user_error():  # anything else is a bug and keeps its traceback
+            sharding.initialize_distributed(FLAGS.jax_distributed)
+            trainer = Trainer(parsed_config())
+            if trainer.cfg.dry_run:
+                trainer.dry_run()
+                return
+            output_dir = trainer.run()
     except TrainingDiverged as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
-    except UserError as e:  # anything else is a bug and keeps its traceback
-        logging.debug("user error", exc_info=True)
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
     print(f"done: metrics in {output_dir / 'metrics.jsonl'}, checkpoints in {output_dir / 'checkpoints'}")
 
 

@@ -5,8 +5,6 @@ one-line errors."""
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,7 +13,7 @@ from absl import logging as absl_logging
 
 from easylm_align import checkpoint, model, sharding, tokenizer
 from easylm_align.config import FLAGS
-from easylm_align.errors import ConfigError, UserError
+from easylm_align.errors import ConfigError, exit_on_user_error
 
 
 def load_model(cfg: Any) -> tuple[Any, model.LlamaForCausalLM, tokenizer.Tokenizer, Any]:
@@ -53,13 +51,9 @@ def cli_main(run: Callable[[Any], dict], format_table: Callable[[dict], str], ou
     """Body of an evaluation command's absl `main`: run, print the table, one-line user errors."""
     if not FLAGS["verbosity"].present:  # Orbax logs every read at INFO
         absl_logging.set_verbosity(absl_logging.WARNING)
-    sharding.initialize_distributed(FLAGS.jax_distributed)
-    try:
+    with exit_on_user_error():  # anything else is a bug and keeps its traceback
+        sharding.initialize_distributed(FLAGS.jax_distributed)
         report = run(FLAGS)
-    except UserError as e:  # anything else is a bug and keeps its traceback
-        logging.debug("user error", exc_info=True)
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
     if jax.process_index() == 0:
         print(format_table(report))
         if output(FLAGS):

@@ -21,6 +21,8 @@ from __future__ import annotations
 import string
 from typing import NamedTuple
 
+from easylm_align.errors import ConfigError
+
 __all__ = ["ALPACA_TEMPLATES", "AlpacaTemplate", "get_alpaca_template", "template_parts"]
 
 
@@ -117,7 +119,7 @@ def get_alpaca_template(lang: str) -> AlpacaTemplate:
     try:
         return ALPACA_TEMPLATES[lang]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"unknown alpaca_lang {lang!r}; available: {', '.join(sorted(ALPACA_TEMPLATES))}"
         ) from None
 
@@ -133,6 +135,6 @@ def template_parts(template: str) -> list[tuple[str, str | None]]:
     parts: list[tuple[str, str | None]] = []
     for literal, slot, spec, conversion in string.Formatter().parse(template):
         if slot is not None and (not slot.isidentifier() or spec or conversion):
-            raise ValueError(f"template slot {{{slot}}} must be a plain name like {{instruction}}")
+            raise ConfigError(f"template slot {{{slot}}} must be a plain name like {{instruction}}")
         parts.append((literal, slot))
     return parts

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from easylm_align.errors import ConfigError
+
 BACKENDS = ("auto", "einsum", "xla", "cudnn", "splash", "blockwise")
 _NEG = float(np.finfo(np.float32).min)
 
@@ -85,7 +87,7 @@ def supported(backend: str, options: Options, platform: str) -> Optional[str]:
         if options.fcm:
             return "attention=splash has no forgetful causal masking (fcm_max_ratio > 0)"
         return None
-    raise ValueError(f"attention={backend!r}: use one of {BACKENDS}")
+    raise ConfigError(f"attention={backend!r}: use one of {BACKENDS}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,7 +101,7 @@ def resolve(backend: str, options: Options, platform: Optional[str] = None) -> s
     if backend != "auto":
         reason = supported(backend, options, platform)
         if reason:
-            raise ValueError(reason)
+            raise ConfigError(reason)
         return backend
     preferred = {"tpu": "splash", "gpu": "cudnn"}.get(platform)
     for candidate in ([preferred] if preferred else []) + ["xla", "blockwise"]:
@@ -310,7 +312,7 @@ def _splash(q, k, v, mask: MaskInfo, interpret: bool) -> jnp.ndarray:
     group = h // kv
     block = min(512, t)
     if t % block or t % 128:
-        raise ValueError(f"attention=splash needs a sequence length divisible by 128 (got {t})")
+        raise ConfigError(f"attention=splash needs a sequence length divisible by 128 (got {t})")
     sizes = kernel.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     causal = masks.MultiHeadMask([masks.CausalMask((t, t)) for _ in range(group)])

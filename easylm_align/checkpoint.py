@@ -21,6 +21,7 @@ import glob
 import json
 import logging
 import tempfile
+import re
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -30,12 +31,13 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from easylm_align import easylm_checkpoint, model
-from easylm_align.sharding import path_str
+from easylm_align.errors import UserError
+from easylm_align.tree_paths import path_str
 
 STEP_PREFIX = "streaming_params"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     pass
 
 
@@ -211,14 +213,6 @@ def _load_easylm(path: Path, target: Any, llama_config: Optional[Any]) -> Any:
     return jax.tree_util.tree_map_with_path(lambda p, leaf: place(path_str(p), leaf), target)
 
 
-def load_params_numpy(path: str) -> dict:
-    """Restores the `params` item as host NumPy arrays in their stored dtypes (for conversion tools)."""
-    ckpt = resolve_path(path)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        tree = ckptr.restore(ckpt / "params")
-    return jax.tree_util.tree_map(np.asarray, tree)
-
-
 # ----------------------------------------------------------------------------------------------
 # Train checkpoints
 # ----------------------------------------------------------------------------------------------
@@ -256,8 +250,27 @@ def require_writable(directory: Path, flag: str) -> None:
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as e:
-        raise ValueError(f"{flag}={directory}: cannot write there ({e.strerror or e}); "
+        raise CheckpointError(f"{flag}={directory}: cannot write there ({e.strerror or e}); "
                          "choose a writable directory") from None
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    """Where a training run writing to `output_dir` keeps its checkpoints."""
+    return (Path(output_dir) / "checkpoints").absolute()
+
+
+def step_path(output_dir: str | Path, step: int) -> Path:
+    """The checkpoint of `step` of the run writing to `output_dir`: `checkpoints/streaming_params_{step}`."""
+    return checkpoints_dir(output_dir) / f"{STEP_PREFIX}_{step}"
+
+
+def saved_steps(output_dir: str | Path) -> list[int]:
+    """The steps of the run's complete checkpoints, ascending (Orbax's temporary directories of a save
+    in progress have another name, and a checkpoint counts once its params are written)."""
+    directory = checkpoints_dir(output_dir)
+    if not directory.is_dir():
+        return []
+    pattern = re.compile(rf"{STEP_PREFIX}_(\d+)")
+    return sorted(int(m.group(1)) for p in directory.iterdir()
+                  if (m := pattern.fullmatch(p.name)) and (p / "params").is_dir())
 
 
 class TrainCheckpointer:
@@ -273,7 +286,8 @@ class TrainCheckpointer:
 
     def __init__(self, output_dir: Path, save_model_freq: int, save_milestone_freq: int):
         self.save_model_freq, self.save_milestone_freq = save_model_freq, save_milestone_freq
-        self.directory = (Path(output_dir) / "checkpoints").absolute()
+        self.output_dir = Path(output_dir)
+        self.directory = checkpoints_dir(output_dir)
         options = ocp.CheckpointManagerOptions(max_to_keep=1, keep_period=save_milestone_freq or None,
                                                step_prefix=STEP_PREFIX, create=True,
                                                enable_async_checkpointing=True, cleanup_tmp_directories=True)
@@ -286,7 +300,7 @@ class TrainCheckpointer:
         return self.manager.latest_step()
 
     def step_path(self, step: int) -> Path:
-        return self.directory / f"{STEP_PREFIX}_{step}"
+        return step_path(self.output_dir, step)
 
     def due(self, step: int) -> bool:
         return any(freq > 0 and step % freq == 0 for freq in (self.save_model_freq, self.save_milestone_freq))

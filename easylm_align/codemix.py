@@ -48,6 +48,7 @@ from itertools import compress
 from typing import NamedTuple
 
 from easylm_align import records
+from easylm_align.errors import ConfigError
 from easylm_align.records import DataError
 
 __all__ = [
@@ -174,7 +175,7 @@ class CodeMixer:
         whitespace_split: bool = False,
     ):
         if not 0.0 <= float(ratio) <= 1.0:  # also rejects NaN
-            raise ValueError(f"codemix_ratio must be in [0, 1], got {ratio!r}")
+            raise ConfigError(f"codemix_ratio must be in [0, 1], got {ratio!r}")
         self.dictionary = dictionary
         self.ratio = float(ratio)
         self.seed = int(seed)

@@ -45,8 +45,8 @@ from ml_collections import ConfigDict
 from easylm_align import checkpoint, easylm_checkpoint, model
 from easylm_align.hf_mapping import (DTYPES, HF_FIELDS, ConversionError, TensorSpec, check_stored_shapes,
                                      expected_shapes, hf_config, quiet_orbax_logs, staged_output, tensor_specs)
-from easylm_align.sharding import path_str
 from easylm_align.tokenizer import Tokenizer, TokenizerError
+from easylm_align.tree_paths import path_str
 
 FLAGS = flags.FLAGS
 

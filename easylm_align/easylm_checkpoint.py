@@ -32,11 +32,13 @@ import msgpack
 import numpy as np
 from flax import serialization
 
+from easylm_align.errors import UserError
+
 _READ_SIZE = 1 << 24
 _ROTARY_KERNELS = ("attention/wq/kernel", "attention/wk/kernel")
 
 
-class EasyLMFormatError(ValueError):
+class EasyLMFormatError(UserError):
     pass
 
 

@@ -27,8 +27,9 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from easylm_align import model, tokenizer
+from easylm_align import model, run_config, tokenizer
 from easylm_align.config import define_flags_with_default, parse_flags_or_exit
+from easylm_align.errors import ConfigError
 from easylm_align.evaluation import runtime, squad
 from easylm_align.generation import GreedyDecoder
 
@@ -50,10 +51,10 @@ def default_eval_config() -> ConfigDict:
     ))
 
 
-def default_flags() -> dict[str, Any]:
-    """The command line's flags and defaults. Defined only when run as a program, so that tools
-    importing `evaluate_squad` next to the trainer do not define the shared flag names twice."""
-    return dict(runtime.model_flags(), eval=default_eval_config())
+def default_flags() -> ConfigDict:
+    """The run configuration: the model flags every program shares and `--eval.*`. Defined as
+    absl flags only when run as a program, so importing `evaluate_squad` defines no flag."""
+    return run_config.default_config(eval=default_eval_config())
 
 
 def task_name(config: ConfigDict) -> str:
@@ -65,14 +66,14 @@ def task_name(config: ConfigDict) -> str:
 
 def check_eval_config(config: ConfigDict) -> None:
     if not config.lang:
-        raise ValueError("--eval.lang is required (the language of the data, e.g. hi)")
+        raise ConfigError("--eval.lang is required (the language of the data, e.g. hi)")
     squad.prompt_labels(config.prompt_lang or config.lang)
     if config.prompt_style not in squad.TASK_FAMILIES:
-        raise ValueError(f"--eval.prompt_style={config.prompt_style!r}: use one of {sorted(squad.TASK_FAMILIES)}")
+        raise ConfigError(f"--eval.prompt_style={config.prompt_style!r}: use one of {sorted(squad.TASK_FAMILIES)}")
     if config.prompt_style == "mlqa" and config.lang not in squad.MLQA_LANGS:
-        raise ValueError(f"--eval.lang={config.lang!r}: MLQA's metric knows only {sorted(squad.MLQA_LANGS)}")
+        raise ConfigError(f"--eval.lang={config.lang!r}: MLQA's metric knows only {sorted(squad.MLQA_LANGS)}")
     if config.shots < 0 or config.batch_size < 1 or config.max_new_tokens < 1:
-        raise ValueError("--eval.shots must be >= 0, --eval.batch_size and --eval.max_new_tokens >= 1")
+        raise ConfigError("--eval.shots must be >= 0, --eval.batch_size and --eval.max_new_tokens >= 1")
 
 
 def build_prompts(examples: Sequence[squad.QAExample], config: ConfigDict
@@ -151,7 +152,7 @@ def run(cfg: Any) -> dict:
     ev = cfg.eval
     check_eval_config(ev)
     if not ev.squad_file:
-        raise ValueError("--eval.squad_file is required")
+        raise ConfigError("--eval.squad_file is required")
     examples = squad.load_squad(ev.squad_file)  # before loading the model: a bad file fails fast
     params, llama, tok, mesh = runtime.load_model(cfg)
     report = evaluate_squad(params, llama, tok, examples, ev, mesh)

@@ -24,7 +24,9 @@ from absl import app
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
+from easylm_align import run_config
 from easylm_align.config import define_flags_with_default, parse_flags_or_exit
+from easylm_align.errors import ConfigError
 from easylm_align.evaluation import icl_tasks, runtime
 from easylm_align.evaluation.loglik import LoglikScorer
 
@@ -46,18 +48,18 @@ def default_icl_config() -> ConfigDict:
     ))
 
 
-def default_flags() -> dict[str, Any]:
-    """The command line's flags. Defined only when run as a program (see `evaluate.default_flags`)."""
-    return dict(runtime.model_flags(), icl=default_icl_config())
+def default_flags() -> ConfigDict:
+    """The run configuration: the model flags and `--icl.*` (see `evaluate.default_flags`)."""
+    return run_config.default_config(icl=default_icl_config())
 
 
 def _split(value: str, flag: str, cast: Callable = str) -> list:
     try:
         items = [cast(x.strip()) for x in str(value).split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--icl.{flag}={value!r}: expected a comma-separated list") from None
+        raise ConfigError(f"--icl.{flag}={value!r}: expected a comma-separated list") from None
     if not items:
-        raise ValueError(f"--icl.{flag} is empty")
+        raise ConfigError(f"--icl.{flag} is empty")
     return items
 
 
@@ -68,7 +70,7 @@ def settings_from_config(config: ConfigDict) -> list[icl_tasks.EvalSetting]:
     if len(prompt_langs) == 1:
         prompt_langs *= len(sample_langs)
     if len(prompt_langs) != len(sample_langs):
-        raise ValueError(f"--icl.prompt_langs={config.prompt_langs!r} needs one language, or one per "
+        raise ConfigError(f"--icl.prompt_langs={config.prompt_langs!r} needs one language, or one per "
                          f"--icl.sample_langs={config.sample_langs!r}")
     shots, seeds = _split(config.shots, "shots", int), _split(config.seeds, "seeds", int)
     settings = []
@@ -81,7 +83,7 @@ def settings_from_config(config: ConfigDict) -> list[icl_tasks.EvalSetting]:
 def build_suite(config: ConfigDict) -> tuple[list[icl_tasks.EvalSetting], dict[str, list[icl_tasks.Request]]]:
     """The settings and their requests (reads the data files; cheap, so done before loading a model)."""
     if not config.data_dir:
-        raise ValueError("--icl.data_dir is required (the directory holding pawsx/, xnli/, xcopa/)")
+        raise ConfigError("--icl.data_dir is required (the directory holding pawsx/, xnli/, xcopa/)")
     settings = settings_from_config(config)
     return settings, icl_tasks.build_suite(settings, config.data_dir, config.limit if config.limit > 0 else None)
 

@@ -24,6 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from easylm_align.errors import ConfigError
 from easylm_align.model import KVCache, LlamaForCausalLM
 from easylm_align.sharding import BATCH_AXES, data_parallel_size
 from easylm_align.tokenizer import Tokenizer
@@ -59,7 +60,7 @@ class GreedyDecoder:
     def __init__(self, model: LlamaForCausalLM, tokenizer: Tokenizer, max_new_tokens: int = 32,
                  mesh: Optional[Mesh] = None, stop_at_newline: bool = True, min_bucket: int = 64):
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
         self.max_new_tokens = max_new_tokens
         self.min_bucket = max(min_bucket, 2)  # the prefill takes all but one token of the bucket
@@ -68,7 +69,7 @@ class GreedyDecoder:
         # Room for the prompt plus the generated tokens within the model's positions.
         self.max_prompt_length = model.config.max_position_embeddings - max_new_tokens
         if self.max_prompt_length < 2:
-            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt within "
+            raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt within "
                              f"max_position_embeddings={model.config.max_position_embeddings}")
         self.num_compilations = 0  # traces of the decode function, i.e. one per (batch, bucket)
         self._decode = jax.jit(self._decode_batch)

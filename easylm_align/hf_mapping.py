@@ -40,7 +40,8 @@ from absl import logging as absl_logging
 from ml_collections import ConfigDict
 
 from easylm_align import model
-from easylm_align.sharding import path_str
+from easylm_align.errors import UserError
+from easylm_align.tree_paths import path_str
 
 DTYPES: dict[str, Any] = {"fp32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}
 TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -71,7 +72,7 @@ _HF_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                     rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A problem with the user's input; the tools print it as one line and exit."""
 
 

@@ -26,6 +26,7 @@ from ml_collections import ConfigDict
 from ml_collections.config_dict import placeholder
 
 from easylm_align import attention
+from easylm_align.errors import ConfigError
 
 DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16,
           "bfloat16": jnp.bfloat16, "fp16": jnp.float16, "float16": jnp.float16}
@@ -93,22 +94,22 @@ def default_llama_overrides() -> ConfigDict:
 def get_llama_config(name: str, update_json: str = "", overrides: Optional[dict] = None) -> ConfigDict:
     """Resolves a named preset, then `--update_llama_config` JSON, then `--llama.FIELD` overrides."""
     if name not in LLAMA_PRESETS:
-        raise ValueError(f"--load_llama_config={name!r} is not a known config; "
+        raise ConfigError(f"--load_llama_config={name!r} is not a known config; "
                          f"choose one of {sorted(LLAMA_PRESETS)}")
     cfg = dict(_DEFAULTS, **LLAMA_PRESETS[name])
     if update_json:
         try:
             updates = json.loads(update_json)
         except (json.JSONDecodeError, RecursionError) as e:
-            raise ValueError(f"--update_llama_config is not valid JSON ({e}): {update_json[:200]!r}") from None
+            raise ConfigError(f"--update_llama_config is not valid JSON ({e}): {update_json[:200]!r}") from None
         if not isinstance(updates, dict):
-            raise ValueError(f"--update_llama_config must be a JSON object, got {update_json!r}")
+            raise ConfigError(f"--update_llama_config must be a JSON object, got {update_json!r}")
         _merge(cfg, updates, "--update_llama_config")
     _merge(cfg, {k: v for k, v in (overrides or {}).items() if v is not None}, "--llama")
     try:
         _validate(cfg)
     except ValueError as e:  # name the flags that made the config
-        raise ValueError(f"--load_llama_config={name!r} with --update_llama_config / --llama.*: {e}") from None
+        raise ConfigError(f"--load_llama_config={name!r} with --update_llama_config / --llama.*: {e}") from None
     return ConfigDict(cfg)
 
 
@@ -117,7 +118,7 @@ def _merge(cfg: dict, updates: dict, source: str) -> None:
         if key not in cfg:
             near = difflib.get_close_matches(key, list(cfg), n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise ValueError(f"{source}: unknown LLaMA config field {key!r}{hint}")
+            raise ConfigError(f"{source}: unknown LLaMA config field {key!r}{hint}")
         cfg[key] = _typed(value, type(cfg[key]), f"{source}: {key}")
 
 
@@ -127,9 +128,9 @@ def _typed(value: Any, kind: type, name: str) -> Any:
         value = float(value)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
+        raise ConfigError(f"{name} must be {expected}, got {value!r}")
     if kind is float and not np.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+        raise ConfigError(f"{name} must be finite, got {value!r}")
     return value
 
 
@@ -137,28 +138,28 @@ def _validate(cfg: dict) -> None:
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "max_position_embeddings"):
         if cfg[key] < 1:
-            raise ValueError(f"{key}={cfg[key]} must be positive")
+            raise ConfigError(f"{key}={cfg[key]} must be positive")
     for key in ("rms_norm_eps", "rope_theta"):
         if cfg[key] <= 0:
-            raise ValueError(f"{key}={cfg[key]} must be positive")
+            raise ConfigError(f"{key}={cfg[key]} must be positive")
     for key in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
         if not 0.0 <= cfg[key] < 1.0:
-            raise ValueError(f"{key}={cfg[key]} must be in [0, 1)")
+            raise ConfigError(f"{key}={cfg[key]} must be in [0, 1)")
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     if cfg["hidden_size"] % heads:
-        raise ValueError(f"hidden_size={cfg['hidden_size']} is not divisible by num_attention_heads={heads}")
+        raise ConfigError(f"hidden_size={cfg['hidden_size']} is not divisible by num_attention_heads={heads}")
     if heads % kv:
-        raise ValueError(f"num_attention_heads={heads} is not divisible by num_key_value_heads={kv}")
+        raise ConfigError(f"num_attention_heads={heads} is not divisible by num_key_value_heads={kv}")
     if (cfg["hidden_size"] // heads) % 2:
-        raise ValueError("head_dim (hidden_size / num_attention_heads) must be even for rotary embedding")
+        raise ConfigError("head_dim (hidden_size / num_attention_heads) must be even for rotary embedding")
     if not 0.0 <= cfg["fcm_min_ratio"] <= cfg["fcm_max_ratio"] <= 1.0:
-        raise ValueError("need 0 <= fcm_min_ratio <= fcm_max_ratio <= 1")
+        raise ConfigError("need 0 <= fcm_min_ratio <= fcm_max_ratio <= 1")
     if cfg["remat_policy"] != "none" and not hasattr(jax.checkpoint_policies, cfg["remat_policy"]):
-        raise ValueError(f"remat_policy={cfg['remat_policy']!r}: use 'none' or a jax.checkpoint_policies name")
+        raise ConfigError(f"remat_policy={cfg['remat_policy']!r}: use 'none' or a jax.checkpoint_policies name")
     if cfg["attention"] not in attention.BACKENDS:
-        raise ValueError(f"attention={cfg['attention']!r}: use one of {', '.join(attention.BACKENDS)}")
+        raise ConfigError(f"attention={cfg['attention']!r}: use one of {', '.join(attention.BACKENDS)}")
     if cfg["attention_block_size"] < 1:
-        raise ValueError("attention_block_size must be >= 1")
+        raise ConfigError("attention_block_size must be >= 1")
 
 
 def head_dim(config: ConfigDict) -> int:
@@ -396,7 +397,7 @@ def build_model(config: ConfigDict, dtype: str = "fp32", param_dtype: str = "fp3
 
 def get_dtype(name: str, flag: str) -> Any:
     if name not in DTYPES:
-        raise ValueError(f"{flag}={name!r}: choose one of {', '.join(DTYPES)}")
+        raise ConfigError(f"{flag}={name!r}: choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
+from easylm_align.errors import ConfigError
 from easylm_align.model import lm_head_kernel
 
 
@@ -82,7 +83,7 @@ def default_config() -> ConfigDict:
 def clm_loss(model, params, batch: dict, rng, deterministic: bool, config) -> tuple[jnp.ndarray, dict]:
     """Causal LM on packed rows (all of COMMIT's stages)."""
     if config.loss_chunk_size < 0:
-        raise ValueError(f"--objectives.loss_chunk_size={config.loss_chunk_size}: use 0 (off) or a positive size")
+        raise ConfigError(f"--objectives.loss_chunk_size={config.loss_chunk_size}: use 0 (off) or a positive size")
     chunked = config.loss_chunk_size > 0
     out = model.apply({"params": params}, batch["input_tokens"], positions=batch["positions"],
                       segment_ids=batch["segment_ids"], deterministic=deterministic, rngs={"dropout": rng},
@@ -121,10 +122,10 @@ def parse_pooler(name: str, num_hidden_states: int) -> tuple[str, tuple[int, ...
     elif name in _NAMED_POOLERS:
         reduction, layers = _NAMED_POOLERS[name]
     else:
-        raise ValueError(f"--objectives.pooler={name!r}: use last-K, avg-K, max-K (K = 0..{num_hidden_states - 1}, "
+        raise ConfigError(f"--objectives.pooler={name!r}: use last-K, avg-K, max-K (K = 0..{num_hidden_states - 1}, "
                          f"0 = embeddings) or one of {sorted(_NAMED_POOLERS)}")
     if not all(-num_hidden_states <= k < num_hidden_states for k in layers):
-        raise ValueError(f"--objectives.pooler={name!r}: the model has hidden states 0..{num_hidden_states - 1}")
+        raise ConfigError(f"--objectives.pooler={name!r}: the model has hidden states 0..{num_hidden_states - 1}")
     return reduction, tuple(k % num_hidden_states for k in layers)
 
 
@@ -161,7 +162,7 @@ def contrastive_loss(anchors: jnp.ndarray, positives: jnp.ndarray, temperature: 
     similarity matrix spans all devices, so the negatives come from the global batch.
     """
     if temperature <= 0:
-        raise ValueError(f"--objectives.temperature={temperature}: must be positive")
+        raise ConfigError(f"--objectives.temperature={temperature}: must be positive")
     logits = _cosine_logits(anchors, positives, temperature)
     if hard_negatives is not None:
         offset = hard_negative_weight * jnp.eye(anchors.shape[0], dtype=jnp.float32)

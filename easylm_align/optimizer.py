@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict
 
-from easylm_align.sharding import path_str
+from easylm_align.errors import ConfigError
+from easylm_align.tree_paths import path_str
 
 
 def default_config() -> ConfigDict:
@@ -50,7 +51,7 @@ def lr_schedule(config: ConfigDict) -> optax.Schedule:
     """Linear warmup from init_lr to lr over lr_warmup_steps, then cosine to end_lr at lr_decay_steps."""
     c = config.adamw_optimizer
     if c.lr_decay_steps <= c.lr_warmup_steps:
-        raise ValueError(f"--optimizer.adamw_optimizer.lr_decay_steps={c.lr_decay_steps} must be larger than "
+        raise ConfigError(f"--optimizer.adamw_optimizer.lr_decay_steps={c.lr_decay_steps} must be larger than "
                          f"lr_warmup_steps={c.lr_warmup_steps}")
     return optax.warmup_cosine_decay_schedule(init_value=c.init_lr, peak_value=c.lr, warmup_steps=c.lr_warmup_steps,
                                               decay_steps=c.lr_decay_steps, end_value=c.end_lr)
@@ -64,9 +65,9 @@ def decay_mask(params: Any) -> Any:
 def build(config: ConfigDict) -> tuple[optax.GradientTransformation, Callable[[Any], jnp.ndarray]]:
     """Returns the optimizer and a function from its state to the current learning rate."""
     if config.type != "adamw":
-        raise ValueError(f"--optimizer.type={config.type!r}: only 'adamw' is implemented")
+        raise ConfigError(f"--optimizer.type={config.type!r}: only 'adamw' is implemented")
     if config.accumulate_gradient_steps < 1:
-        raise ValueError("--optimizer.accumulate_gradient_steps must be >= 1")
+        raise ConfigError("--optimizer.accumulate_gradient_steps must be >= 1")
     c = config.adamw_optimizer
     schedule = lr_schedule(config)
     mu_dtype = jnp.bfloat16 if c.bf16_momentum else None

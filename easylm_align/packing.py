@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from easylm_align.errors import ConfigError
+
 
 class Packer:
     def __init__(self, seq_length: int, batch_size: int, separate_segments: bool = False):
         if seq_length < 1 or batch_size < 1:
-            raise ValueError(f"seq_length={seq_length} and batch_size={batch_size} must be positive")
+            raise ConfigError(f"seq_length={seq_length} and batch_size={batch_size} must be positive")
         self.seq_length = seq_length
         self.batch_size = batch_size
         self.separate_segments = separate_segments

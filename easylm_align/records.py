@@ -22,6 +22,8 @@ import re
 from pathlib import Path
 from typing import Any, Collection, Iterator, NamedTuple, Optional
 
+from easylm_align.errors import UserError
+
 ON_BAD_LINE = ("error", "skip")
 # A byte that is not UTF-8, decoded with errors="surrogateescape".
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
@@ -33,7 +35,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _SPACE = re.compile("[ \t\r\n]*")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data (a user mistake); the message names the file and line and what was expected."""
 
 

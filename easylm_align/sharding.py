@@ -22,6 +22,9 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
+from easylm_align.errors import UserError
+from easylm_align.tree_paths import path_str
+
 MESH_AXES = ("dp", "fsdp", "mp")
 BATCH_AXES = ("dp", "fsdp")
 
@@ -47,7 +50,7 @@ ACTIVATION_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError):
     pass
 
 
@@ -101,10 +104,6 @@ def activation_rules(mesh: Mesh) -> Iterator[None]:
     """Inside: the model's logical activation constraints resolve to `mesh` (outside they are no-ops)."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(ACTIVATION_RULES):
         yield
-
-
-def path_str(path: tuple) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def partition_specs(tree: Any, mesh: Mesh, strict: bool = True) -> Any:

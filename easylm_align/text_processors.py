@@ -36,12 +36,13 @@ from ml_collections import ConfigDict
 
 from easylm_align.alpaca_templates import get_alpaca_template
 from easylm_align.codemix import CodeMixer, MixStats
+from easylm_align.errors import ConfigError, UserError
 from easylm_align.tokenizer import Tokenizer
 
 PROCESSORS: dict[str, type["TextProcessor"]] = {}
 
 
-class ProcessorError(ValueError):
+class ProcessorError(UserError):
     """A problem with one example; the dataset adds the file and line."""
 
 
@@ -95,7 +96,7 @@ def register(name: str) -> Callable[[type["TextProcessor"]], type["TextProcessor
 def build(config: ConfigDict, tokenizer: Tokenizer) -> "TextProcessor":
     name = config.type or ("alpaca" if config.alpaca else "fields")
     if name not in PROCESSORS:
-        raise ValueError(f"--*.text_processor.type={name!r}: choose one of {sorted(PROCESSORS)}")
+        raise ConfigError(f"--*.text_processor.type={name!r}: choose one of {sorted(PROCESSORS)}")
     return PROCESSORS[name](config, tokenizer)
 
 
@@ -106,7 +107,7 @@ class TextProcessor:
         self.config = config
         self.tokenizer = tokenizer
         if not 0.0 <= config.codemix_ratio <= 1.0:
-            raise ValueError(f"--*.text_processor.codemix_ratio={config.codemix_ratio}: must be in [0, 1]")
+            raise ConfigError(f"--*.text_processor.codemix_ratio={config.codemix_ratio}: must be in [0, 1]")
         self.mixer = None
         if config.codemix_dict_path:
             self.mixer = CodeMixer.from_file(
@@ -185,7 +186,7 @@ class FieldsProcessor(TextProcessor):
             loss = not (item.startswith("[") and item.endswith("]"))
             item = item.strip("[]")
             if not item:
-                raise ValueError(f"--*.text_processor.fields={config.fields!r}: empty field name")
+                raise ConfigError(f"--*.text_processor.fields={config.fields!r}: empty field name")
             self.spec.append((item.split("+"), loss))
 
     def segments(self, example: dict, index: int) -> tuple[list[Segment], MixStats]:

@@ -8,11 +8,13 @@ from typing import Sequence
 import sentencepiece as spm
 from ml_collections import ConfigDict
 
+from easylm_align.errors import UserError
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO_TOKENIZER = ASSETS / "demo_tokenizer.model"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     pass
 
 

@@ -26,19 +26,15 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from easylm_align import (attention, checkpoint, datasets, logger, memory, model, objectives, optimizer, preemption,
-                          sharding, tokenizer)
+                          run_config, sharding, tokenizer)
 from easylm_align.config import FLAGS, define_flags_with_default, parse_flags_or_exit, parsed_config
+from easylm_align.errors import ConfigError, exit_on_user_error
 from easylm_align.evaluation import during_training
 
-DEFAULTS = define_flags_with_default(
+# The trainer's own flags; the model flags every program shares come from run_config.
+DEFAULTS = dict(
     seed=42,
-    mesh_dim="1,-1,1",
-    dtype="fp32",
-    param_dtype="fp32",
     total_steps=300,
-    load_llama_config="demo",
-    update_llama_config="",
-    load_checkpoint="",
     log_freq=20,
     save_model_freq=0,
     save_milestone_freq=0,
@@ -46,21 +42,18 @@ DEFAULTS = define_flags_with_default(
     dry_run=False,
     nonfinite_policy="stop",
     objective="clm",
-    tokenizer=tokenizer.default_config(),
     train_dataset=datasets.default_config(),
     eval_dataset=datasets.default_config(),
     optimizer=optimizer.default_config(),
-    llama=model.default_llama_overrides(),
     objectives=objectives.default_config(),
     logger=logger.default_config(),
-    jax_distributed=sharding.default_distributed_config(),
     squad_eval=during_training.default_config(),
 )
 
 
 def default_config() -> ConfigDict:
-    """All train flags as one ConfigDict (for running the trainer from Python)."""
-    return ConfigDict(copy.deepcopy(DEFAULTS))
+    """The trainer's run configuration (every train flag), for running the trainer from Python."""
+    return run_config.default_config(**copy.deepcopy(DEFAULTS))
 
 
 # stop: a non-finite loss ends the run (exit 1) and keeps the last good checkpoint;
@@ -93,15 +86,15 @@ class Trainer:
         self.tokenizer = tokenizer.Tokenizer.from_config(cfg.tokenizer)
         self.tokenizer.check_fits(self.llama_config.vocab_size)
         if cfg.objective not in objectives.OBJECTIVES:
-            raise ValueError(f"--objective={cfg.objective!r}: choose one of {sorted(objectives.OBJECTIVES)}")
+            raise ConfigError(f"--objective={cfg.objective!r}: choose one of {sorted(objectives.OBJECTIVES)}")
         if cfg.nonfinite_policy not in NONFINITE_POLICIES:
-            raise ValueError(f"--nonfinite_policy={cfg.nonfinite_policy!r}: choose one of {NONFINITE_POLICIES}")
+            raise ConfigError(f"--nonfinite_policy={cfg.nonfinite_policy!r}: choose one of {NONFINITE_POLICIES}")
         self.model = model.build_model(self.llama_config, cfg.dtype, cfg.param_dtype)
         try:  # a backend the run's options rule out is a config error, found before any data is read
             self.attention_backend = attention.resolve(
                 self.llama_config.attention, model.run_options(self.llama_config, False, self.model.dtype))
-        except ValueError as e:
-            raise ValueError(f"--llama.attention / --update_llama_config: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"--llama.attention / --update_llama_config: {e}") from None
         if cfg.dry_run:  # shapes come from the config; no data is opened
             self.train_data = self.eval_data = None
         else:
@@ -220,7 +213,8 @@ class Trainer:
         train_step = self._jit_train_step()
         eval_step = jax.jit(self._eval_step, in_shardings=(self.param_sh, batch_sh), out_shardings=repl)
         flops = model.flops_per_token(self.llama_config, self.train_data.seq_length)
-        metrics_log = logger.MetricsLogger(cfg.logger, self.output_dir, flops, resume_step=step)
+        metrics_log = logger.MetricsLogger(cfg.logger, self.output_dir, flops, resume_step=step,
+                                           run_config=cfg.to_dict())
         if jax.process_index() == 0:
             (self.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         last_saved = ckpt.latest_step()
@@ -314,13 +308,14 @@ def main(argv) -> None:
     del argv
     if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO; keep the console readable
         absl_logging.set_verbosity(absl_logging.WARNING)
-    sharding.initialize_distributed(FLAGS.jax_distributed)
     try:
-        trainer = Trainer(parsed_config())
-        if trainer.cfg.dry_run:
-            trainer.dry_run()
-            return
-        output_dir = trainer.run()
+        with exit_on_user_error():  # anything else is a bug and keeps its traceback
+            sharding.initialize_distributed(FLAGS.jax_distributed)
+            trainer = Trainer(parsed_config())
+            if trainer.cfg.dry_run:
+                trainer.dry_run()
+                return
+            output_dir = trainer.run()
     except preemption.Preempted as e:
         print(f"preempted: {e}", flush=True)
         sys.exit(preemption.EXIT_PREEMPTED)
@@ -328,12 +323,9 @@ def main(argv) -> None:
         logging.debug("stopped", exc_info=True)
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
-    except (ValueError, FileNotFoundError) as e:
-        logging.debug("user error", exc_info=True)
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
     print(f"done: metrics in {output_dir / 'metrics.jsonl'}, checkpoints in {output_dir / 'checkpoints'}")
 
 
 if __name__ == "__main__":
+    define_flags_with_default(**default_config())
     app.run(main, flags_parser=parse_flags_or_exit)

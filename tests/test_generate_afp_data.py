@@ -225,9 +225,9 @@ def test_tsv_line_without_tab(tmp_path):
 
 def test_missing_files_and_bad_arguments(tmp_path, capsys):
     _write_bx(tmp_path, "en", _records("en", 2))
-    with pytest.raises(FileNotFoundError, match=r"zh\.json"):
+    with pytest.raises(gen.DataError, match=r"zh\.json"):
         gen.generate("bilingual", ["en", "zh"], bactrian_dir=tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"nope\.tsv"):
+    with pytest.raises(gen.DataError, match=r"nope\.tsv"):
         gen.generate("translation", ["en", "zh"], translation_file=tmp_path / "nope.tsv")
     with pytest.raises(ValueError, match=r"unknown language code 'xx'"):
         gen.generate("bilingual", ["en", "xx"], bactrian_dir=tmp_path)

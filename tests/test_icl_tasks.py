@@ -121,7 +121,7 @@ def test_xnli_template_and_layouts(tmp_path):
     assert req.candidates == [" A", " B", " C"] and req.label == 2
     (zh,) = icl.build_requests("xnli", test[:1], [], shots=0, seed=0, prompt_lang="zh")
     assert zh.context.endswith("\n回答：") and zh.candidates == ["A", "B", "C"]
-    with pytest.raises(FileNotFoundError, match="no XNLI en/train file"):
+    with pytest.raises(icl.DataError, match="no XNLI en/train file"):
         icl.load_task("xnli", "en", "train", tmp_path)
 
 

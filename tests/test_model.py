@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from easylm_align import model, objectives
-from easylm_align.sharding import path_str
 from easylm_align.tokenizer import DEMO_TOKENIZER, Tokenizer
+from easylm_align.tree_paths import path_str
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)

@@ -4,7 +4,6 @@ The conftest emulates 8 CPU devices, shaped like a TPUv3-8. Preset models are on
 `jax.eval_shape`; the numeric tests use a tiny LLaMA.
 """
 
-import copy
 import json
 import logging
 
@@ -14,10 +13,11 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
-from ml_collections import ConfigDict
 
 from easylm_align import model, optimizer, sharding, train
-from easylm_align.sharding import ShardingError, path_str
+from easylm_align.errors import UserError
+from easylm_align.sharding import ShardingError
+from easylm_align.tree_paths import path_str
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -50,7 +50,7 @@ def test_parse_mesh_dim(mesh_dim, want):
 def test_parse_mesh_dim_rejects(mesh_dim):
     with pytest.raises(ShardingError, match="--mesh_dim"):
         sharding.parse_mesh_dim(mesh_dim, 8)
-    assert issubclass(ShardingError, ValueError)  # train.main reports ValueErrors as user errors
+    assert issubclass(ShardingError, UserError)  # train.main reports UserErrors in one line
 
 
 def test_make_mesh():
@@ -196,7 +196,7 @@ class _NoCheckpoint:
 def trainer_on(mesh_dim):
     """A Trainer for the tiny model, without tokenizer or data: the pieces `Trainer.__init__` builds
     from the same flags. A 1-device mesh for '1,1,1', otherwise all 8 devices."""
-    cfg = ConfigDict(copy.deepcopy(train.DEFAULTS))
+    cfg = train.default_config()
     cfg.mesh_dim = mesh_dim
     cfg.update_llama_config = json.dumps(dict(TINY, resid_pdrop=0.1, fcm_min_ratio=0.1, fcm_max_ratio=0.3))
     opt = cfg.optimizer.adamw_optimizer

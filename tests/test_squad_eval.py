@@ -449,3 +449,23 @@ def test_cli_reports_bad_paths_in_one_line(test_data, debug_checkpoint, tmp_path
         assert result.returncode == 2
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and missing in lines[0]
+
+
+def test_harness_utils_load_without_the_package_installed(tmp_path):
+    """lm-eval loads utils.py by path in an environment that may not have easylm_align: block it."""
+    code = f"""
+import importlib.abc, importlib.util, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "easylm_align" or name.startswith("easylm_align."):
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, Block())
+spec = importlib.util.spec_from_file_location("ogx_utils", {str(TASKS_DIR / "utils.py")!r})
+utils = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(utils)
+doc = dict(answers=dict(text=["Denver Broncos"]))
+print(utils.process_results(doc, [" Denver Broncos"]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "'exact_match': 100.0" in out.stdout

@@ -1,7 +1,8 @@
 """`python -m easylm_align.tools.sweep`: dry run, an end-to-end sweep on the tiny model, resuming, bad input.
 
 Every train/eval subprocess costs ~10-20 s of JAX start-up and compilation here, so the sweep
-runs once (two values) and the other tests reuse its directory or fail before training.
+runs once (two values) and the other tests reuse its directory or fail before training. Input
+checks run in-process (`plan.make_plan`), as the sweep does before it starts anything.
 """
 
 import csv
@@ -14,7 +15,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from easylm_align.evaluate import default_eval_config
-from easylm_align.tools import sweep
+from easylm_align.tools.sweep import plan
 
 TINY = json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2})
 RATIO = "train_dataset.text_processor.codemix_ratio"
@@ -60,7 +61,7 @@ def test_dry_run_prints_one_train_and_one_eval_command_per_value(tmp_path, test_
     for value, train, evaluation in zip(["0", "0.5", "1.0"], trains, evals):
         run_dir = tmp_path / "s" / f"codemix_ratio={value}"
         assert f"--{RATIO}={value} " in train and train.endswith(f"--logger.output_dir={run_dir}")
-        # The evaluator gets the trained model's config (not its own default, 7b) and the run's final step.
+        # The evaluator gets the trained model's config and the run's final step.
         assert f"--load_checkpoint=params::{run_dir}/checkpoints/streaming_params_2" in evaluation
         assert "--load_llama_config=demo" in evaluation and '"hidden_size": 64' in evaluation
         assert "--eval.max_examples=4" in evaluation and f"--eval.output={run_dir}/eval_xquad_hi.json" in evaluation
@@ -136,17 +137,34 @@ def test_unknown_param_fails_with_a_clear_message(tmp_path):
 
 def test_bad_input_is_refused_before_anything_runs(tmp_path):
     cfg = default_eval_config()
-    with pytest.raises(sweep.SweepError, match="--values is empty"):
-        sweep.parse_values("")
-    with pytest.raises(sweep.SweepError, match="repeats 0.5"):
-        sweep.parse_values("0.5,1,0.5")
-    with pytest.raises(sweep.SweepError, match="--logger.output_dir must not be given"):
-        sweep.run_sweep(RATIO, ["0"], tmp_path, cfg, ["--logger.output_dir", "elsewhere"])
-    with pytest.raises(sweep.SweepError, match="is the swept flag"):
-        sweep.run_sweep("seed", ["1"], tmp_path, cfg, ["--seed=3"])
-    with pytest.raises(sweep.SweepError, match="same run directory"):
-        sweep.run_sweep("train_dataset.json_dataset.path", ["a/b", "a_b"], tmp_path, cfg, [])
+    with pytest.raises(plan.SweepError, match="--values is empty"):
+        plan.parse_values("")
+    with pytest.raises(plan.SweepError, match="repeats 0.5"):
+        plan.parse_values("0.5,1,0.5")
+    with pytest.raises(plan.SweepError, match="--logger.output_dir must not be given"):
+        plan.make_plan(RATIO, ["0"], tmp_path, cfg, ["--logger.output_dir", "elsewhere"])
+    with pytest.raises(plan.SweepError, match="is the swept flag"):
+        plan.make_plan("seed", ["1"], tmp_path, cfg, ["--seed=3"])
+    with pytest.raises(plan.SweepError, match="same run directory"):
+        plan.make_plan("train_dataset.json_dataset.path", ["a/b", "a_b"], tmp_path, cfg, [])
+    # The trainer's flags are parsed here, as the trainer would: a typo or a malformed value fails now.
+    with pytest.raises(plan.SweepError, match=r"unknown flag --optimizer.adamw_optimizer.lrr; "
+                                              r"did you mean --optimizer.adamw_optimizer.lr\?"):
+        plan.make_plan(RATIO, ["0"], tmp_path, cfg, ["--optimizer.adamw_optimizer.lrr=1e-3"])
+    with pytest.raises(plan.SweepError, match="'many' is not a valid --total_steps"):
+        plan.make_plan("total_steps", ["2", "many"], tmp_path, cfg, [])
+    with pytest.raises(plan.SweepError, match="a group of train flags"):
+        plan.make_plan("optimizer.adamw_optimizer", ["0"], tmp_path, cfg, [])
     cfg.update(squad_file=str(tmp_path / "missing.json"), lang="hi")
-    with pytest.raises(sweep.SweepError, match="no such file"):
-        sweep.run_sweep(RATIO, ["0"], tmp_path, cfg, [])
-    assert sweep.run_dir_name("optimizer.adamw_optimizer.lr", "1e-5") == "lr=1e-5"
+    with pytest.raises(plan.SweepError, match="no such file"):
+        plan.make_plan(RATIO, ["0"], tmp_path, cfg, [])
+    assert plan.run_dir_name("optimizer.adamw_optimizer.lr", "1e-5") == "lr=1e-5"
+    assert not any(tmp_path.iterdir())
+
+
+def test_each_value_gets_the_config_the_trainer_would_parse(tmp_path):
+    p = plan.make_plan("optimizer.adamw_optimizer.lr", ["1e-4", "3e-4"], tmp_path / "s", default_eval_config(),
+                       ["--total_steps=7", "--llama.scan_layers=true"])
+    assert [c.optimizer.adamw_optimizer.lr for c in p.configs.values()] == [1e-4, 3e-4]
+    assert all(c.total_steps == 7 and c.llama.scan_layers is True for c in p.configs.values())
+    assert p.run_dir("3e-4") == tmp_path / "s" / "lr=3e-4" and p.task == ""

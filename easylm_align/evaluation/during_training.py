@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from easylm_align import evaluate
+from easylm_align.errors import ConfigError
 from easylm_align.evaluation import squad
 from easylm_align.generation import GreedyDecoder
 from easylm_align.model import LlamaForCausalLM
@@ -37,15 +38,15 @@ class SquadDuringTraining:
         self.examples: list[squad.QAExample] = []
         self.decoder: Optional[GreedyDecoder] = None
         if config.freq < 0:
-            raise ValueError(f"--squad_eval.freq={config.freq} must be >= 0 (0 turns it off)")
+            raise ConfigError(f"--squad_eval.freq={config.freq} must be >= 0 (0 turns it off)")
         if not config.freq:
             return
         if not config.squad_file:
-            raise ValueError("--squad_eval.squad_file is required when --squad_eval.freq > 0")
+            raise ConfigError("--squad_eval.squad_file is required when --squad_eval.freq > 0")
         try:
             evaluate.check_eval_config(config)
         except ValueError as e:  # the evaluator names its own flag group
-            raise ValueError(str(e).replace("--eval.", "--squad_eval.")) from None
+            raise ConfigError(str(e).replace("--eval.", "--squad_eval.")) from None
         self.examples = squad.load_squad(config.squad_file)
 
     def due(self, step: int) -> bool:

@@ -206,7 +206,7 @@ def load_xnli_file(path: Path | str, lang: str | None = None) -> list[Example]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"XNLI file not found: {path}")
+        raise DataError(f"{path}: XNLI file not found")
     examples = []
     if path.suffix == ".jsonl":
         for row in _jsonl_rows(path, {"premise": (str,), "hypothesis": (str,), "label": (str, int)}):
@@ -257,7 +257,7 @@ class XnliTask(ICLTask):
         for path in candidates:
             if path.is_file():
                 return load_xnli_file(path, lang)
-        raise FileNotFoundError(f"no XNLI {lang}/{split} file; tried {', '.join(map(str, candidates))}")
+        raise DataError(f"{root}: no XNLI {lang}/{split} file; tried {', '.join(map(str, candidates))}")
 
 
 # AFP's xcopa_prompt.py: the question word and the conjunction are in the prompt language.
@@ -285,7 +285,7 @@ class XcopaTask(ICLTask):
         split = _XCOPA_SPLITS.get(split, split)
         path = Path(data_dir) / "xcopa" / lang / f"{split}.{lang}.jsonl"
         if not path.is_file():
-            raise FileNotFoundError(f"XCOPA file not found: {path}")
+            raise DataError(f"{path}: XCOPA file not found")
         examples = []
         text = dict.fromkeys(("premise", "choice1", "choice2", "question"), (str,))
         for row in _jsonl_rows(path, dict(text, label=(int,))):
@@ -345,7 +345,7 @@ def _read_tsv(path: Path, expected_header: Sequence[str] | None = None) -> list[
     """(line number, fields) for each non-blank line, header included unless `expected_header`
     is given, in which case it is checked and dropped and every row must have that many fields."""
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise DataError(f"{path}: data file not found")
     counts = None if expected_header is None else (len(expected_header),)
     rows = [(row.line, row.value) for row in tsv_rows(path, BadLines(), counts)]
     if expected_header is None:

@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from easylm_align.afp_data import split_tokens
+from easylm_align.errors import ConfigError
 from easylm_align.generation import bucket_length
 from easylm_align.model import LlamaForCausalLM
 from easylm_align.sharding import batch_sharding, data_parallel_size, replicated
@@ -38,9 +39,9 @@ class LoglikScorer:
     def __init__(self, model: LlamaForCausalLM, tokenizer: Tokenizer, params: Any, mesh: Optional[Mesh] = None,
                  batch_size: int = 8, add_bos: bool = True, eos_text: str = "</s>", min_bucket: int = 64):
         if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be positive")
+            raise ConfigError(f"batch_size={batch_size} must be positive")
         if mesh is not None and batch_size % data_parallel_size(mesh):
-            raise ValueError(f"batch_size={batch_size} is not divisible by the data-parallel size "
+            raise ConfigError(f"batch_size={batch_size} is not divisible by the data-parallel size "
                              f"dp*fsdp={data_parallel_size(mesh)} of mesh {dict(mesh.shape)}")
         self.model, self.tokenizer, self.params, self.mesh = model, tokenizer, params, mesh
         self.batch_size, self.add_bos, self.eos_text, self.min_bucket = batch_size, add_bos, eos_text, min_bucket

@@ -1,11 +1,10 @@
-"""What every evaluation command shares: the model flags, loading sharded params, the report file
-and the command-line wrapper that turns user mistakes into one-line errors."""
+"""What every evaluation command shares: loading sharded params from the model flags (defined once,
+in `run_config`), the report file and the command-line wrapper that turns user mistakes into
+one-line errors."""
 
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,31 +13,15 @@ from absl import logging as absl_logging
 
 from easylm_align import checkpoint, model, sharding, tokenizer
 from easylm_align.config import FLAGS
-
-
-def model_flags() -> dict[str, Any]:
-    """Flags naming the model to evaluate; the same names and meaning as the trainer's."""
-    return dict(
-        load_checkpoint="",
-        load_llama_config="7b",
-        update_llama_config="",
-        mesh_dim="1,-1,1",
-        dtype="fp32",
-        param_dtype="fp32",
-        tokenizer=tokenizer.default_config(),
-        llama=model.default_llama_overrides(),
-        jax_distributed=sharding.default_distributed_config(),
-    )
+from easylm_align.errors import ConfigError, exit_on_user_error
 
 
 def load_model(cfg: Any) -> tuple[Any, model.LlamaForCausalLM, tokenizer.Tokenizer, Any]:
-    """Params (sharded on the `--mesh_dim` mesh), model, tokenizer and mesh from `model_flags`."""
+    """Params (sharded on the `--mesh_dim` mesh), model, tokenizer and mesh from the model flags
+    (`run_config.default_config`)."""
     kind, path = checkpoint.parse_load_checkpoint(cfg.load_checkpoint)
     if not kind:
-        raise ValueError("--load_checkpoint=params::PATH is required")
-    for name in (cfg.dtype, cfg.param_dtype):
-        if name not in model.DTYPES:
-            raise ValueError(f"dtype {name!r}: use one of {sorted(model.DTYPES)}")
+        raise ConfigError("--load_checkpoint=params::PATH is required")
     # Cheap checks first, so a wrong path fails before anything is compiled or read.
     tok = tokenizer.Tokenizer.from_config(cfg.tokenizer)
     ckpt_path = checkpoint.resolve_path(path)
@@ -68,13 +51,9 @@ def cli_main(run: Callable[[Any], dict], format_table: Callable[[dict], str], ou
     """Body of an evaluation command's absl `main`: run, print the table, one-line user errors."""
     if not FLAGS["verbosity"].present:  # Orbax logs every read at INFO
         absl_logging.set_verbosity(absl_logging.WARNING)
-    sharding.initialize_distributed(FLAGS.jax_distributed)
-    try:
+    with exit_on_user_error():  # anything else is a bug and keeps its traceback
+        sharding.initialize_distributed(FLAGS.jax_distributed)
         report = run(FLAGS)
-    except (ValueError, FileNotFoundError) as e:
-        logging.debug("user error", exc_info=True)
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
     if jax.process_index() == 0:
         print(format_table(report))
         if output(FLAGS):

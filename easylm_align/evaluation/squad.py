@@ -59,8 +59,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
+from easylm_align.errors import ConfigError, UserError
 
-class SquadFormatError(ValueError):
+
+class SquadFormatError(UserError):
     """A SQuAD-format file that cannot be read; the message names the file and the record."""
 
 
@@ -194,13 +196,13 @@ def prompt_labels(lang: str) -> PromptLabels:
     try:
         return PROMPT_LABELS[lang]
     except KeyError:
-        raise ValueError(f"no prompt labels for language {lang!r}; known: {sorted(PROMPT_LABELS)}") from None
+        raise ConfigError(f"no prompt labels for language {lang!r}; known: {sorted(PROMPT_LABELS)}") from None
 
 
 def question_block(example: QAExample, labels: PromptLabels, style: str = "xquad") -> str:
     """One example without its answer, ending at the answer label (no trailing space)."""
     if style not in TASK_FAMILIES:
-        raise ValueError(f"prompt style {style!r}: use one of {sorted(TASK_FAMILIES)}")
+        raise ConfigError(f"prompt style {style!r}: use one of {sorted(TASK_FAMILIES)}")
     return (f"{labels.background}\n\n{example.context}\n\n"
             f"{labels.question}{TASK_FAMILIES[style].question_separator}{example.question}\n\n{labels.answer}")
 
@@ -217,7 +219,7 @@ def choose_demonstrations(examples: Sequence[QAExample], index: int, shots: int,
     if shots <= 0:
         return []
     if shots > len(examples) - 1:
-        raise ValueError(f"{shots} demonstrations requested but the file has only {len(examples) - 1} other questions")
+        raise ConfigError(f"{shots} demonstrations requested but the file has only {len(examples) - 1} other questions")
     rng = random.Random(f"{seed}:{examples[index].id}")
     picks = rng.sample(range(len(examples) - 1), shots)
     return [examples[i if i < index else i + 1] for i in picks]  # skip the test example itself
@@ -280,7 +282,7 @@ def _check_mode(mode: str, lang: str) -> None:
     if mode not in METRIC_MODES:
         raise ValueError(f"metric mode {mode!r}: use one of {METRIC_MODES}")
     if mode == "mlqa" and lang not in _MLQA_ARTICLES:
-        raise ValueError(f"MLQA's metric has no rules for language {lang!r}; known: {sorted(MLQA_LANGS)}")
+        raise ConfigError(f"MLQA's metric has no rules for language {lang!r}; known: {sorted(MLQA_LANGS)}")
 
 
 def _script_tokens(text: str) -> list[str]:

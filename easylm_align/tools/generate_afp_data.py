@@ -101,7 +101,7 @@ def read_instruction_file(path: Path | str) -> list[tuple[int, dict]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"instruction file not found: {path}")
+        raise DataError(f"{path}: instruction file not found")
     rows = []
     for row in json_records(path, BadLines()):
         record = row.value
@@ -150,7 +150,7 @@ def read_translation_file(path: Path | str, src: str, tgt: str) -> list[tuple[st
     names languages (e.g. `sent_id en hi th zh`). Blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"translation file not found: {path}")
+        raise DataError(f"{path}: translation file not found")
     pairs = []
     columns = (0, 1)
     n_fields = 2

@@ -13,11 +13,22 @@ from pathlib import Path
 
 import datasets
 
-_SQUAD_PATH = Path(__file__).resolve().parent.parent / "squad.py"
-_spec = importlib.util.spec_from_file_location("easylm_align_squad", _SQUAD_PATH)
-squad = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = squad  # dataclasses look their module up there while it executes
-_spec.loader.exec_module(squad)
+_PACKAGE = Path(__file__).resolve().parent.parent.parent
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
+try:  # squad.py's one import; where easylm_align is not installed, load that plain module by path too
+    import easylm_align.errors  # noqa: F401
+except ImportError:
+    _load("easylm_align.errors", _PACKAGE / "errors.py")
+squad = _load("easylm_align_squad", _PACKAGE / "evaluation" / "squad.py")
 
 
 def flatten_squad(dataset: datasets.Dataset) -> datasets.Dataset:

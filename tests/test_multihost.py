@@ -49,10 +49,10 @@ def run_flags(out_dir, mesh=MESH, steps=STEPS) -> dict:
             "train_dataset.json_dataset.seq_length": 16, "train_dataset.json_dataset.batch_size": 8}
 
 
-def train_here(out_dir, mesh=MESH, steps=STEPS) -> None:
+def config(out_dir, mesh=MESH, steps=STEPS):
     cfg = train.default_config()
     cfg.update_from_flattened_dict(run_flags(out_dir, mesh, steps))
-    train.Trainer(cfg).run()
+    return cfg
 
 
 def command(out_dir, mesh=MESH, steps=STEPS, **extra) -> list[str]:
@@ -131,6 +131,13 @@ def assert_same_steps(got: dict, want: dict, steps) -> None:
             np.testing.assert_allclose(got[step][key], want[step][key], rtol=LOSS_RTOL, err_msg=f"step {step} {key}")
 
 
+def rewrite_position(out_dir, position) -> None:
+    """Replaces the data position of the checkpoint of step SAVED by `position(saved one)`."""
+    meta_file = step_dir(out_dir, SAVED) / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps(dict(meta, dataset=position(meta["dataset"]))))
+
+
 def resume_dir(source, parent, name: str):
     """A new run directory holding only the source run's checkpoint of step SAVED (and its metrics)."""
     out = parent / name
@@ -156,7 +163,7 @@ def two_hosts_running(tmp_path_factory):
 def one_host(tmp_path_factory, two_hosts_running):
     """The uninterrupted run: one process, 8 devices, mesh 1,4,2; checkpoints of steps 2 and 4 kept."""
     out = tmp_path_factory.mktemp("one_host")
-    train_here(out)
+    train.Trainer(config(out)).run()
     return out
 
 
@@ -206,11 +213,8 @@ def test_resume_on_another_mesh_and_host_count(mesh, source, one_host, one_devic
     origin = request.getfixturevalue("one_host" if source == "old_one_host" else source)
     out = resume_dir(origin, tmp_path, mesh)
     if source == "old_one_host":
-        meta_file = step_dir(out, SAVED) / "meta" / "metadata"
-        meta = json.loads(meta_file.read_text())
-        meta_file.write_text(json.dumps(dict(meta, dataset={"0": meta["dataset"]})))
-    cfg = train.default_config()
-    cfg.update_from_flattened_dict(run_flags(out, mesh))
+        rewrite_position(out, lambda position: {"0": position})
+    cfg = config(out, mesh)
     trainer = train.Trainer(cfg)
     params, _ = trainer._build_state(checkpoint.TrainCheckpointer(out, 0, 0))
     restored = {path_str(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -233,14 +237,10 @@ def test_resume_on_one_device(one_device_running, one_host, tmp_path):
 def test_a_position_saved_per_host_by_several_hosts_is_refused(two_hosts, tmp_path):
     """The former layout saved one position per host; with two hosts no exact resume exists."""
     out = resume_dir(two_hosts, tmp_path, "old_two_hosts")
-    meta_file = step_dir(out, SAVED) / "meta" / "metadata"
-    meta = json.loads(meta_file.read_text())
-    meta_file.write_text(json.dumps(dict(meta, dataset={"0": meta["dataset"], "1": meta["dataset"]})))
-    cfg = train.default_config()
-    cfg.update_from_flattened_dict(run_flags(out))
+    rewrite_position(out, lambda position: {"0": position, "1": position})
     where = re.escape(str(step_dir(out, SAVED)))
     with pytest.raises(datasets.DataError, match=rf"checkpoint {where}: .* by 2 hosts.* cannot be resumed exactly"
                                                  rf".*--load_checkpoint=trainstate::{where}$"):
-        train.Trainer(cfg).run()
+        train.Trainer(config(out)).run()
     assert (step_dir(out, SAVED) / "params").is_dir()  # nothing lost
     assert not step_dir(out, STEPS).exists()

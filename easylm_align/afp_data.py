@@ -24,8 +24,8 @@ Every step takes `batch_size` examples and yields, with that leading dimension:
   segment 0. As in AFP, packed examples attend to each other by default
   (`--*.separate_segments=True` keeps them apart); unlike AFP, only output tokens and EOS are targets.
 
-The position in the stream is DatasetIterator's (epoch, next record), and as there every host builds
-the whole global batch, so runs resume exactly, on any number of hosts.
+The position in the stream is DatasetIterator's (epoch, next record), global as there (every host
+builds the whole batch), so runs resume exactly, on any number of hosts.
 """
 
 from __future__ import annotations

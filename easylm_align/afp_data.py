@@ -24,7 +24,8 @@ Every step takes `batch_size` examples and yields, with that leading dimension:
   segment 0. As in AFP, packed examples attend to each other by default
   (`--*.separate_segments=True` keeps them apart); unlike AFP, only output tokens and EOS are targets.
 
-The position in the stream is DatasetIterator's (epoch, next record), so runs resume exactly.
+The position in the stream is DatasetIterator's (epoch, next record), global as there (every host
+builds the whole batch), so runs resume exactly, on any number of hosts.
 """
 
 from __future__ import annotations
@@ -189,9 +190,8 @@ class PairBatchIterator(DatasetIterator):
     """DatasetIterator for pair sources: the same stream, position and workers; batches of
     `batch_size` examples as pairs plus the CLM rows packed from them (module docstring)."""
 
-    def __init__(self, config: ConfigDict, tokenizer: Tokenizer, flag: str = "--train_dataset",
-                 process_index: int = 0, process_count: int = 1):
-        super().__init__(config, tokenizer, flag, process_index, process_count)
+    def __init__(self, config: ConfigDict, tokenizer: Tokenizer, flag: str = "--train_dataset"):
+        super().__init__(config, tokenizer, flag)
         self.processor = self.source.processor(config.text_processor, tokenizer)
         if self.processor.pair_length < 1:
             raise DataError(f"{self.source.flag}.pair_length={self.processor.pair_length} must be positive")

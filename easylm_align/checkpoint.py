@@ -4,7 +4,7 @@ A checkpoint is an Orbax composite directory. Its items:
 
 * `params`     — the model parameters (Orbax PyTree; sharded arrays are written shard by shard);
 * `train_state` — optimizer state, step and RNG key (train checkpoints only);
-* `meta`       — JSON: step, dataset position per host, the resolved flags, the LLaMA config.
+* `meta`       — JSON: step, the data position (one for all hosts), the resolved flags, the LLaMA config.
 
 Training writes them under `output_dir/checkpoints/streaming_params_{step}` (EasyLM's name, so the
 seed's `--load_checkpoint=params::$save_path/*/streaming_params_1210` works unchanged).
@@ -211,6 +211,17 @@ def _load_easylm(path: Path, target: Any, llama_config: Optional[Any]) -> Any:
 
     logging.info("loading EasyLM streaming params from %s (rotary q/k reordered to the half-split layout)", path)
     return jax.tree_util.tree_map_with_path(lambda p, leaf: place(path_str(p), leaf), target)
+
+
+def load_params_numpy(path: str) -> dict:
+    """Restores the `params` item as host NumPy arrays in their stored dtypes (for conversion tools),
+    whatever devices wrote it: NumPy targets need none of the saved shardings' devices to exist."""
+    ckpt = resolve_path(path)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        stored = ckptr.metadata(ckpt / "params")
+        stored = getattr(getattr(stored, "item_metadata", stored), "tree", stored)
+        as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
+        return ckptr.restore(ckpt / "params", args=ocp.args.PyTreeRestore(restore_args=as_numpy))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,10 +2,14 @@
 
 Sources are registered by name (`--train_dataset.type=json|huggingface|…`); each owns a flag
 group (`--train_dataset.json_dataset.path`, `--train_dataset.huggingface_dataset.{path,name,…}`)
-that also carries EasyLM's `seq_length` and `batch_size`. Records are numbered in source order;
-host h of n reads records with `number % n == h`. The position (epoch, next record, packer
-buffer) is saved with every checkpoint, so a resumed run sees exactly the batches an
-uninterrupted one would. Processing can run in `num_workers` processes; order is preserved.
+that also carries EasyLM's `seq_length` and `batch_size`. Records are numbered in source order.
+
+The layout is the reference's and does not depend on the number of hosts: every host reads and
+processes the whole stream identically and builds the same global batch (`batch_size` rows); the
+batch placement (`sharding.host_batch_to_global`) puts on each device only its own rows. So the
+position (epoch, next record, packer buffer) is global: it is saved once with every checkpoint,
+and a run resumed on any number of hosts sees exactly the batches an uninterrupted one would.
+Processing can run in `num_workers` processes; order is preserved.
 """
 
 from __future__ import annotations
@@ -181,23 +185,19 @@ def _chunks(items: Iterator, size: int) -> Iterator[list]:
 
 
 class DatasetIterator:
-    """Yields host-local batches forever (epochs loop); `state_dict()` is its exact position."""
+    """Yields global batches forever (epochs loop), the same on every host; `state_dict()` is its
+    exact position, the same on every host too."""
 
-    def __init__(self, config: ConfigDict, tokenizer: Tokenizer, flag: str = "--train_dataset",
-                 process_index: int = 0, process_count: int = 1):
+    def __init__(self, config: ConfigDict, tokenizer: Tokenizer, flag: str = "--train_dataset"):
         if config.type not in SOURCES:
             raise DataError(f"{flag}.type={config.type!r}: choose one of {sorted(SOURCES)}")
         source_cls = SOURCES[config.type]
         group = config[source_cls.config_key]
-        group_flag = f"{flag}.{source_cls.config_key}"
-        if group.batch_size % process_count:
-            raise DataError(f"{group_flag}.batch_size={group.batch_size} is not divisible by {process_count} hosts")
         self.seq_length, self.batch_size = group.seq_length, group.batch_size
-        self.source = source_cls(group, group_flag)
+        self.source = source_cls(group, f"{flag}.{source_cls.config_key}")
         self.processor = text_processors.build(config.text_processor, tokenizer)
-        self.packer = Packer(group.seq_length, group.batch_size // process_count, config.separate_segments)
+        self.packer = Packer(group.seq_length, group.batch_size, config.separate_segments)
         self.num_workers = config.num_workers
-        self.process_index, self.process_count = process_index, process_count
         self.epoch, self.next_record = 0, 0
         self.stats: Counter = Counter()
         self._batches: Optional[Iterator] = None
@@ -235,9 +235,8 @@ class DatasetIterator:
 
     def _epoch_items(self, start: int) -> Iterator[tuple[int, int, Record]]:
         for number, record in enumerate(self.source.records(start), start):
-            if number % self.process_count == self.process_index:
-                # Each epoch code-mixes differently, but identically on every rerun.
-                yield number, self.epoch * 2**32 + number, record
+            # Each epoch code-mixes differently, but identically on every rerun.
+            yield number, self.epoch * 2**32 + number, record
 
     def _processed(self, start: int) -> Iterator:
         items = self._epoch_items(start)
@@ -274,13 +273,12 @@ class DatasetIterator:
             yield self.packer.pop()
 
 
-def build_iterator(config: ConfigDict, tokenizer: Tokenizer, flag: str = "--train_dataset",
-                   process_index: int = 0, process_count: int = 1) -> DatasetIterator:
+def build_iterator(config: ConfigDict, tokenizer: Tokenizer, flag: str = "--train_dataset") -> DatasetIterator:
     """The batch iterator for `config.type`: the source's own, or the packing DatasetIterator."""
     if config.type not in SOURCES:
         raise DataError(f"{flag}.type={config.type!r}: choose one of {sorted(SOURCES)}")
     cls = SOURCES[config.type].iterator_cls or DatasetIterator
-    return cls(config, tokenizer, flag, process_index, process_count)
+    return cls(config, tokenizer, flag)
 
 
 def abstract_batch(config: ConfigDict, flag: str = "--train_dataset") -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -289,6 +287,25 @@ def abstract_batch(config: ConfigDict, flag: str = "--train_dataset") -> dict[st
         raise DataError(f"{flag}.type={config.type!r}: choose one of {sorted(SOURCES)}")
     source = SOURCES[config.type]
     return (source.iterator_cls or DatasetIterator).batch_spec(config[source.config_key])
+
+
+def saved_position(saved: dict, checkpoint: str) -> dict:
+    """The data position in a checkpoint's meta, for `DatasetIterator.load_state_dict`.
+
+    Checkpoints hold one global position. Older ones held one per host (`{"0": …, "1": …}`),
+    when each host read records `n mod hosts` and packed its own rows: one host's is the global
+    position; several hosts' cannot be turned into one, so they are refused rather than half used.
+    """
+    if "next_record" in saved:
+        return saved
+    if set(saved) == {"0"}:
+        return saved["0"]
+    raise DataError(
+        f"checkpoint {checkpoint}: its data position was saved per host by {len(saved)} hosts, in the former "
+        f"layout where each host read every {len(saved)}-th record into its own rows; no position for all "
+        "hosts follows from it, so the run cannot be resumed exactly. To continue from its weights, optimizer "
+        "state and step with the data read from the start, run with a new --logger.output_dir and "
+        f"--load_checkpoint=trainstate::{checkpoint}")
 
 
 # Sources defined in other modules register themselves on import.

@@ -3,8 +3,8 @@
 The mesh has three axes, as in EasyLM: `dp` (pure data parallel), `fsdp` (data parallel with
 parameters and optimizer state sharded, ZeRO-3 style) and `mp` (tensor/model parallel, Megatron
 style). Rules map parameter paths to mesh axes; the model itself never mentions devices. The batch
-is sharded over (dp, fsdp). Where users outgrow one host, `jax.distributed` joins the hosts and
-every host feeds only its own slice of the global batch.
+is sharded over (dp, fsdp). Where users outgrow one host, `jax.distributed` joins the hosts;
+every host builds the same global batch and places only its own devices' rows of it.
 """
 
 from __future__ import annotations
@@ -159,14 +159,18 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, flag: str) -> None:
     if batch_size % parts:
         raise ShardingError(f"{flag}={batch_size} is not divisible by the data-parallel size dp*fsdp={parts} "
                             f"of mesh {dict(mesh.shape)}")
-    if batch_size % jax.process_count():
-        raise ShardingError(f"{flag}={batch_size} is not divisible by the {jax.process_count()} hosts")
 
 
 def host_batch_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assembles the global batch from each host's slice (rows [i*b/n, (i+1)*b/n) on host i)."""
+    """Places the global batch, which every host holds whole (datasets.py), on the mesh.
+
+    Each of this host's devices takes exactly the rows the batch sharding gives it, so no order of
+    hosts or devices is assumed (a host's devices need not hold contiguous rows) and the rows a
+    device trains on are the same for any number of hosts.
+    """
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=np.asarray(v): v[index])
+            for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------

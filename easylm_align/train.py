@@ -21,7 +21,6 @@ import numpy as np
 import optax
 from absl import app
 from absl import logging as absl_logging
-from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
@@ -65,18 +64,6 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-def _gather_dataset_states(state: dict) -> dict[str, dict]:
-    """Every host's data position, so each resumes its own slice (one host: nothing to gather)."""
-    if jax.process_count() == 1:
-        return {"0": state}
-    blob = np.frombuffer(json.dumps(state).encode(), np.uint8)
-    sizes = multihost_utils.process_allgather(np.array([blob.size]))
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[:blob.size] = blob
-    blobs = multihost_utils.process_allgather(padded)
-    return {str(i): json.loads(bytes(blobs[i][:int(sizes[i][0])]).decode()) for i in range(jax.process_count())}
-
-
 class Trainer:
     def __init__(self, cfg: ConfigDict):
         self.cfg = cfg
@@ -105,7 +92,7 @@ class Trainer:
         self.output_dir = Path(cfg.logger.output_dir or f"outputs/{time.strftime('%Y%m%d-%H%M%S')}").absolute()
 
     def _dataset(self, config, flag: str) -> datasets.DatasetIterator:
-        data = datasets.build_iterator(config, self.tokenizer, flag, jax.process_index(), jax.process_count())
+        data = datasets.build_iterator(config, self.tokenizer, flag)
         group = f"{flag}.{datasets.SOURCES[config.type].config_key}"
         sharding.check_batch_divisible(data.batch_size, self.mesh, f"{group}.batch_size")
         return data
@@ -134,8 +121,9 @@ class Trainer:
         kind, path = checkpoint.parse_load_checkpoint(self.cfg.load_checkpoint)
         if ckpt.latest_step() is not None:  # resume this run: weights, optimizer, step, RNG and data
             params, state, meta = ckpt.restore_latest(params_t, state_t)
-            self.train_data.load_state_dict(meta["dataset"][str(jax.process_index())])
-            logging.info("resumed from %s", ckpt.step_path(ckpt.latest_step()))
+            where = ckpt.step_path(ckpt.latest_step())
+            self.train_data.load_state_dict(datasets.saved_position(meta["dataset"], str(where)))
+            logging.info("resumed from %s", where)
             return params, state
         if kind == "trainstate":
             params, state, _ = checkpoint.load_train_state(path, params_t, state_t)
@@ -218,7 +206,7 @@ class Trainer:
         if jax.process_index() == 0:
             (self.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         last_saved = ckpt.latest_step()
-        meta = lambda data_state: {"step": step, "dataset": _gather_dataset_states(data_state),
+        meta = lambda data_state: {"step": step, "dataset": data_state,
                                    "flags": cfg.to_dict(), "llama_config": self.llama_config.to_dict()}
         progress = tqdm(total=cfg.total_steps, initial=step, disable=jax.process_index() != 0, desc="train")
         unchecked: list[tuple[int, Any]] = []  # at most one (step, loss) not yet read back from the device
@@ -242,7 +230,7 @@ class Trainer:
             while step < cfg.total_steps:
                 params, state, metrics = train_step(params, state, sharding.host_batch_to_global(batch, self.mesh))
                 step += 1
-                metrics_log.count_tokens(batch["input_tokens"].size * jax.process_count())
+                metrics_log.count_tokens(batch["input_tokens"].size)  # the global batch
                 trained_state = data_state
                 if step < cfg.total_steps:  # prepare the next batch while the device works
                     batch, data_state = next(self.train_data), self.train_data.state_dict()

@@ -239,16 +239,6 @@ def test_worker_processes_give_identical_batches(tok, test_data):
         parallel_it.close()
 
 
-def test_hosts_read_disjoint_records(tok, test_data):
-    cfg = data_config(test_data / "instruct_x/en.json", **{"text_processor.alpaca": True})
-    seen = []
-    for host in range(2):
-        it = datasets.build_iterator(cfg, tok, process_index=host, process_count=2)
-        assert next(it)["input_tokens"].shape == (2, 64)
-        seen.append(it.next_record)
-    assert all(n > 0 for n in seen)
-
-
 def test_huggingface_source_on_local_json(tok, test_data):
     cfg = data_config("", dataset_type="huggingface", **{
         "huggingface_dataset.path": "json", "huggingface_dataset.data_files": str(test_data / "instruct_x/en.json"),

@@ -184,6 +184,19 @@ def test_host_batch_is_sharded_over_data_axes():
     assert {s.data.shape for s in placed.addressable_shards} == {(2, 4)}
 
 
+def test_each_device_takes_its_own_rows_of_the_global_batch_in_any_device_order():
+    # Devices in an order where no block of consecutive device ids holds consecutive rows (as a
+    # host's devices may lie on a pod): each device must still hold exactly the rows its index names.
+    devices = np.asarray(jax.devices())[[5, 2, 7, 0, 3, 6, 1, 4]]
+    mesh = sharding.make_mesh("4,1,2", list(devices))
+    batch = {"input_tokens": np.arange(8 * 3, dtype=np.int32).reshape(8, 3)}
+    placed = sharding.host_batch_to_global(batch, mesh)["input_tokens"]
+    np.testing.assert_array_equal(np.asarray(placed), batch["input_tokens"])
+    for shard in placed.addressable_shards:
+        np.testing.assert_array_equal(shard.data, batch["input_tokens"][shard.index])
+    assert placed.sharding.devices_indices_map((8, 3))[jax.devices()[5]][0] == slice(0, 2)
+
+
 # ----------------------------------------------------------------------------------------------
 # The same numbers on every mesh
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from easylm_align import datasets
+from easylm_align.data import pipeline
 from easylm_align.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,13 +26,13 @@ SHARED = Path(os.environ.get("EASYLM_ALIGN_SHARED_DATA", REPO.parent / "shared" 
 
 
 def run(path: Path, tokenizer: Tokenizer, workers: int, n_examples: int) -> dict:
-    cfg = datasets.default_config("json")
+    cfg = pipeline.default_config("json")
     cfg.update_from_flattened_dict({
         "json_dataset.path": str(path), "json_dataset.seq_length": 512, "json_dataset.batch_size": 16,
         "text_processor.alpaca": True, "text_processor.codemix_dict_path": str(REPO / "dicts/en-hi.txt"),
         "text_processor.codemix_ratio": 0.9, "text_processor.block_codemix_in_template": True,
         "num_workers": workers})
-    it = datasets.build_iterator(cfg, tokenizer)
+    it = pipeline.DatasetIterator(cfg, tokenizer)
     wall, cpu = time.perf_counter(), time.process_time()
     tokens = 0
     while it.stats["examples"] < n_examples:

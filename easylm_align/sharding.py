@@ -162,7 +162,7 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, flag: str) -> None:
 
 
 def host_batch_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Places the global batch, which every host holds whole (datasets.py), on the mesh.
+    """Places the global batch, which every host holds whole (data/pipeline.py), on the mesh.
 
     Each of this host's devices takes exactly the rows the batch sharding gives it, so no order of
     hosts or devices is assumed (a host's devices need not hold contiguous rows) and the rows a

@@ -80,3 +80,21 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.Decode([int(i) for i in ids])
+
+
+def split_tokens(tokenizer: Tokenizer, text: str, prefix_chars: int) -> tuple[list[int], int]:
+    """Token ids of `text` and how many of them belong to its first `prefix_chars` characters.
+
+    `text` is tokenized whole (what the model sees); the prefix's share is the longest common
+    prefix with the tokenization of `text[:prefix_chars]` (AFP's rule), so a token straddling the
+    boundary (`"▁D"` of `": Dear"`) counts as after it, whatever the tokenizer does at the seam.
+    """
+    ids = tokenizer.encode(text)
+    if prefix_chars <= 0:
+        return ids, 0
+    n = 0
+    for a, b in zip(ids, tokenizer.encode(text[:prefix_chars])):
+        if a != b:
+            break
+        n += 1
+    return ids, n

@@ -24,9 +24,10 @@ from absl import logging as absl_logging
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from easylm_align import (attention, checkpoint, datasets, logger, memory, model, objectives, optimizer, preemption,
+from easylm_align import (attention, checkpoint, logger, memory, model, objectives, optimizer, preemption,
                           run_config, sharding, tokenizer)
 from easylm_align.config import FLAGS, define_flags_with_default, parse_flags_or_exit, parsed_config
+from easylm_align.data import pipeline
 from easylm_align.errors import ConfigError, exit_on_user_error
 from easylm_align.evaluation import during_training
 
@@ -41,8 +42,8 @@ DEFAULTS = dict(
     dry_run=False,
     nonfinite_policy="stop",
     objective="clm",
-    train_dataset=datasets.default_config(),
-    eval_dataset=datasets.default_config(),
+    train_dataset=pipeline.default_config(),
+    eval_dataset=pipeline.default_config(),
     optimizer=optimizer.default_config(),
     objectives=objectives.default_config(),
     logger=logger.default_config(),
@@ -91,9 +92,9 @@ class Trainer:
         self.tx, self.current_lr = optimizer.build(cfg.optimizer)
         self.output_dir = Path(cfg.logger.output_dir or f"outputs/{time.strftime('%Y%m%d-%H%M%S')}").absolute()
 
-    def _dataset(self, config, flag: str) -> datasets.DatasetIterator:
-        data = datasets.build_iterator(config, self.tokenizer, flag)
-        group = f"{flag}.{datasets.SOURCES[config.type].config_key}"
+    def _dataset(self, config, flag: str) -> pipeline.DatasetIterator:
+        data = pipeline.DatasetIterator(config, self.tokenizer, flag)
+        group = f"{flag}.{pipeline.SOURCES[config.type].config_key}"
         sharding.check_batch_divisible(data.batch_size, self.mesh, f"{group}.batch_size")
         return data
 
@@ -122,7 +123,7 @@ class Trainer:
         if ckpt.latest_step() is not None:  # resume this run: weights, optimizer, step, RNG and data
             params, state, meta = ckpt.restore_latest(params_t, state_t)
             where = ckpt.step_path(ckpt.latest_step())
-            self.train_data.load_state_dict(datasets.saved_position(meta["dataset"], str(where)))
+            self.train_data.load_state_dict(pipeline.saved_position(meta["dataset"], str(where)))
             logging.info("resumed from %s", where)
             return params, state
         if kind == "trainstate":
@@ -169,8 +170,8 @@ class Trainer:
     def dry_run(self) -> dict[str, Any]:
         """Compiles the train step for abstract arrays and reports its per-device memory; allocates nothing."""
         params_t, state_t = self._abstract_state()
-        spec = datasets.abstract_batch(self.cfg.train_dataset, "--train_dataset")
-        group = datasets.SOURCES[self.cfg.train_dataset.type].config_key
+        spec = pipeline.abstract_batch(self.cfg.train_dataset, "--train_dataset")
+        group = pipeline.SOURCES[self.cfg.train_dataset.type].config_key
         sharding.check_batch_divisible(spec["input_tokens"][0][0], self.mesh, f"--train_dataset.{group}.batch_size")
         batch_t = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(self.mesh))
                    for k, (shape, dtype) in spec.items()}
@@ -271,7 +272,7 @@ class Trainer:
     def _data_metrics(self) -> dict[str, float]:
         s = self.train_data.stats
         out = {"data/examples": s["examples"], "data/epoch": self.train_data.epoch}
-        for key in ("skipped_lines", "truncated_sentences", "clm_tokens_dropped"):  # the last two: afp_data
+        for key in ("skipped_lines", "truncated_sentences", "clm_tokens_dropped"):  # the last two: data/pairs.py
             if s[key]:
                 out[f"data/{key}"] = s[key]
         if s["words_seen"]:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from easylm_align import afp_data, datasets, model, objectives, sharding
+from easylm_align import model, objectives, sharding
+from easylm_align.data import pairs, pipeline
 from easylm_align.codemix import CodeMixer
 from easylm_align.evaluation import icl_tasks
 from easylm_align.evaluation.loglik import LoglikScorer
@@ -54,7 +55,7 @@ def objectives_config(**overrides):
 
 
 def afp_config(path, **group):
-    cfg = datasets.default_config("afp")
+    cfg = pipeline.default_config("afp")
     cfg.afp_dataset.update({**dict(path=str(path), batch_size=4, seq_length=64, pair_length=16), **group})
     return cfg
 
@@ -181,8 +182,8 @@ def test_clm_loss_mask_covers_exactly_the_output(vocab, request, test_data, tok)
     else:  # Meta's licence: only in the shared data beside the checkout
         shared = request.getfixturevalue("shared_data")
         tokenizer = Tokenizer(str(shared / "tokenizers" / "llama2" / "tokenizer.model"))
-    cfg = datasets.default_config("afp").text_processor
-    processor = afp_data.AfpProcessor(cfg, tokenizer, pair_length=16)
+    cfg = pipeline.default_config("afp").text_processor
+    processor = pairs.AfpProcessor(cfg, tokenizer, pair_length=16)
     prompt, output = "Write a letter. Answer in English: ", "Dear Sir, thanks."
     example = {"sent0": "a b", "sent1": "c d", "clm_text": prompt + output, "clm_prompt_len": len(prompt)}
     result = processor(example, 0)
@@ -203,8 +204,8 @@ def test_batches_pack_this_steps_clm_texts(tmp_path, tok):
     rows = [{"sent0": f"sentence {i}", "sent1": f"satz {i}", "clm_text": f"Q{i}? A: answer number {i}",
              "clm_prompt_len": len(f"Q{i}? A: ")} for i in range(10)]
     path = write_jsonl(tmp_path / "afp.jsonl", rows)
-    data = datasets.build_iterator(afp_config(path), tok)
-    assert isinstance(data, afp_data.PairBatchIterator)
+    data = pipeline.DatasetIterator(afp_config(path), tok)
+    assert isinstance(data.batcher, pairs.PairBatcher)
     batch = next(data)
     assert {k: v.shape for k, v in batch.items()} == {
         "cl_tokens": (4, 2, 16), "cl_masks": (4, 2, 16), **{k: (4, 64) for k in (
@@ -224,7 +225,7 @@ def test_batches_pack_this_steps_clm_texts(tmp_path, tok):
     # Resuming from the saved position gives the same next batches, across the epoch boundary.
     state = json.loads(json.dumps(data.state_dict()))
     expected_next = [next(data) for _ in range(3)]
-    resumed = datasets.build_iterator(afp_config(path), tok)
+    resumed = pipeline.DatasetIterator(afp_config(path), tok)
     resumed.load_state_dict(state)
     for want in expected_next:
         got = next(resumed)
@@ -234,7 +235,7 @@ def test_batches_pack_this_steps_clm_texts(tmp_path, tok):
 
 def test_long_clm_text_is_cut_to_the_step(tmp_path, tok):
     long = {"sent0": "x", "sent1": "y", "clm_text": "word " * 300, "clm_prompt_len": 0}
-    data = datasets.build_iterator(afp_config(write_jsonl(tmp_path / "a.jsonl", [long] * 4)), tok)
+    data = pipeline.DatasetIterator(afp_config(write_jsonl(tmp_path / "a.jsonl", [long] * 4)), tok)
     batch, dropped = next(data), data.stats["clm_tokens_dropped"]
     assert (batch["segment_ids"] > 0).all() and dropped == 4 * (len(tok.encode(long["clm_text"])) + 2) - 4 * 64 - 1
     assert data.state_dict()["packer"]["tokens"] == []  # nothing carried into the next step
@@ -243,13 +244,13 @@ def test_long_clm_text_is_cut_to_the_step(tmp_path, tok):
 def test_tsv_pairs_and_hard_negatives(tmp_path, tok, tiny):
     tsv = tmp_path / "pairs.tsv"
     tsv.write_text("".join(f"hello {i}\tnihao {i}\tbye {i}\n" for i in range(4)))
-    batch = next(datasets.build_iterator(afp_config(tsv), tok))
+    batch = next(pipeline.DatasetIterator(afp_config(tsv), tok))
     assert batch["cl_tokens"].shape == (4, 3, 16)
     n = batch["cl_masks"][2, 2].sum()
     assert batch["cl_tokens"][2, 2, :n].tolist() == [tok.bos_id] + tok.encode("bye 2")
     expected = []  # AFP's fallback CLM text "{sent0} = {sent1}", trained on sent1
     for i in range(4):
-        ids, n = afp_data.split_tokens(tok, f"hello {i} = nihao {i}", len(f"hello {i} = "))
+        ids, n = pairs.split_tokens(tok, f"hello {i} = nihao {i}", len(f"hello {i} = "))
         assert tok.decode(ids[n:]) == f"nihao {i}"
         expected += ids[n:] + [tok.eos_id]
     assert batch["target_tokens"][batch["loss_masks"] > 0].tolist() == expected
@@ -273,17 +274,17 @@ def test_bad_input_names_file_and_line(tmp_path, tok):
         ([good, {k: v for k, v in good.items() if k != "clm_prompt_len"}], r"bad\.jsonl:2: .*'clm_prompt_len'"),
     ]
     for rows, message in cases:
-        data = datasets.build_iterator(afp_config(write_jsonl(tmp_path / "bad.jsonl", rows), batch_size=1), tok)
-        with pytest.raises(datasets.DataError, match=message):
+        data = pipeline.DatasetIterator(afp_config(write_jsonl(tmp_path / "bad.jsonl", rows), batch_size=1), tok)
+        with pytest.raises(pipeline.DataError, match=message):
             for _ in range(len(rows)):
                 next(data)
     (tmp_path / "bad.tsv").write_text("a\tb\nonly one field\n")
-    data = datasets.build_iterator(afp_config(tmp_path / "bad.tsv", batch_size=1), tok)
-    with pytest.raises(datasets.DataError, match=r"bad\.tsv:2: expected 2 or 3 tab-separated fields"):
+    data = pipeline.DatasetIterator(afp_config(tmp_path / "bad.tsv", batch_size=1), tok)
+    with pytest.raises(pipeline.DataError, match=r"bad\.tsv:2: expected 2 or 3 tab-separated fields"):
         next(data), next(data)
-    cfg = datasets.default_config("codemix_pairs")
-    with pytest.raises(datasets.DataError, match="codemix_dict_path"):
-        datasets.build_iterator(cfg, tok)
+    cfg = pipeline.default_config("codemix_pairs")
+    with pytest.raises(pipeline.DataError, match="codemix_dict_path"):
+        pipeline.DatasetIterator(cfg, tok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,12 +300,12 @@ def test_codemix_pairs_second_side_is_the_mixed_first(kind, tmp_path, tok):
         write_jsonl(path, [{"body": t} for t in texts])
     else:
         path.write_text("\n".join(texts) + "\n")
-    cfg = datasets.default_config("codemix_pairs")
+    cfg = pipeline.default_config("codemix_pairs")
     cfg.codemix_pairs_dataset.update(dict(path=str(path), text_field="body", batch_size=4, seq_length=128,
                                           pair_length=64))
     cfg.text_processor.update(dict(codemix_dict_path=str(REPO_ROOT / "dicts" / "en-zh.txt"), codemix_ratio=0.6,
                                    codemix_seed=3))
-    batch = next(datasets.build_iterator(cfg, tok))
+    batch = next(pipeline.DatasetIterator(cfg, tok))
     mixer = CodeMixer.from_file(cfg.text_processor.codemix_dict_path, 0.6, 3)
     mixed = [mixer.mix(t, index) for index, t in enumerate(texts)]  # epoch 0: index = record number
     assert sum(m != t for m, t in zip(mixed, texts)) >= 3

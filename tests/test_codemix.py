@@ -396,22 +396,22 @@ def test_defaults_are_the_references(tok_free_processor_config):
 
 @pytest.fixture()
 def tok_free_processor_config():
-    from easylm_align import text_processors
+    from easylm_align.data import processors
 
-    return text_processors.default_config()
+    return processors.default_config()
 
 
 @pytest.mark.parametrize("lowercase_fallback, whitespace_split", [(False, False), (True, True)])
 def test_processor_flags_reach_the_mixer(tok_free_processor_config, lowercase_fallback,
                                          whitespace_split):
-    from easylm_align import text_processors
+    from easylm_align.data import processors
     from easylm_align.tokenizer import DEMO_TOKENIZER, Tokenizer
 
     cfg = tok_free_processor_config
     cfg.update(dict(codemix_dict_path=str(REPO_ROOT / "dicts" / "en-hi.txt"), codemix_ratio=0.5,
                     codemix_lowercase_fallback=lowercase_fallback,
                     codemix_whitespace_split=whitespace_split))
-    processor = text_processors.build(cfg, Tokenizer(str(DEMO_TOKENIZER)))
+    processor = processors.build(cfg, Tokenizer(str(DEMO_TOKENIZER)))
     assert processor.mixer.lowercase_fallback is lowercase_fallback
     assert processor.mixer.whitespace_split is whitespace_split
 

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from easylm_align import datasets, text_processors
+from easylm_align import shuffling
+from easylm_align.data import pipeline, processors, sources
 from easylm_align.alpaca_templates import get_alpaca_template
 from easylm_align.codemix import load_muse_dictionary
-from easylm_align.packing import Packer
+from easylm_align.data.packing import Packer
 from easylm_align.tokenizer import DEMO_TOKENIZER, Tokenizer
 
 EN_HI = REPO_ROOT / "dicts" / "en-hi.txt"
@@ -21,9 +22,9 @@ def tok():
 
 
 def processor(tok, **options):
-    cfg = text_processors.default_config()
+    cfg = processors.default_config()
     cfg.update(options)
-    return text_processors.build(cfg, tok)
+    return processors.build(cfg, tok)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -53,7 +54,7 @@ def test_fields_reference_token_stream_doubles_bos_and_eos(tok):
 
 
 def test_fields_missing_field(tok):
-    with pytest.raises(text_processors.ProcessorError, match="no field 'text'"):
+    with pytest.raises(processors.ProcessorError, match="no field 'text'"):
         processor(tok)({"body": "x"}, 0)
 
 
@@ -90,9 +91,9 @@ def test_alpaca_loss_mask_is_exactly_the_response_and_eos(tok, example, referenc
 
 def test_alpaca_bad_records_and_language(tok):
     p = processor(tok, alpaca=True)
-    with pytest.raises(text_processors.ProcessorError, match="'instruction'"):
+    with pytest.raises(processors.ProcessorError, match="'instruction'"):
         p({"output": "x"}, 0)
-    with pytest.raises(text_processors.ProcessorError, match="'output'"):
+    with pytest.raises(processors.ProcessorError, match="'output'"):
         p({"instruction": "x", "input": ""}, 0)
     assert sum(p({"instruction": "x", "output": ""}, 0).loss_mask) == 1  # only EOS, as in real Alpaca
     reference = processor(tok, alpaca=True, reference_token_stream=True)
@@ -161,7 +162,7 @@ def test_packer_separate_segments_rows_targets_positions():
 
 
 def test_packer_default_is_one_causal_stream_like_the_reference():
-    assert not datasets.default_config().separate_segments
+    assert not pipeline.default_config().separate_segments
     packer = Packer(seq_length=3, batch_size=2)
     packer.add([1, 2], [0, 1])
     packer.add([3, 4, 5], [0, 1, 1])
@@ -180,7 +181,7 @@ def test_packer_default_is_one_causal_stream_like_the_reference():
 # ------------------------------------------------------------------------------------------------
 
 def data_config(path, dataset_type="json", **options):
-    cfg = datasets.default_config(dataset_type)
+    cfg = pipeline.default_config(dataset_type)
     cfg.update_from_flattened_dict({"json_dataset.path": str(path), "json_dataset.seq_length": 64,
                                     "json_dataset.batch_size": 4, **options})
     return cfg
@@ -199,20 +200,47 @@ def assert_same_batches(a, b):
 
 def test_alpaca_json_list_through_json_type(tok, test_data):
     cfg = data_config(test_data / "instruct_x/en.json", **{"text_processor.alpaca": True})
-    batch = next(datasets.build_iterator(cfg, tok))
+    batch = next(pipeline.DatasetIterator(cfg, tok))
     assert batch["input_tokens"].shape == (4, 64) and 0 < batch["loss_masks"].mean() < 1
 
 
-def test_resume_mid_epoch_gives_the_same_batches(tok):
-    cfg = data_config(datasets.DEMO_CORPUS, **{"text_processor.codemix_dict_path": str(REPO_ROOT / "dicts/hi-en.txt"),
-                                               "text_processor.codemix_ratio": 0.5})
-    full = take(datasets.build_iterator(cfg, tok), 12)
-    first = datasets.build_iterator(cfg, tok)
+@pytest.mark.parametrize("shuffle_buffer", [0, 7])
+def test_resume_mid_epoch_gives_the_same_batches(tok, shuffle_buffer):
+    cfg = data_config(sources.DEMO_CORPUS, **{"text_processor.codemix_dict_path": str(REPO_ROOT / "dicts/hi-en.txt"),
+                                               "text_processor.codemix_ratio": 0.5, "shuffle_buffer": shuffle_buffer})
+    full = take(pipeline.DatasetIterator(cfg, tok), 12)
+    first = pipeline.DatasetIterator(cfg, tok)
     take(first, 5)
     state = json.loads(json.dumps(first.state_dict()))  # it is stored as JSON in checkpoints
-    resumed = datasets.build_iterator(cfg, tok)
+    resumed = pipeline.DatasetIterator(cfg, tok)
     resumed.load_state_dict(state)
     assert_same_batches(full[5:], take(resumed, 7))
+
+
+def test_shuffling_permutes_each_epoch_anew(tok, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": f"record {i} " + "the water is good " * 3}) + "\n" for i in range(6)))
+    cfg = data_config(path, **{"json_dataset.batch_size": 1, "json_dataset.seq_length": 8})
+
+    def records_read(shuffle_buffer, seed=0):
+        """The record numbers of epochs 0 and 1, in the order the pipeline's source is read."""
+        source = pipeline.DatasetIterator(cfg, tok).source
+        return [[n for _, n, _ in shuffling.ordered(source.records, 0, shuffle_buffer, seed, epoch)]
+                for epoch in (0, 1)]
+
+    plain, _ = records_read(0)
+    assert plain == list(range(6))  # the default keeps EasyLM's order
+    first, second = records_read(6)
+    assert sorted(first) == sorted(second) == plain and first != plain and first != second
+    assert records_read(6, seed=1) != records_read(6)
+    # The pipeline reads in that order: the tokens of its first batches follow the shuffled records.
+    cfg.shuffle_buffer, cfg.shuffle_seed = 6, 0
+    shuffled = pipeline.DatasetIterator(cfg, tok)
+    first_text = tok.decode(next(shuffled)["input_tokens"][0].tolist())
+    assert f"record {first[0]}" in first_text
+    with pytest.raises(pipeline.DataError, match="shuffle_buffer=-1"):
+        cfg.shuffle_buffer = -1
+        pipeline.DatasetIterator(cfg, tok)
 
 
 def test_epochs_loop_and_mix_differently(tok, tmp_path):
@@ -220,7 +248,7 @@ def test_epochs_loop_and_mix_differently(tok, tmp_path):
     path.write_text(json.dumps({"text": "the water is good and the house is big " * 6}) + "\n")
     cfg = data_config(path, **{"text_processor.codemix_dict_path": str(EN_HI), "text_processor.codemix_ratio": 0.5,
                                "json_dataset.batch_size": 1})
-    it = datasets.build_iterator(cfg, tok)
+    it = pipeline.DatasetIterator(cfg, tok)
     batches = take(it, 6)
     assert it.epoch >= 2
     assert len({b["input_tokens"].tobytes() for b in batches}) > 1
@@ -230,9 +258,9 @@ def test_worker_processes_give_identical_batches(tok, test_data):
     cfg = data_config(test_data / "instruct_x/en.json", **{
         "text_processor.alpaca": True, "text_processor.codemix_dict_path": str(EN_HI),
         "text_processor.codemix_ratio": 0.9})
-    serial = take(datasets.build_iterator(cfg, tok), 8)
+    serial = take(pipeline.DatasetIterator(cfg, tok), 8)
     cfg.num_workers = 2
-    parallel_it = datasets.build_iterator(cfg, tok)
+    parallel_it = pipeline.DatasetIterator(cfg, tok)
     try:
         assert_same_batches(serial, take(parallel_it, 8))
     finally:
@@ -243,28 +271,28 @@ def test_huggingface_source_on_local_json(tok, test_data):
     cfg = data_config("", dataset_type="huggingface", **{
         "huggingface_dataset.path": "json", "huggingface_dataset.data_files": str(test_data / "instruct_x/en.json"),
         "huggingface_dataset.seq_length": 32, "huggingface_dataset.batch_size": 2, "text_processor.alpaca": True})
-    it = datasets.build_iterator(cfg, tok)
+    it = pipeline.DatasetIterator(cfg, tok)
     first = take(it, 3)
-    resumed = datasets.build_iterator(cfg, tok)
-    it2 = datasets.build_iterator(cfg, tok)
+    resumed = pipeline.DatasetIterator(cfg, tok)
+    it2 = pipeline.DatasetIterator(cfg, tok)
     take(it2, 1)
     resumed.load_state_dict(it2.state_dict())
     assert_same_batches(first[1:], take(resumed, 2))
 
 
 def test_source_errors(tok, tmp_path):
-    with pytest.raises(datasets.DataError, match="matches no file"):
-        datasets.build_iterator(data_config(tmp_path / "none-*.jsonl"), tok)
-    with pytest.raises(datasets.DataError, match="choose one of"):
-        datasets.build_iterator(data_config(tmp_path, dataset_type="parquetz"), tok)
-    with pytest.raises(datasets.DataError, match="huggingface_dataset.data_files"):
-        datasets.build_iterator(data_config("", dataset_type="huggingface", **{
+    with pytest.raises(pipeline.DataError, match="matches no file"):
+        pipeline.DatasetIterator(data_config(tmp_path / "none-*.jsonl"), tok)
+    with pytest.raises(pipeline.DataError, match="choose one of"):
+        pipeline.DatasetIterator(data_config(tmp_path, dataset_type="parquetz"), tok)
+    with pytest.raises(pipeline.DataError, match="huggingface_dataset.data_files"):
+        pipeline.DatasetIterator(data_config("", dataset_type="huggingface", **{
             "huggingface_dataset.path": "json", "huggingface_dataset.data_files": str(tmp_path / "x.json")}), tok)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
-    with pytest.raises(datasets.DataError, match="no examples"):
-        next(datasets.build_iterator(data_config(empty), tok))
+    with pytest.raises(pipeline.DataError, match="no examples"):
+        next(pipeline.DatasetIterator(data_config(empty), tok))
     alpaca = tmp_path / "a.jsonl"
     alpaca.write_text(json.dumps(EXAMPLE) + "\n" + json.dumps({"instruction": "x"}) + "\n")
-    with pytest.raises(datasets.DataError, match=f"{alpaca}:2: .*'output'"):
-        take(datasets.build_iterator(data_config(alpaca, **{"text_processor.alpaca": True}), tok), 2)
+    with pytest.raises(pipeline.DataError, match=f"{alpaca}:2: .*'output'"):
+        take(pipeline.DatasetIterator(data_config(alpaca, **{"text_processor.alpaca": True}), tok), 2)

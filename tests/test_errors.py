@@ -3,8 +3,8 @@
 import jax
 import pytest
 
-from easylm_align import (checkpoint, codemix, datasets, easylm_checkpoint, hf_mapping, records, sharding,
-                          text_processors, tokenizer)
+from easylm_align import checkpoint, codemix, easylm_checkpoint, hf_mapping, records, sharding, tokenizer
+from easylm_align.data import pipeline, processors
 from easylm_align.errors import ConfigError, UserError, exit_on_user_error
 from easylm_align.evaluation import squad
 from easylm_align.tools.sweep.plan import SweepError
@@ -27,9 +27,9 @@ def test_a_jax_value_error_is_not_taken_for_a_user_error(capsys):
 
 
 @pytest.mark.parametrize("error", [
-    ConfigError, checkpoint.CheckpointError, codemix.DictionaryError, datasets.DataError,
+    ConfigError, checkpoint.CheckpointError, codemix.DictionaryError, pipeline.DataError,
     easylm_checkpoint.EasyLMFormatError, hf_mapping.ConversionError, sharding.ShardingError,
-    text_processors.ProcessorError, tokenizer.TokenizerError, squad.SquadFormatError,
+    processors.ProcessorError, tokenizer.TokenizerError, squad.SquadFormatError,
     records.DataError, SweepError], ids=lambda e: e.__name__)
 def test_every_project_error_is_a_user_error(error):
     assert issubclass(error, UserError) and issubclass(error, ValueError)

@@ -19,7 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ml_collections import config_flags
 
-from easylm_align import config, datasets, model, records, sharding
+from easylm_align import config, model, records, sharding
+
+from easylm_align.data import pipeline
 from easylm_align.codemix import CodeMixer, load_muse_dictionary
 from easylm_align.evaluation import icl_tasks, squad
 from easylm_align.tokenizer import DEMO_TOKENIZER, Tokenizer
@@ -123,7 +125,7 @@ def dictionary(tmp_dir):
 def one_epoch(cfg, tok) -> dict:
     """Builds the iterator (a pair source reads its first example then) and reads one epoch (or
     until it has a batch); returns the data stats."""
-    data = datasets.build_iterator(cfg, tok)
+    data = pipeline.DatasetIterator(cfg, tok)
     try:
         while data.epoch == 0:
             next(data)
@@ -141,7 +143,7 @@ def expect_epoch_or_own_error(cfg, tok, path) -> None:
 
 
 def json_config(path, **text_processor):
-    cfg = datasets.default_config()
+    cfg = pipeline.default_config()
     cfg.json_dataset.update(path=str(path), seq_length=64, batch_size=2)
     cfg.text_processor.update(text_processor)
     return cfg
@@ -172,7 +174,7 @@ def test_skipped_lines_are_counted(tok, tmp_dir, lines):
     good = 1 + sum(ok and isinstance(r["text"], (str, type(None))) for ok, r in lines)
     cfg = json_config(write(tmp_dir, ".jsonl", "\n".join(texts).encode()))
     cfg.json_dataset.on_bad_line = "skip"
-    data = datasets.build_iterator(cfg, tok)
+    data = pipeline.DatasetIterator(cfg, tok)
     while data.next_record < len(texts):
         next(data)
     assert data.epoch == 0
@@ -197,7 +199,7 @@ def test_wrong_json_types_are_errors(tok, tmp_dir, processor, values):
 
 
 def afp_config(path, **group):
-    cfg = datasets.default_config("afp")
+    cfg = pipeline.default_config("afp")
     cfg.afp_dataset.update(dict(path=str(path), batch_size=2, seq_length=64, pair_length=16, **group))
     return cfg
 
@@ -223,7 +225,7 @@ def test_afp_tsv(tok, tmp_dir, data):
 @given(corrupted(st.lists(words, max_size=4).map(lambda ws: "\n".join(ws).encode())))
 def test_codemix_pairs_text(tok, tmp_dir, dictionary, data):
     path = write(tmp_dir, ".txt", data)
-    cfg = datasets.default_config("codemix_pairs")
+    cfg = pipeline.default_config("codemix_pairs")
     cfg.codemix_pairs_dataset.update(path=str(path), batch_size=2, seq_length=64, pair_length=16)
     cfg.text_processor.update(codemix_dict_path=str(dictionary), codemix_ratio=0.5)
     expect_epoch_or_own_error(cfg, tok, path)
@@ -365,14 +367,14 @@ def test_dataset_flag_values(tmp_dir, tok, key, value):
     takes it: either error is one line naming the flag."""
     argv = ["train", f"--train_dataset.json_dataset.{key}={value}"]
     fresh = flags.FlagValues()
-    config_flags.DEFINE_config_dict("train_dataset", datasets.default_config(), flag_values=fresh, sys_argv=argv)
+    config_flags.DEFINE_config_dict("train_dataset", pipeline.default_config(), flag_values=fresh, sys_argv=argv)
     try:
         fresh(argv)
     except config.FLAG_VALUE_ERRORS as e:  # what parse_flags_or_exit reports as "error: ..." and exit 2
         assert f"--train_dataset.json_dataset.{key}" in str(e), str(e)
         return
     try:
-        datasets.build_iterator(fresh.train_dataset, tok).close()
+        pipeline.DatasetIterator(fresh.train_dataset, tok).close()
     except records.DataError as e:
         assert f"--train_dataset.json_dataset.{key}" in str(e) or str(fresh.train_dataset.json_dataset.path) in str(e)
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from easylm_align import datasets
+from easylm_align.data import pipeline
 from easylm_align.tokenizer import DEMO_TOKENIZER, Tokenizer
 
 GOOD = json.dumps({"text": "hello world " * 20}).encode()
@@ -16,9 +16,9 @@ def tok():
 
 
 def iterator(path, tok, **json_dataset):
-    cfg = datasets.default_config()
+    cfg = pipeline.default_config()
     cfg.json_dataset.update(dict(path=str(path), seq_length=32, batch_size=2, **json_dataset))
-    return datasets.build_iterator(cfg, tok)
+    return pipeline.DatasetIterator(cfg, tok)
 
 
 def take(it, n):
@@ -29,7 +29,7 @@ def test_json_lines_name_the_line_and_column_of_the_bad_byte(tmp_path, tok):
     path = tmp_path / "d.jsonl"
     bad = b'{"text": "caf\xff au lait"}'  # 0xff starts no UTF-8 sequence
     path.write_bytes(b"\n".join([GOOD, GOOD, bad, GOOD]) + b"\n")
-    with pytest.raises(datasets.DataError) as info:
+    with pytest.raises(pipeline.DataError) as info:
         take(iterator(path, tok), 8)  # far enough to reach line 3
     assert str(info.value) == (f"{path}:3: byte 0xff at column 14 is not UTF-8 (the file must be UTF-8); "
                                "pass --train_dataset.json_dataset.on_bad_line=skip to skip such lines")
@@ -49,7 +49,7 @@ def test_json_list_names_the_line_and_column_of_the_bad_byte(tmp_path, tok):
     lines[n] = lines[n].replace(b'"a"', b'"\xe9"')  # Latin-1 é: a lead byte without its continuation
     path.write_bytes(b"\n".join(lines))
     column = lines[n].index(b"\xe9") + 1
-    with pytest.raises(datasets.DataError, match=rf"^{path}:{n + 1}: byte 0xe9 at column {column} is not UTF-8"):
+    with pytest.raises(pipeline.DataError, match=rf"^{path}:{n + 1}: byte 0xe9 at column {column} is not UTF-8"):
         take(iterator(path, tok), 8)
 
 

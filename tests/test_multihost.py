@@ -28,7 +28,8 @@ import pytest
 import safetensors.numpy
 
 from conftest import REPO_ROOT
-from easylm_align import checkpoint, datasets, model, train
+from easylm_align import checkpoint, model, train
+from easylm_align.data import pipeline
 from easylm_align.convert_to_hf import export
 from easylm_align.hf_mapping import tensor_specs
 from easylm_align.sharding import path_str
@@ -239,7 +240,7 @@ def test_a_position_saved_per_host_by_several_hosts_is_refused(two_hosts, tmp_pa
     out = resume_dir(two_hosts, tmp_path, "old_two_hosts")
     rewrite_position(out, lambda position: {"0": position, "1": position})
     where = re.escape(str(step_dir(out, SAVED)))
-    with pytest.raises(datasets.DataError, match=rf"checkpoint {where}: .* by 2 hosts.* cannot be resumed exactly"
+    with pytest.raises(pipeline.DataError, match=rf"checkpoint {where}: .* by 2 hosts.* cannot be resumed exactly"
                                                  rf".*--load_checkpoint=trainstate::{where}$"):
         train.Trainer(config(out)).run()
     assert (step_dir(out, SAVED) / "params").is_dir()  # nothing lost

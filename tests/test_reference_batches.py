@@ -16,7 +16,7 @@ behaviour, re-implemented below with plain SentencePiece and never with our code
   buf = buf[n:]. Positions 0..seq-1 in each row, causal attention across documents.
 
 With `reference_token_stream=True` our batches equal the reference's; with the defaults they differ
-exactly where `text_processors` documents (the Alpaca response's first token is trained; CLM rows
+exactly where `data.processors` documents (the Alpaca response's first token is trained; CLM rows
 have one <s> and one </s>) and nowhere else.
 """
 
@@ -28,7 +28,7 @@ import pytest
 import sentencepiece as spm
 
 from conftest import REPO_ROOT
-from easylm_align import datasets
+from easylm_align.data import pipeline
 from easylm_align.alpaca_templates import ALPACA_TEMPLATES
 from easylm_align.tokenizer import ASSETS, Tokenizer
 
@@ -115,13 +115,13 @@ def vocab_file(request):
 
 
 def our_batches(vocab_file, records, count: int = BATCHES, **processor) -> list[dict]:
-    cfg = datasets.default_config("json")
+    cfg = pipeline.default_config("json")
     cfg.update_from_flattened_dict({
         "json_dataset.path": str(records), "json_dataset.seq_length": SEQ_LENGTH,
         "json_dataset.batch_size": BATCH_SIZE,
         **{f"text_processor.{k}": v for k, v in processor.items()}})
     tokenizer = Tokenizer(str(vocab_file), add_bos_token=True, add_eos_token=True)
-    iterator = datasets.build_iterator(cfg, tokenizer)
+    iterator = pipeline.DatasetIterator(cfg, tokenizer)
     return [next(iterator) for _ in range(count)]
 
 

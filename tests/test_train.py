@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import REPO_ROOT
-from easylm_align import checkpoint, config, datasets, optimizer, sharding, train
+from easylm_align import checkpoint, config, optimizer, sharding, train
+from easylm_align.data import pipeline
 
 TINY = json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
                    "num_key_value_heads": 2, "vocab_size": 4096})
@@ -86,7 +87,7 @@ def test_accumulating_four_batches_of_two_equals_one_batch_of_eight(tmp_path):
         return t, params, state, step
 
     data_cfg = make_config(tmp_path, **uniform)
-    big = next(datasets.build_iterator(data_cfg.train_dataset, train.tokenizer.Tokenizer.from_config(data_cfg.tokenizer)))
+    big = next(pipeline.DatasetIterator(data_cfg.train_dataset, train.tokenizer.Tokenizer.from_config(data_cfg.tokenizer)))
     assert big["loss_masks"].all()
     t8, p8, s8, step8 = trainer(8, 1)
     p8, s8, _ = step8(p8, s8, big)

@@ -5,7 +5,7 @@
 continuation's tokens (natural log). Tokenization follows AFP's scoring:
 
 * `context + continuation` is tokenized whole, and the continuation's tokens are those after the
-  longest common prefix with the context's own tokenization (`afp_data.split_tokens`), so a
+  longest common prefix with the context's own tokenization (`tokenizer.split_tokens`), so a
   token spanning the seam (" Yes" glued to a space) belongs to the continuation;
 * BOS is prepended (`add_bos`), as AFP's Hugging Face tokenizer does;
 * the literal `eos_text` ("</s>", AFP's demonstration connector) becomes the EOS id, as Hugging
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from easylm_align.afp_data import split_tokens
+from easylm_align.tokenizer import split_tokens
 from easylm_align.errors import ConfigError
 from easylm_align.generation import bucket_length
 from easylm_align.model import LlamaForCausalLM

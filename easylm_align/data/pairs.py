@@ -1,6 +1,6 @@
 """Pair sources for contrastive alignment: per step, sentence pairs plus a causal-LM batch.
 
-Two source types share one batch layout and one iterator (`PairBatchIterator`):
+Two source types share one batch layout (`PairBatcher`, which the pipeline's iterator uses):
 
 * `afp` — AFP's training files (`tools/generate_afp_data.py`): JSON lines with `sent0`, `sent1`,
   `clm_text`, `clm_prompt_len` and optionally `hard_neg` (a third sentence, used as a hard
@@ -24,50 +24,34 @@ Every step takes `batch_size` examples and yields, with that leading dimension:
   segment 0. As in AFP, packed examples attend to each other by default
   (`--*.separate_segments=True` keeps them apart); unlike AFP, only output tokens and EOS are targets.
 
-The position in the stream is DatasetIterator's (epoch, next record), global as there (every host
+The position in the stream is the pipeline's (epoch, next record), global as there (every host
 builds the whole batch), so runs resume exactly, on any number of hosts.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 from ml_collections import ConfigDict
 
-from easylm_align import records, text_processors
+from easylm_align import records
 from easylm_align.codemix import MixStats
-from easylm_align.datasets import (DEMO_CORPUS, DataError, DatasetIterator, JsonSource, Record,
-                                   register_source)
-from easylm_align.packing import Packer
-from easylm_align.text_processors import ProcessorError, get_field
-from easylm_align.tokenizer import ASSETS, Tokenizer
+from easylm_align.data import processors
+from easylm_align.data.packing import PackedBatcher, Packer
+from easylm_align.data.processors import ProcessorError, get_field
+from easylm_align.data.sources import DEMO_CORPUS, JsonSource, Record
+from easylm_align.records import DataError
+from easylm_align.tokenizer import ASSETS, Tokenizer, split_tokens
 
 AFP_SAMPLE = ASSETS / "afp_sample.jsonl"
 HARD_NEGATIVE = "hard_neg"
 
 
-def split_tokens(tokenizer: Tokenizer, text: str, prefix_chars: int) -> tuple[list[int], int]:
-    """Token ids of `text` and how many of them belong to its first `prefix_chars` characters.
-
-    `text` is tokenized whole (what the model sees); the prefix's share is the longest common
-    prefix with the tokenization of `text[:prefix_chars]` (AFP's rule), so a token straddling the
-    boundary (`"▁D"` of `": Dear"`) counts as after it, whatever the tokenizer does at the seam.
-    """
-    ids = tokenizer.encode(text)
-    if prefix_chars <= 0:
-        return ids, 0
-    n = 0
-    for a, b in zip(ids, tokenizer.encode(text[:prefix_chars])):
-        if a != b:
-            break
-        n += 1
-    return ids, n
-
-
 class PairExample(NamedTuple):
-    """One processed example: a `text_processors.Processed` (the CLM side) plus its sentences."""
+    """One processed example: a `processors.Processed` (the CLM side) plus its sentences."""
     tokens: list[int]
     loss_mask: list[float]
     stats: MixStats
@@ -75,7 +59,7 @@ class PairExample(NamedTuple):
     truncated: int              # how many sentences were cut to pair_length
 
 
-class PairProcessor(text_processors.TextProcessor):
+class PairProcessor(processors.TextProcessor):
     """Example → `PairExample`. Subclasses choose the texts (`texts`); tokenization is shared.
 
     The code-mix settings are the text processor's (`--*.text_processor.codemix_*`).
@@ -154,8 +138,12 @@ class PairSource(JsonSource):
     """A source of pair examples: JSON files as JsonSource reads them, files of another format (by
     suffix) line by line; it builds the processor that turns its examples into `PairExample`s."""
 
+    num_sentences = 2  # per example: sent0, sent1 (AFP adds a hard negative when its data has one)
+
     def __init__(self, config: ConfigDict, flag: str):
         super().__init__(config, flag)
+        if config.pair_length < 1:
+            raise DataError(f"{flag}.pair_length={config.pair_length} must be positive")
         if len({self.is_json(f) for f in self.files}) > 1:
             raise DataError(f"{flag}.path={config.path!r} mixes JSON and other files; use one format")
 
@@ -185,35 +173,48 @@ class PairSource(JsonSource):
     def processor(self, text_config: ConfigDict, tokenizer: Tokenizer) -> PairProcessor:
         raise NotImplementedError
 
+    def batcher(self, separate_segments: bool, tokenizer: Tokenizer, stats: Counter) -> "PairBatcher":
+        return PairBatcher(self.config, separate_segments, tokenizer.pad_id, self.num_sentences, stats)
 
-class PairBatchIterator(DatasetIterator):
-    """DatasetIterator for pair sources: the same stream, position and workers; batches of
-    `batch_size` examples as pairs plus the CLM rows packed from them (module docstring)."""
+    @staticmethod
+    def batch_spec(group: ConfigDict) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        return PairBatcher.batch_spec(group)
 
-    def __init__(self, config: ConfigDict, tokenizer: Tokenizer, flag: str = "--train_dataset"):
-        super().__init__(config, tokenizer, flag)
-        self.processor = self.source.processor(config.text_processor, tokenizer)
-        if self.processor.pair_length < 1:
-            raise DataError(f"{self.source.flag}.pair_length={self.processor.pair_length} must be positive")
-        self.pad_id = tokenizer.pad_id
-        self._pending: list[PairExample] = []  # always empty between batches, so not part of the state
+
+class PairBatcher:
+    """Batches of `batch_size` examples: their sentence pairs, and CLM rows packed from those
+    examples alone (module docstring). Between batches nothing is pending, so its position is its
+    (empty) packer's."""
+
+    def __init__(self, group: ConfigDict, separate_segments: bool, pad_id: int, num_sentences: int,
+                 stats: Counter):
+        self.packer = Packer(group.seq_length, group.batch_size, separate_segments)
+        self.pad_id, self.num_sentences, self.pair_length = pad_id, num_sentences, group.pair_length
+        self.stats = stats
+        self._pending: list[PairExample] = []
 
     @staticmethod
     def batch_spec(group: ConfigDict) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """The CLM rows plus the sentence pairs (two sentences: hard negatives are known only from the data)."""
         pairs = (group.batch_size, 2, group.pair_length)
-        return dict(DatasetIterator.batch_spec(group), cl_tokens=(pairs, np.dtype(np.int32)),
+        return dict(PackedBatcher.batch_spec(group), cl_tokens=(pairs, np.dtype(np.int32)),
                     cl_masks=(pairs, np.dtype(np.int32)))
 
-    def _batches_from(self, result: PairExample) -> Iterator[dict[str, np.ndarray]]:
-        self._pending.append(result)
-        self.stats["truncated_sentences"] += result.truncated
+    def add(self, example: PairExample) -> Iterator[dict[str, np.ndarray]]:
+        self._pending.append(example)
+        self.stats["truncated_sentences"] += example.truncated
         if len(self._pending) == self.packer.batch_size:
             yield self._pop()
 
+    def state_dict(self) -> dict:
+        return self.packer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.packer.load_state_dict(state)
+
     def _pop(self) -> dict[str, np.ndarray]:
         examples, self._pending = self._pending, []
-        shape = (len(examples), self.processor.num_sentences, self.processor.pair_length)
+        shape = (len(examples), self.num_sentences, self.pair_length)
         cl_tokens, cl_masks = np.full(shape, self.pad_id, np.int32), np.zeros(shape, np.int32)
         for row, example in enumerate(examples):
             for col, ids in enumerate(example.sentences):
@@ -239,11 +240,9 @@ class PairBatchIterator(DatasetIterator):
         return dict(batch, cl_tokens=cl_tokens, cl_masks=cl_masks)
 
 
-@register_source("afp")
 class AfpSource(PairSource):
     """AFP JSON lines (or `sent0<TAB>sent1[<TAB>hard_neg]` TSV); see the module docstring."""
-    config_key = "afp_dataset"
-    iterator_cls = PairBatchIterator
+    name, config_key = "afp", "afp_dataset"
 
     @staticmethod
     def default_config() -> ConfigDict:
@@ -276,12 +275,10 @@ class AfpSource(PairSource):
         return AfpProcessor(text_config, tokenizer, self.config.pair_length, self.num_sentences)
 
 
-@register_source("codemix_pairs")
 class CodemixPairsSource(PairSource):
     """Any text paired with its code-mixed version: `.json`/`.jsonl` files (field `text_field`) or
     plain text, one sentence per line."""
-    config_key = "codemix_pairs_dataset"
-    iterator_cls = PairBatchIterator
+    name, config_key = "codemix_pairs", "codemix_pairs_dataset"
 
     @staticmethod
     def default_config() -> ConfigDict:

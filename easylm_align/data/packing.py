@@ -16,6 +16,8 @@ The packer's buffer is part of the dataset position saved in checkpoints.
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 
 from easylm_align.errors import ConfigError
@@ -92,3 +94,29 @@ def _row_segments(seg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     index = np.broadcast_to(np.arange(cols), seg.shape)
     start_index = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
     return segment_ids, (index - start_index).astype(np.int32)
+
+
+class PackedBatcher:
+    """The default batch layout: processed examples packed into one stream (`Packer`)."""
+
+    def __init__(self, seq_length: int, batch_size: int, separate_segments: bool = False):
+        self.packer = Packer(seq_length, batch_size, separate_segments)
+
+    @staticmethod
+    def batch_spec(group) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """(shape, dtype) of each array of a global batch, from the source's config group alone."""
+        rows = (group.batch_size, group.seq_length)
+        spec = {key: (rows, np.dtype(np.int32)) for key in ("input_tokens", "target_tokens", "segment_ids", "positions")}
+        return dict(spec, loss_masks=(rows, np.dtype(np.float32)))
+
+    def add(self, example) -> Iterator[dict[str, np.ndarray]]:
+        """Takes one processed example (tokens, loss_mask); yields the batches it completes."""
+        self.packer.add(example.tokens, example.loss_mask)
+        while self.packer.ready():
+            yield self.packer.pop()
+
+    def state_dict(self) -> dict:
+        return self.packer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.packer.load_state_dict(state)

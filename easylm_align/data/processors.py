@@ -1,8 +1,8 @@
 """Text processors: one example (a dict) → tokens and a loss mask.
 
-Processors are registered by name; `--train_dataset.text_processor.type` picks one (left empty,
+`PROCESSORS` names them; `--train_dataset.text_processor.type` picks one (left empty,
 `alpaca=True` picks `alpaca` and otherwise `fields`, as EasyLM's flags do). A new processor is a
-new subclass with `@register("name")`; the train loop never changes.
+new subclass added to `PROCESSORS`; the train loop never changes.
 
 Every processor can code-mix its text with a MUSE dictionary (COMMIT): `codemix_dict_path`,
 `codemix_ratio`. What gets mixed is the processor's business (the Alpaca processor keeps its
@@ -30,7 +30,7 @@ tokenized alone.
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 from ml_collections import ConfigDict
 
@@ -39,7 +39,6 @@ from easylm_align.codemix import CodeMixer, MixStats
 from easylm_align.errors import ConfigError, UserError
 from easylm_align.tokenizer import Tokenizer
 
-PROCESSORS: dict[str, type["TextProcessor"]] = {}
 
 
 class ProcessorError(UserError):
@@ -85,14 +84,6 @@ def default_config() -> ConfigDict:
     ))
 
 
-def register(name: str) -> Callable[[type["TextProcessor"]], type["TextProcessor"]]:
-    def wrap(cls):
-        cls.name = name
-        PROCESSORS[name] = cls
-        return cls
-    return wrap
-
-
 def build(config: ConfigDict, tokenizer: Tokenizer) -> "TextProcessor":
     name = config.type or ("alpaca" if config.alpaca else "fields")
     if name not in PROCESSORS:
@@ -101,7 +92,6 @@ def build(config: ConfigDict, tokenizer: Tokenizer) -> "TextProcessor":
 
 
 class TextProcessor:
-    name: ClassVar[str]
 
     def __init__(self, config: ConfigDict, tokenizer: Tokenizer):
         self.config = config
@@ -170,7 +160,6 @@ def _preview(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-@register("fields")
 class FieldsProcessor(TextProcessor):
     """EasyLM's `fields` syntax: `[prompt],answer` (brackets: no loss), `a+b` joins fields with
     `subfield_separator`, and `<|bos|>` / `<|eos|>` insert the special tokens. With a code-mix
@@ -203,7 +192,6 @@ class FieldsProcessor(TextProcessor):
         return segments, stats
 
 
-@register("alpaca")
 class AlpacaProcessor(TextProcessor):
     """Stanford Alpaca prompts: `BOS prompt+output EOS`, loss on the response and EOS only.
 
@@ -247,3 +235,6 @@ class AlpacaProcessor(TextProcessor):
     def format_prompt(self, instruction: str, inp: str) -> str:
         template = self.template.with_input if inp else self.template.without_input  # COMMIT's test
         return template.format(instruction=instruction, input=inp)
+
+
+PROCESSORS: dict[str, type[TextProcessor]] = {"fields": FieldsProcessor, "alpaca": AlpacaProcessor}

@@ -52,16 +52,19 @@ def host_peak_rss_gib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20), 3)
 
 
-def time_calls(call: Callable[[], Any], count: int, warmup: int) -> list[float]:
-    """Wall seconds of `count` calls after `warmup` untimed ones; `call` must wait for its device."""
+def time_calls(call: Callable[[], Any], count: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Wall and process-CPU seconds of `count` calls after `warmup` untimed ones; `call` must wait
+    for its device. On a shared CPU the wall time also counts waiting for a core, the CPU time not
+    (though it does count threads spinning while they wait for work)."""
     for _ in range(warmup):
         call()
-    seconds = []
+    wall, cpu = [], []
     for _ in range(count):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         call()
-        seconds.append(time.perf_counter() - start)
-    return seconds
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 def best_median(runs: list[list[float]]) -> float:

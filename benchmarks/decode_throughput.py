@@ -45,10 +45,10 @@ from easylm_align import checkpoint, convert_to_hf, generation, hf_mapping, mode
 RESULT_KEYS = (
     "benchmark", "flags", "date", "device_kind", "platform", "num_devices", "versions", "host", "llama_config",
     "params", "batch", "prompt_length", "new_tokens", "decoded_steps", "first_call_seconds", "call_seconds",
-    "call_seconds_runs", "tokens_per_s", "torch", "ours_over_torch", "tokens_match", "matching_prefix",
+    "call_seconds_runs", "call_cpu_seconds", "tokens_per_s", "torch", "ours_over_torch", "tokens_match", "matching_prefix",
     "checked_steps")
 TORCH_KEYS = ("device", "threads", "attn_implementation", "decoded_steps", "call_seconds", "call_seconds_runs",
-              "tokens_per_s")
+              "call_cpu_seconds", "tokens_per_s")
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -135,9 +135,12 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _timing(runs: list[list[float]], batch: int, steps: int) -> dict[str, Any]:
-    call = bench_env.best_median(runs)
-    return {"decoded_steps": steps, "call_seconds": call, "call_seconds_runs": runs, "tokens_per_s": batch * steps / call}
+def _timing(runs: list[tuple[list[float], list[float]]], batch: int, steps: int) -> dict[str, Any]:
+    """Figures from the timed blocks' (wall, CPU) seconds per call."""
+    wall = [r[0] for r in runs]
+    call = bench_env.best_median(wall)
+    return {"decoded_steps": steps, "call_seconds": call, "call_seconds_runs": wall,
+            "call_cpu_seconds": bench_env.best_median([r[1] for r in runs]), "tokens_per_s": batch * steps / call}
 
 
 def prepare(args: argparse.Namespace) -> tuple[Any, tokenizer.Tokenizer]:

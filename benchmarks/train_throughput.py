@@ -175,7 +175,7 @@ class TorchStep:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.losses.append(float(loss))  # waits for the device
+        self.losses.append(float(loss.detach()))  # waits for the device
 
     def peak_memory_gib(self) -> Optional[float]:
         if self.device.type != "cuda":

@@ -436,11 +436,22 @@ def param_count(params: Any) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
 
-def flops_per_token(config: ConfigDict, seq_length: int) -> float:
-    """Training FLOPs per token (forward + backward): 6·N for the matmuls plus attention scores."""
-    hd = head_dim(config)
-    per_layer = (config.hidden_size * hd * (config.num_attention_heads * 2 + config.num_key_value_heads * 2)
+def matmul_param_count(config: ConfigDict) -> int:
+    """The weights each token multiplies (N of the FLOP count): per layer the q/k/v/o projections
+    hidden·d·(2·H + 2·KV) and the SwiGLU MLP 3·hidden·intermediate, plus the LM head hidden·vocab
+    (tied or not). The embedding is a lookup and the norms are elementwise, so neither counts."""
+    per_layer = (config.hidden_size * head_dim(config) * 2 * (config.num_attention_heads + config.num_key_value_heads)
                  + 3 * config.hidden_size * config.intermediate_size)
-    matmul_params = config.num_hidden_layers * per_layer + config.hidden_size * config.vocab_size
-    attention = config.num_hidden_layers * 2 * config.num_attention_heads * hd * seq_length
-    return 6.0 * matmul_params + 6.0 * attention
+    return config.num_hidden_layers * per_layer + config.hidden_size * config.vocab_size
+
+
+def flops_per_token(config: ConfigDict, seq_length: int) -> float:
+    """Model FLOPs per trained token: 6·N + 6·L·H·d·T (forward + backward, no rematerialisation).
+
+    A multiply-add is 2 FLOPs and the backward pass costs twice the forward, hence 6 per weight of
+    N = `matmul_param_count`. Attention: per layer, q·kᵀ and the weighted sum of v each take H·d
+    multiply-adds per visible key, and under the causal mask a token sees T/2 keys on average, so
+    2·(2·H·d·T/2) = 2·H·d·T forward FLOPs per layer, 6·H·d·T with the backward pass.
+    """
+    causal_attention = config.num_hidden_layers * config.num_attention_heads * head_dim(config) * seq_length
+    return 6.0 * matmul_param_count(config) + 6.0 * causal_attention

@@ -29,14 +29,67 @@ def cross_entropy_loss_and_accuracy(logits: jnp.ndarray, targets: jnp.ndarray,
     return loss, accuracy
 
 
+def _chunk_logits(h: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+    return jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32)
+
+
+def _chunk_stats(logits, t, m) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """A chunk's summed masked loss, its correct count, and the log-normaliser of each position."""
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+    correct = ((jnp.argmax(logits, axis=-1) == t) * m).sum()
+    return ((lse - target_logit) * m).sum(), correct, lse
+
+
+@jax.custom_vjp
+def _chunked_nll(h, w, t, m) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(summed loss, correct count) over chunks h (n, b, c, d) @ w (d, v); see chunked_cross_entropy."""
+    def body(carry, xs):
+        nll, correct, _ = _chunk_stats(_chunk_logits(xs[0], w), xs[1], xs[2])
+        return (carry[0] + nll, carry[1] + correct), None
+
+    zero = jnp.zeros((), jnp.float32)
+    return jax.lax.scan(body, (zero, zero), (h, t, m))[0]
+
+
+def _chunked_nll_fwd(h, w, t, m):
+    """The loss and, from the same logits, its gradients: d loss / d logits = (softmax - one-hot)
+    times the mask, folded into dh (this chunk's rows) and dw (summed over chunks) at once."""
+    def body(carry, xs):
+        hc, tc, mc = xs
+        logits = _chunk_logits(hc, w)
+        nll, correct, lse = _chunk_stats(logits, tc, mc)
+        one_hot = jnp.arange(logits.shape[-1]) == tc[..., None]
+        dlogits = ((jnp.exp(logits - lse[..., None]) - one_hot) * mc[..., None]).astype(hc.dtype)
+        dh = jnp.einsum("bcv,dv->bcd", dlogits, w, preferred_element_type=jnp.float32).astype(hc.dtype)
+        dw = carry[2] + jnp.einsum("bcd,bcv->dv", hc, dlogits, preferred_element_type=jnp.float32)
+        return (carry[0] + nll, carry[1] + correct, dw), dh
+
+    zero = jnp.zeros((), jnp.float32)
+    (nll, correct, dw), dh = jax.lax.scan(body, (zero, zero, jnp.zeros(w.shape, jnp.float32)), (h, t, m))
+    return (nll, correct), (dh, dw.astype(w.dtype))
+
+
+def _chunked_nll_bwd(residuals, cotangents):
+    dh, dw = residuals
+    g = cotangents[0]  # the correct count has no gradient
+    return dh * g.astype(dh.dtype), dw * g.astype(dw.dtype), None, None
+
+
+_chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
+
+
 def chunked_cross_entropy(hidden: jnp.ndarray, kernel: jnp.ndarray, targets: jnp.ndarray,
                           loss_mask: jnp.ndarray, chunk: int) -> tuple[jnp.ndarray, jnp.ndarray]:
     """`cross_entropy_loss_and_accuracy` of `hidden @ kernel` without the whole batch's logits.
 
     The sequence is cut into chunks of `chunk` positions; each chunk's fp32 logits are made,
-    reduced to its summed loss and correct count, and dropped. `jax.checkpoint` makes the backward
-    pass recompute them chunk by chunk, so at most one chunk's (batch, chunk, vocab) logits and
-    their gradient exist at once. Accuracy comes from the same pass.
+    reduced to its summed loss and correct count, and dropped, so at most one chunk's
+    (batch, chunk, vocab) logits exist at once. Accuracy comes from the same pass. When
+    differentiated, the same pass also turns each chunk's logits into their gradient and folds it
+    into the gradients of `hidden` and `kernel` (a custom VJP, as fused linear cross-entropy
+    kernels do): the logits are made once, not again in the backward pass, which then only scales
+    the stored gradients by the incoming cotangent.
     """
     batch, seq, width = hidden.shape
     n = -(-seq // chunk)
@@ -46,24 +99,9 @@ def chunked_cross_entropy(hidden: jnp.ndarray, kernel: jnp.ndarray, targets: jnp
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         targets, mask = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(mask, ((0, 0), (0, pad)))
     by_chunk = lambda x: jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 1, 0)
-    weights = kernel.astype(hidden.dtype)
-
-    @jax.checkpoint
-    def piece(h, t, m):
-        logits = jnp.einsum("bcd,dv->bcv", h, weights, preferred_element_type=jnp.float32)
-        target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        nll = ((jax.nn.logsumexp(logits, axis=-1) - target_logit) * m).sum()
-        correct = ((jnp.argmax(logits, axis=-1) == t) * m).sum()
-        return nll, jax.lax.stop_gradient(correct)
-
-    def body(carry, xs):
-        nll, correct = piece(*xs)
-        return (carry[0] + nll, carry[1] + correct), None
-
-    zero = jnp.zeros((), jnp.float32)
-    (nll, correct), _ = jax.lax.scan(body, (zero, zero), (by_chunk(hidden), by_chunk(targets), by_chunk(mask)))
+    nll, correct = _chunked_nll(by_chunk(hidden), kernel.astype(hidden.dtype), by_chunk(targets), by_chunk(mask))
     denom = jnp.maximum(mask.sum(), 1.0)
-    return nll / denom, correct / denom
+    return nll / denom, jax.lax.stop_gradient(correct) / denom
 
 
 def default_config() -> ConfigDict:

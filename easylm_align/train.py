@@ -90,6 +90,7 @@ class Trainer:
             self.eval_data = self._dataset(cfg.eval_dataset, "--eval_dataset") if cfg.eval_steps > 0 else None
         self.squad_eval = during_training.SquadDuringTraining(cfg.squad_eval, self.model, self.tokenizer, self.mesh)
         self.tx, self.current_lr = optimizer.build(cfg.optimizer)
+        self._abstract: Any = None  # (params, state) ShapeDtypeStructs, see _abstract_state
         self.output_dir = Path(cfg.logger.output_dir or f"outputs/{time.strftime('%Y%m%d-%H%M%S')}").absolute()
 
     def _dataset(self, config, flag: str) -> pipeline.DatasetIterator:
@@ -110,11 +111,13 @@ class Trainer:
 
     def _abstract_state(self) -> tuple[Any, Any]:
         """Shapes, dtypes and shardings of the parameters and train state; nothing is allocated."""
-        abstract_params, abstract_state = jax.eval_shape(self._init_state, jax.random.PRNGKey(self.cfg.seed))
-        self.param_sh = sharding.param_shardings(abstract_params, self.mesh)
-        self.state_sh = sharding.state_shardings(abstract_state, self.mesh)
-        return (sharding.with_shardings(abstract_params, self.param_sh),
-                sharding.with_shardings(abstract_state, self.state_sh))
+        if self._abstract is None:  # traced once: tracing a large unrolled model takes seconds
+            abstract_params, abstract_state = jax.eval_shape(self._init_state, jax.random.PRNGKey(self.cfg.seed))
+            self.param_sh = sharding.param_shardings(abstract_params, self.mesh)
+            self.state_sh = sharding.state_shardings(abstract_state, self.mesh)
+            self._abstract = (sharding.with_shardings(abstract_params, self.param_sh),
+                              sharding.with_shardings(abstract_state, self.state_sh))
+        return self._abstract
 
     def _build_state(self, ckpt: checkpoint.TrainCheckpointer) -> tuple[Any, dict]:
         rng = jax.random.PRNGKey(self.cfg.seed)
@@ -167,8 +170,9 @@ class Trainer:
         return jax.jit(self._train_step, in_shardings=(self.param_sh, self.state_sh, batch_sh),
                        out_shardings=(self.param_sh, self.state_sh, repl), donate_argnums=(0, 1))
 
-    def dry_run(self) -> dict[str, Any]:
-        """Compiles the train step for abstract arrays and reports its per-device memory; allocates nothing."""
+    def compile_train_step(self) -> tuple[Any, dict[str, tuple[tuple[int, ...], np.dtype]], float]:
+        """The train step compiled for abstract arrays (nothing allocated): (executable, the global
+        batch's (shape, dtype) per array, compile seconds). The executable takes what the loop passes."""
         params_t, state_t = self._abstract_state()
         spec = pipeline.abstract_batch(self.cfg.train_dataset, "--train_dataset")
         group = pipeline.SOURCES[self.cfg.train_dataset.type].config_key
@@ -178,7 +182,18 @@ class Trainer:
         start = time.perf_counter()
         with sharding.activation_rules(self.mesh):
             compiled = self._jit_train_step().lower(params_t, state_t, batch_t).compile()
-        seconds = time.perf_counter() - start
+        return compiled, spec, time.perf_counter() - start
+
+    def initial_state(self) -> tuple[Any, dict]:
+        """Freshly initialised parameters and train state, sharded on the mesh (for benchmarks)."""
+        self._abstract_state()
+        return jax.jit(self._init_state, out_shardings=(self.param_sh, self.state_sh))(
+            jax.random.PRNGKey(self.cfg.seed))
+
+    def dry_run(self) -> dict[str, Any]:
+        """Compiles the train step for abstract arrays and reports its per-device memory; allocates nothing."""
+        compiled, spec, seconds = self.compile_train_step()
+        params_t, _ = self._abstract_state()
         report = {"dry_run": True, "devices": jax.device_count(), "platform": jax.default_backend(),
                   "mesh": dict(self.mesh.shape), "params": model.param_count(params_t),
                   "batch": {k: list(shape) for k, (shape, _) in spec.items()},

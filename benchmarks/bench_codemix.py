@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import sentencepiece as spm
 
+from bench_env import cpu_model  # benchmarks/ is the script's directory
 from easylm_align.alpaca_templates import get_alpaca_template
 from easylm_align.codemix import CodeMixer, load_muse_dictionary
 
@@ -162,16 +163,6 @@ def time_pipeline(
         if best is None or timing.cpu_s < best.cpu_s:
             best = timing
     return best
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -76,3 +77,17 @@ def append_result(path: Path, row: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def main_with(argv: Optional[list[str]], parse_args: Callable[[Optional[list[str]]], Any],
+              prepare: Callable[[Any], Any], run: Callable[[Any, Any], dict[str, Any]],
+              summary: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """A benchmark's `main`: parse, prepare (a bad flag value is one line, no traceback), run, print."""
+    args = parse_args(argv)
+    try:
+        prepared = prepare(args)
+    except ValueError as e:  # a bad preset, JSON, mesh or attention value
+        sys.exit(f"error: {e}")
+    row = run(args, prepared)
+    print(summary(row), flush=True)
+    return row

@@ -201,14 +201,7 @@ def summary(row: dict[str, Any]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    try:
-        config, tok = prepare(args)
-    except ValueError as e:  # a bad flag value (preset, JSON): one line, no traceback
-        sys.exit(f"error: {e}")
-    row = run(args, config, tok)
-    print(summary(row), flush=True)
-    return row
+    return bench_env.main_with(argv, parse_args, prepare, lambda args, prepared: run(args, *prepared), summary)
 
 
 if __name__ == "__main__":

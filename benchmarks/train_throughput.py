@@ -261,14 +261,7 @@ def summary(row: dict[str, Any]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    try:
-        trainer = train.Trainer(trainer_config(args))
-    except ValueError as e:  # a bad flag value (preset, JSON, mesh, attention): one line, no traceback
-        sys.exit(f"error: {e}")
-    row = run(args, trainer)
-    print(summary(row), flush=True)
-    return row
+    return bench_env.main_with(argv, parse_args, lambda args: train.Trainer(trainer_config(args)), run, summary)
 
 
 if __name__ == "__main__":

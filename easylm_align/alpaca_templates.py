@@ -116,12 +116,9 @@ ALPACA_TEMPLATES: dict[str, AlpacaTemplate] = {
 
 def get_alpaca_template(lang: str) -> AlpacaTemplate:
     """The Alpaca templates for ``lang`` (the ``alpaca_lang`` option)."""
-    try:
-        return ALPACA_TEMPLATES[lang]
-    except KeyError:
-        raise ConfigError(
-            f"unknown alpaca_lang {lang!r}; available: {', '.join(sorted(ALPACA_TEMPLATES))}"
-        ) from None
+    if lang not in ALPACA_TEMPLATES:
+        raise ConfigError(f"unknown alpaca_lang {lang!r}; available: {', '.join(sorted(ALPACA_TEMPLATES))}")
+    return ALPACA_TEMPLATES[lang]
 
 
 def template_parts(template: str) -> list[tuple[str, str | None]]:

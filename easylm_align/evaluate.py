@@ -22,13 +22,11 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from absl import app
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from easylm_align import model, run_config, tokenizer
-from easylm_align.config import define_flags_with_default, parse_flags_or_exit
 from easylm_align.errors import ConfigError
 from easylm_align.evaluation import runtime, squad
 from easylm_align.generation import GreedyDecoder
@@ -161,11 +159,5 @@ def run(cfg: Any) -> dict:
     return report
 
 
-def main(argv) -> None:
-    del argv
-    runtime.cli_main(run, format_table, lambda flags: flags.eval.output)
-
-
 if __name__ == "__main__":
-    define_flags_with_default(**default_flags())
-    app.run(main, flags_parser=parse_flags_or_exit)
+    runtime.run_program(default_flags(), run, format_table, lambda flags: flags.eval.output)

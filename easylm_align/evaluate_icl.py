@@ -20,12 +20,10 @@ import time
 from typing import Any, Callable
 
 import jax
-from absl import app
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from easylm_align import run_config
-from easylm_align.config import define_flags_with_default, parse_flags_or_exit
 from easylm_align.errors import ConfigError
 from easylm_align.evaluation import icl_tasks, runtime
 from easylm_align.evaluation.loglik import LoglikScorer
@@ -126,11 +124,5 @@ def run(cfg: Any) -> dict:
     return report
 
 
-def main(argv) -> None:
-    del argv
-    runtime.cli_main(run, format_table, lambda flags: flags.icl.output)
-
-
 if __name__ == "__main__":
-    define_flags_with_default(**default_flags())
-    app.run(main, flags_parser=parse_flags_or_exit)
+    runtime.run_program(default_flags(), run, format_table, lambda flags: flags.icl.output)

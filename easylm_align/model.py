@@ -31,30 +31,30 @@ from easylm_align.errors import ConfigError
 DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16,
           "bfloat16": jnp.bfloat16, "fp16": jnp.float16, "float16": jnp.float16}
 
-_DEFAULTS = dict(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    max_position_embeddings=2048,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    initializer_range=0.02,
-    tie_word_embeddings=False,
-    embd_pdrop=0.0,
-    attn_pdrop=0.0,
-    resid_pdrop=0.0,
-    fcm_min_ratio=0.0,
-    fcm_max_ratio=0.0,
-    remat_policy="none",
-    scan_layers=False,
-    attention="auto",            # easylm_align.attention.BACKENDS
-    attention_block_size=512,    # query/key block of attention=blockwise
-    bos_token_id=1,
-    eos_token_id=2,
-)
+_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "initializer_range": 0.02,
+    "tie_word_embeddings": False,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+    "resid_pdrop": 0.0,
+    "fcm_min_ratio": 0.0,
+    "fcm_max_ratio": 0.0,
+    "remat_policy": "none",
+    "scan_layers": False,
+    "attention": "auto",            # easylm_align.attention.BACKENDS
+    "attention_block_size": 512,    # query/key block of attention=blockwise
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 
 
 def _llama(h, i, layers, heads, kv=None, max_pos=2048, eps=1e-6, **extra):

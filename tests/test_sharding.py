@@ -215,6 +215,7 @@ def trainer_on(mesh_dim):
     opt = cfg.optimizer.adamw_optimizer
     opt.init_lr, opt.lr, opt.lr_warmup_steps, opt.lr_decay_steps = 1e-3, 1e-2, 2, 10  # step 0 moves weights
     trainer = train.Trainer.__new__(train.Trainer)
+    trainer._abstract = None  # what __init__ would set
     trainer.cfg = cfg
     devices = jax.devices()[:1] if mesh_dim == "1,1,1" else None
     trainer.mesh = sharding.make_mesh(cfg.mesh_dim, devices)

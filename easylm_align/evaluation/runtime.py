@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+from absl import app
 from absl import logging as absl_logging
 
 from easylm_align import checkpoint, model, sharding, tokenizer
-from easylm_align.config import FLAGS
+from easylm_align.config import FLAGS, define_flags_with_default, parse_flags_or_exit
 from easylm_align.errors import ConfigError, exit_on_user_error
 
 
@@ -45,6 +46,13 @@ def write_report(report: dict, output: str) -> None:
         out = Path(output)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def run_program(default_flags: dict[str, Any], run: Callable[[Any], dict], format_table: Callable[[dict], str],
+                output: Callable[[Any], str]) -> None:
+    """An evaluation command's `__main__`: define its flags (EasyLM's dotted names), parse, `cli_main`."""
+    define_flags_with_default(**default_flags)
+    app.run(lambda argv: cli_main(run, format_table, output), flags_parser=parse_flags_or_exit)
 
 
 def cli_main(run: Callable[[Any], dict], format_table: Callable[[dict], str], output: Callable[[Any], str]) -> None:

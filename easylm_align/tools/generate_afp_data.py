@@ -42,6 +42,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from easylm_align.errors import ConfigError
 from easylm_align.records import BadLines, DataError, json_records, tsv_rows
 
 MODES = ("bilingual", "crosslingual", "translation")
@@ -68,12 +69,9 @@ TRANSLATION_FORMATS = ("{src} Translate into {tgt_lang}: ", "{src} = ")
 
 def language_name(code: str) -> str:
     """English name of a language code (used in "Answer in {name}")."""
-    try:
-        return LANG_NAMES[code]
-    except KeyError:
-        raise ValueError(
-            f"unknown language code {code!r}; known codes: {', '.join(sorted(LANG_NAMES))}"
-        ) from None
+    if code not in LANG_NAMES:
+        raise ConfigError(f"unknown language code {code!r}; known codes: {', '.join(sorted(LANG_NAMES))}")
+    return LANG_NAMES[code]
 
 
 def output_filename(

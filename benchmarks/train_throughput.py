@@ -237,7 +237,7 @@ def run(args: argparse.Namespace, trainer: train.Trainer) -> dict[str, Any]:
                                 device_peak_memory_gib=peer.peak_memory_gib(),
                                 **_throughput(peer_runs, tokens_per_step))
             row["ours_over_torch"] = row["tokens_per_s"] / row["torch"]["tokens_per_s"]
-        row["ours_over_torch_cpu_time"] = row["torch"]["step_cpu_seconds"] / row["step_cpu_seconds"]
+            row["ours_over_torch_cpu_time"] = row["torch"]["step_cpu_seconds"] / row["step_cpu_seconds"]
     row["host"]["load_avg_after"] = list(os.getloadavg())
     bench_env.append_result(Path(args.output), row)
     return row

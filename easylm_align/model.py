@@ -27,6 +27,7 @@ from ml_collections.config_dict import placeholder
 
 from easylm_align import attention
 from easylm_align.errors import ConfigError
+from easylm_align.swiglu import swiglu
 
 DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16,
           "bfloat16": jnp.bfloat16, "fp16": jnp.float16, "float16": jnp.float16}
@@ -51,7 +52,7 @@ _DEFAULTS: dict[str, Any] = {
     "remat_policy": "none",
     "scan_layers": False,
     "attention": "auto",            # easylm_align.attention.BACKENDS
-    "attention_block_size": 512,    # query/key block of attention=blockwise
+    "attention_block_size": 64,     # query/key block of attention=blockwise, query block of chunked
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
@@ -63,10 +64,10 @@ def _llama(h, i, layers, heads, kv=None, max_pos=2048, eps=1e-6, **extra):
 
 
 # The large presets scan their layers and rematerialise each block in the backward pass (as EasyLM's
-# remat_block and MaxText do), and blockwise attention takes 64-token blocks: the seed's 7B command
+# remat_block and MaxText do): with 64-token attention blocks (the default) the seed's 7B command
 # then needs 13.90 GiB per device instead of 83.6 (docs/PERFORMANCE.md; 512-token blocks: 14.15).
 # Checkpoints load into either layer layout (`checkpoint.load_params`).
-_LARGE = dict(scan_layers=True, remat_policy="nothing_saveable", attention_block_size=64)
+_LARGE = dict(scan_layers=True, remat_policy="nothing_saveable")
 
 # Named configurations for --load_llama_config. LLaMA-1 sizes and `debug` are EasyLM's (`debug`:
 # 2 layers with LLaMA's 32,000-token vocabulary, for smoke tests with a real LLaMA tokenizer);
@@ -245,7 +246,20 @@ class Attention(nn.Module):
         return dense(cfg.hidden_size, "wo")(out.reshape(batch, seq, heads * hd)), new_cache
 
 
+class Kernel(nn.Module):
+    """A bias-free dense layer's weight alone, stored as `nn.Dense` stores it ({name}/kernel), for
+    layers that multiply by it themselves."""
+    shape: tuple[int, int]
+    init_std: float
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self) -> jnp.ndarray:
+        return self.param("kernel", nn.initializers.normal(self.init_std), self.shape, self.param_dtype)
+
+
 class FeedForward(nn.Module):
+    """SwiGLU, w2(silu(x·w1) ∘ (x·w3)), with the hand-written backward pass of `swiglu`."""
     config: ConfigDict
     dtype: Any
     param_dtype: Any
@@ -253,10 +267,10 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                                         kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
-        return dense(cfg.hidden_size, "w2")(nn.silu(dense(cfg.intermediate_size, "w1")(x))
-                                            * dense(cfg.intermediate_size, "w3")(x))
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        kernel = lambda shape, name: Kernel(shape, cfg.initializer_range, self.param_dtype, name=name)().astype(
+            self.dtype)
+        return swiglu(x.astype(self.dtype), kernel((h, i), "w1"), kernel((h, i), "w3"), kernel((i, h), "w2"))
 
 
 # Logical axes of the residual stream between blocks; easylm_align.sharding maps them to the mesh.

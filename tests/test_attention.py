@@ -75,17 +75,29 @@ def check_backend(backend, keep=None, **kw):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("backend", ["einsum", "xla", "blockwise"])
+@pytest.mark.parametrize("backend", ["einsum", "xla", "blockwise", "chunked"])
 def test_backend_equals_reference_on_packed_padded_gqa_batch(backend):
     check_backend(backend, block_size=64)
 
 
 @pytest.mark.parametrize("block_size", [64, 100, 256, 1024])
-def test_blockwise_any_block_size_and_forgetful_mask(block_size):
+def test_blockwise_and_chunked_any_block_size_and_forgetful_mask(block_size):
     # As FCM does, the first key of each segment stays visible, so no real query sees nothing.
     keep = jax.random.bernoulli(jax.random.PRNGKey(3), 0.7, (B, T)).at[:, jnp.asarray([0, 40, 41])].set(True)
     check_backend("blockwise", keep=keep, block_size=block_size)
+    check_backend("chunked", keep=keep, block_size=block_size)
     check_backend("einsum", keep=keep)
+
+
+def test_chunked_in_bf16_is_close_to_the_fp32_reference():
+    """bf16 inputs: scores, softmax and the backward pass accumulate in fp32."""
+    q, k, v, _ = inputs()
+    segments = packed_padded_segments()
+    real = np.asarray(segments > 0)[:, :, None, None]
+    ours = run("chunked", *(x.astype(jnp.bfloat16) for x in (q, k, v)), mask_info(segments), block_size=64)
+    assert ours.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.where(real, ours.astype(jnp.float32), 0),
+                               np.where(real, reference(q, k, v, segments), 0), atol=5e-2, rtol=0)
 
 
 def test_splash_in_interpret_mode_equals_reference():
@@ -134,7 +146,8 @@ def test_auto_picks_by_platform_and_options():
     assert attention.resolve("auto", plain, "gpu") == "cudnn"
     assert attention.resolve("auto", attention.Options(0.0, False, jnp.float32), "gpu") == "xla"
     assert attention.resolve("auto", dropout, "gpu") == "blockwise"
-    assert attention.resolve("auto", plain, "cpu") == "xla"
+    assert attention.resolve("auto", plain, "cpu") == "chunked"
+    assert attention.resolve("auto", fcm, "cpu") == "chunked"
     assert attention.resolve("auto", dropout, "cpu") == "blockwise"
     with pytest.raises(ValueError, match="attention=xla has no attention dropout"):
         attention.resolve("xla", dropout, "cpu")
@@ -148,7 +161,7 @@ def test_config_field_and_flag_spellings():
     assert model.get_llama_config("debug").attention == "auto"
     assert model.get_llama_config("debug", '{"attention": "blockwise"}').attention == "blockwise"
     assert model.get_llama_config("debug", overrides={"attention": "einsum"}).attention == "einsum"
-    with pytest.raises(ValueError, match="attention='flash': use one of auto, einsum, xla, cudnn, splash, blockwise"):
+    with pytest.raises(ValueError, match="attention='flash': use one of auto, einsum, xla, cudnn, splash, blockwise, chunked"):
         model.get_llama_config("debug", '{"attention": "flash"}')
 
 
@@ -172,7 +185,7 @@ def test_model_backends_agree_in_training_with_forgetful_masking():
         return jax.value_and_grad(f)(params)
 
     value, grads = loss("einsum")
-    for backend in ("xla", "blockwise"):
+    for backend in ("xla", "blockwise", "chunked"):
         other_value, other_grads = loss(backend)
         np.testing.assert_allclose(other_value, value, atol=1e-4, rtol=1e-6)
         for a, b in zip(jax.tree_util.tree_leaves(other_grads), jax.tree_util.tree_leaves(grads)):

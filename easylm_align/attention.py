@@ -55,6 +55,10 @@ class MaskInfo(NamedTuple):
     k_segments: jnp.ndarray
     key_keep: Optional[jnp.ndarray] = None  # FCM: False hides the key from every query of its row
 
+    def keys_kept(self) -> jnp.ndarray:
+        """The (batch, S) FCM keep-mask, all True when FCM is off."""
+        return self.key_keep if self.key_keep is not None else jnp.ones(self.k_segments.shape, bool)
+
     def dense(self) -> jnp.ndarray:
         """The (batch, T, S) boolean mask."""
         return block_mask(self.q_slots, self.k_slots, self.q_segments, self.k_segments, self.key_keep)
@@ -185,8 +189,7 @@ def blockwise_attention(q, k, v, mask: MaskInfo, rate: float = 0.0, rng: Optiona
         return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value) if pad else x
 
     slots = jnp.broadcast_to(jnp.arange(n * size, dtype=jnp.int32), (b, n * size))
-    keep = mask.key_keep if mask.key_keep is not None else jnp.ones((b, t), bool)
-    vectors = (slots, padded(mask.q_segments), padded(mask.k_segments), padded(keep, False))
+    vectors = (slots, padded(mask.q_segments), padded(mask.k_segments), padded(mask.keys_kept(), False))
     rng = rng if rng is not None and rate > 0 else jax.random.PRNGKey(0)
     out = _flash(_Blocks(size, n, rate), _grouped(padded(q), k.shape[2]),
                  padded(k).astype(q.dtype), padded(v).astype(q.dtype), vectors, rng)
@@ -323,10 +326,10 @@ def chunked_attention(q, k, v, mask: MaskInfo, block_size: int = 512) -> jnp.nda
     b, t, h, d = q.shape
     kv = k.shape[2]
     slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    keep = mask.key_keep if mask.key_keep is not None else jnp.ones((b, t), bool)
     head_major = jnp.einsum("btkgd->bkgtd", _grouped(q, kv))
     kh, vh = (jnp.einsum("bskd->bksd", x.astype(q.dtype)) for x in (k, v))
-    out = _chunked(min(block_size, t), head_major, kh, vh, (slots, mask.q_segments, mask.k_segments, keep))
+    out = _chunked(min(block_size, t), head_major, kh, vh,
+                   (slots, mask.q_segments, mask.k_segments, mask.keys_kept()))
     return jnp.einsum("bkgtd->btkgd", out).reshape(b, t, h, d)
 
 

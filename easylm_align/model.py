@@ -15,6 +15,7 @@ mentions devices: sharding is applied from outside by `easylm_align.sharding`.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 from typing import Any, NamedTuple, Optional
 
@@ -27,6 +28,7 @@ from ml_collections.config_dict import placeholder
 
 from easylm_align import attention
 from easylm_align.errors import ConfigError
+from easylm_align.linear import linear
 from easylm_align.swiglu import swiglu
 
 DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16,
@@ -184,12 +186,26 @@ class RMSNorm(nn.Module):
         return normed.astype(self.dtype) * scale.astype(self.dtype)
 
 
-def rotary_cos_sin(positions: jnp.ndarray, dim: int, theta: float) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """cos/sin tables of shape positions.shape + (dim,), half-split layout."""
+def rotary_cos_sin(positions: jnp.ndarray, dim: int, theta: float,
+                   table_size: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """cos/sin of shape positions.shape + (dim,), half-split layout, for positions in [0, table_size).
+
+    Looked up in tables made once, in NumPy, when the model is traced: computed in the graph,
+    XLA fuses cos and sin into every consumer of the rotated q and k (each key slice of
+    `chunked` attention, the transposes of the backward pass) and so recomputes them per
+    element, a tenth of the CPU train step (docs/PERFORMANCE.md). A position outside the table
+    gives NaN (gather's fill value), so a mistake surfaces as a non-finite loss.
+    """
+    cos, sin = _rotary_tables(table_size, dim, float(theta))
+    return jnp.take(cos, positions, axis=0), jnp.take(sin, positions, axis=0)
+
+
+@functools.lru_cache(maxsize=8)
+def _rotary_tables(size: int, dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
     inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+    freqs = np.arange(size, dtype=np.float32)[:, None] * inv_freq  # the fp32 angles the graph computed
+    emb = np.concatenate([freqs, freqs], axis=-1)
+    return np.cos(emb), np.sin(emb)
 
 
 def apply_rotary(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
@@ -224,8 +240,9 @@ class Attention(nn.Module):
     def __call__(self, x, cos, sin, mask: attention.MaskInfo, layer_cache=None, cache_index=None):
         cfg = self.config
         hd, heads, kv = head_dim(cfg), cfg.num_attention_heads, cfg.num_key_value_heads
-        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                                         kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
+        # nn.Dense's parameters ({name}/kernel) and arithmetic, with linear.py's weight gradient
+        dense = lambda n, name: lambda inputs: linear(inputs.astype(self.dtype),
+                                                      kernel(self, (inputs.shape[-1], n), name))
         batch, seq = x.shape[:2]
         q = apply_rotary(dense(heads * hd, "wq")(x).reshape(batch, seq, heads, hd), cos, sin)
         k = apply_rotary(dense(kv * hd, "wk")(x).reshape(batch, seq, kv, hd), cos, sin)
@@ -258,6 +275,11 @@ class Kernel(nn.Module):
         return self.param("kernel", nn.initializers.normal(self.init_std), self.shape, self.param_dtype)
 
 
+def kernel(module: nn.Module, shape: tuple[int, int], name: str) -> jnp.ndarray:
+    """`module`'s bias-free weight `name`, created as `Kernel` and cast to the module's compute dtype."""
+    return Kernel(shape, module.config.initializer_range, module.param_dtype, name=name)().astype(module.dtype)
+
+
 class FeedForward(nn.Module):
     """SwiGLU, w2(silu(x·w1) ∘ (x·w3)), with the hand-written backward pass of `swiglu`."""
     config: ConfigDict
@@ -268,9 +290,8 @@ class FeedForward(nn.Module):
     def __call__(self, x):
         cfg = self.config
         h, i = cfg.hidden_size, cfg.intermediate_size
-        kernel = lambda shape, name: Kernel(shape, cfg.initializer_range, self.param_dtype, name=name)().astype(
-            self.dtype)
-        return swiglu(x.astype(self.dtype), kernel((h, i), "w1"), kernel((h, i), "w3"), kernel((i, h), "w2"))
+        return swiglu(x.astype(self.dtype), kernel(self, (h, i), "w1"), kernel(self, (h, i), "w3"),
+                      kernel(self, (i, h), "w2"))
 
 
 # Logical axes of the residual stream between blocks; easylm_align.sharding maps them to the mesh.
@@ -343,7 +364,8 @@ class LlamaForCausalLM(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                          embedding_init=nn.initializers.normal(cfg.initializer_range), name="embed_tokens")
         h = nn.Dropout(cfg.embd_pdrop)(embed(input_ids), deterministic=deterministic)
-        cos, sin = rotary_cos_sin(positions, head_dim(cfg), cfg.rope_theta)
+        longest = max(cfg.max_position_embeddings, seq, 0 if cache is None else cache.segment_ids.shape[1])
+        cos, sin = rotary_cos_sin(positions, head_dim(cfg), cfg.rope_theta, longest)
 
         q_slots = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         key_keep = None

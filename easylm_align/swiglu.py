@@ -10,13 +10,16 @@ two pre-activations (what autodiff keeps too) and the backward pass forms each g
     dx = da·w1ᵀ + dc·w3ᵀ;  dw1 = xᵀ·da;  dw3 = xᵀ·dc;  dw2 = hᵀ·dy
 
 All arithmetic is in the dtype the arrays arrive in (the compute dtype), as `nn.Dense` and
-autodiff do; `tests/test_swiglu.py` checks values and gradients against autodiff.
+autodiff do; the weight gradients are 2-D products (`linear.weight_grad` says why);
+`tests/test_swiglu.py` checks values and gradients against autodiff.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from easylm_align.linear import weight_grad
 
 
 @jax.custom_vjp
@@ -36,7 +39,6 @@ def _backward(residuals, dy):
     dh = dy @ w2.T
     da = dh * c * (s * (1 + a * (1 - s)))
     dc = dh * a * s
-    weight_grad = lambda inputs, grads: jnp.einsum("...i,...o->io", inputs, grads)
     return (da @ w1.T + dc @ w3.T, weight_grad(x, da), weight_grad(x, dc), weight_grad(a * s * c, dy))
 
 

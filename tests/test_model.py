@@ -233,9 +233,15 @@ def test_rotary_matches_numpy_reference(theta):
     small = rng.integers(0, 64, size=(2, 24)).astype(np.int32)
     large = rng.integers(0, 4096, size=(2, 24)).astype(np.int32)
     for positions, atol in ((small, 1e-5), (large, 2e-3)):  # fp32 angles lose digits at large p
-        cos, sin = model.rotary_cos_sin(jnp.asarray(positions), d, theta)
+        cos, sin = model.rotary_cos_sin(jnp.asarray(positions), d, theta, 4096)
         got = np.asarray(model.apply_rotary(jnp.asarray(x), cos, sin))
         np.testing.assert_allclose(got, np_rope(x.astype(np.float64), positions, theta), rtol=0, atol=atol)
+
+
+def test_rotary_position_outside_the_table_is_nan_not_a_wrong_angle():
+    cos, sin = model.rotary_cos_sin(jnp.asarray([[0, 7, 8]], jnp.int32), 4, 10000.0, 8)
+    assert np.isfinite(np.asarray(cos[0, :2])).all() and np.isnan(np.asarray(cos[0, 2])).all()
+    assert np.isnan(np.asarray(sin[0, 2])).all()
 
 
 def test_rotary_is_relative_and_norm_preserving():
@@ -245,7 +251,7 @@ def test_rotary_is_relative_and_norm_preserving():
     k = rng.standard_normal((1, 1, 1, d)).astype(np.float32)
 
     def rotated(x, p):
-        cos, sin = model.rotary_cos_sin(jnp.asarray([[p]], jnp.int32), d, 10000.0)
+        cos, sin = model.rotary_cos_sin(jnp.asarray([[p]], jnp.int32), d, 10000.0, 128)
         return np.asarray(model.apply_rotary(jnp.asarray(x), cos, sin)).ravel()
 
     dots = [rotated(q, p + 5) @ rotated(k, p) for p in (0, 3, 40)]

@@ -67,7 +67,7 @@ def _llama(h, i, layers, heads, kv=None, max_pos=2048, eps=1e-6, **extra):
 
 # The large presets scan their layers and rematerialise each block in the backward pass (as EasyLM's
 # remat_block and MaxText do): with 64-token attention blocks (the default) the seed's 7B command
-# then needs 13.86 GiB per device instead of 83.6 (docs/PERFORMANCE.md; 512-token blocks: 14.15).
+# then needs 13.99 GiB per device instead of 83.6 (docs/PERFORMANCE.md).
 # Checkpoints load into either layer layout (`checkpoint.load_params`).
 _LARGE = dict(scan_layers=True, remat_policy="nothing_saveable")
 

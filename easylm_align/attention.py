@@ -16,7 +16,7 @@ backend that never materialises the (query, key) mask does not have to.
 * `chunked`: exact attention with the queries cut into blocks of `attention_block_size`; each
   block's softmax runs over the keys up to the block's end only (the causal mask hides the
   rest), in a head-major layout where every product is a plain batched matmul, with a custom
-  VJP that recomputes the probabilities. The fastest backend on the CPU (docs/PERFORMANCE.md).
+  VJP that recomputes the probabilities. The fastest pure-XLA backend on the CPU (docs/PERFORMANCE.md).
   Supports segment ids and FCM; no attention dropout.
 * `blockwise`: memory-efficient attention in plain JAX: an online softmax over key blocks
   (Rabe & Staats, "Self-attention does not need O(n²) memory", 2021; the FlashAttention
@@ -24,8 +24,13 @@ backend that never materialises the (query, key) mask does not have to.
   pass, so neither pass holds more than one (query block, key block) tile of scores. Causal
   blocks above the diagonal are skipped. Supports segment ids, FCM and attention dropout on
   every platform.
+* `cpu_fused`: a fused CPU kernel (C++, through XLA's FFI; `easylm_align/cpu_attention.py`):
+  each (row, kv head) in one pass over its keys, no head-major copies, exact per-block softmax
+  and a recomputing backward pass. fp32 on the CPU; segment ids and FCM; no attention dropout.
+  Built with the machine's C++ compiler on first use.
 * `auto`: `splash` on TPU and `cudnn` on GPU where the run's options allow, else `xla` there;
-  `chunked` on the CPU; `blockwise` when attention dropout is on; the pick is logged once.
+  on the CPU `cpu_fused` (fp32, a compiler at hand), else `chunked`; `blockwise` when attention
+  dropout is on; the pick, and why faster backends were passed over, is logged once.
 
 Queries whose row sees no key (padding, segment 0) have an unspecified output; their
 positions carry no loss. The KV-cache decoding path always uses `einsum`.
@@ -41,9 +46,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from easylm_align import cpu_attention
 from easylm_align.errors import ConfigError
 
-BACKENDS = ("auto", "einsum", "xla", "cudnn", "splash", "blockwise", "chunked")
+BACKENDS = ("auto", "einsum", "xla", "cudnn", "splash", "blockwise", "chunked", "cpu_fused")
 _NEG = float(np.finfo(np.float32).min)
 
 
@@ -96,12 +102,19 @@ def supported(backend: str, options: Options, platform: str) -> Optional[str]:
         if options.fcm:
             return "attention=splash has no forgetful causal masking (fcm_max_ratio > 0)"
         return None
+    if backend == "cpu_fused":
+        if platform != "cpu":
+            return "attention=cpu_fused runs on the CPU only"
+        if jnp.dtype(options.dtype) != jnp.float32:
+            return "attention=cpu_fused needs fp32 compute (--dtype=fp32)"
+        return cpu_attention.unavailable()
     raise ConfigError(f"attention={backend!r}: use one of {BACKENDS}")
 
 
 @functools.lru_cache(maxsize=None)
-def _log_pick(backend: str, platform: str) -> None:
-    logging.info("attention=auto picked %s on %s", backend, platform)
+def _log_pick(backend: str, platform: str, passed_over: tuple[str, ...]) -> None:
+    logging.info("attention=auto picked %s on %s%s", backend, platform,
+                 "".join(f"; not {reason}" for reason in passed_over))
 
 
 def resolve(backend: str, options: Options, platform: Optional[str] = None) -> str:
@@ -113,11 +126,14 @@ def resolve(backend: str, options: Options, platform: Optional[str] = None) -> s
             raise ConfigError(reason)
         return backend
     # The fused kernel where there is one; on the CPU, chunked beats XLA's dense attention.
-    preferred = {"tpu": ["splash", "xla"], "gpu": ["cudnn", "xla"]}.get(platform, ["chunked"])
+    preferred = {"tpu": ["splash", "xla"], "gpu": ["cudnn", "xla"]}.get(platform, ["cpu_fused", "chunked"])
+    passed_over = []
     for candidate in preferred + ["blockwise"]:
-        if supported(candidate, options, platform) is None:
-            _log_pick(candidate, platform)
+        reason = supported(candidate, options, platform)
+        if reason is None:
+            _log_pick(candidate, platform, tuple(passed_over))
             return candidate
+        passed_over.append(reason)
     raise AssertionError("blockwise supports every option")
 
 
@@ -142,6 +158,8 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: MaskInfo, *, ba
         return blockwise_attention(q, k, v, mask, rate, dropout_rng, block_size)
     if backend == "chunked":
         return chunked_attention(q, k, v, mask, block_size)
+    if backend == "cpu_fused":
+        return cpu_attention.fused_attention(q, k, v, mask.q_segments, mask.k_segments, mask.keys_kept())
     raise ValueError(f"attention={backend!r} is not a concrete backend")
 
 

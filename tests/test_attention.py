@@ -4,12 +4,16 @@ The reference below is written from the definition (softmax over the visible key
 repeating kv heads), not by calling easylm_align.attention.
 """
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from easylm_align import attention, model
+from easylm_align import attention, cpu_attention, model
 
 B, T, HEADS, KV, D = 2, 256, 4, 2, 32
 
@@ -75,9 +79,55 @@ def check_backend(backend, keep=None, **kw):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("backend", ["einsum", "xla", "blockwise", "chunked"])
+@pytest.mark.parametrize("backend", ["einsum", "xla", "blockwise", "chunked", "cpu_fused"])
 def test_backend_equals_reference_on_packed_padded_gqa_batch(backend):
+    skip_without_cpu_kernel(backend)
     check_backend(backend, block_size=64)
+
+
+def skip_without_cpu_kernel(backend):
+    if backend == "cpu_fused" and cpu_attention.unavailable():
+        pytest.skip(cpu_attention.unavailable())
+
+
+def test_cpu_fused_with_forgetful_mask_odd_sizes_and_a_row_that_sees_nothing():
+    """T and head_dim that are not multiples of the kernel's blocks; FCM; one all-padding row."""
+    skip_without_cpu_kernel("cpu_fused")
+    r = jax.random.split(jax.random.PRNGKey(3), 5)
+    q, k, v = jax.random.normal(r[0], (2, 77, 6, 24)), jax.random.normal(r[1], (2, 77, 3, 24)), \
+        jax.random.normal(r[2], (2, 77, 3, 24))
+    segments = jnp.asarray(np.stack([np.r_[np.ones(30), 2 * np.ones(47)], np.zeros(77)]).astype(np.int32))
+    keep = jax.random.bernoulli(r[3], 0.7, (2, 77)).at[:, 0].set(True)
+    info = mask_info(segments, keep)
+    real = np.asarray(segments > 0)[:, :, None, None]
+    weight = jax.random.normal(r[4], q.shape) * jnp.asarray(real)
+    ours = run("cpu_fused", q, k, v, info)
+    assert np.all(np.asarray(ours)[1] == 0)  # the padding row sees no key: zeros, not NaN
+    np.testing.assert_allclose(np.where(real, ours, 0), np.where(real, reference(q, k, v, segments, keep), 0),
+                               atol=1e-5, rtol=0)
+    grads = [jax.grad(lambda *a: jnp.sum(f(*a) * weight), (0, 1, 2))(q, k, v)
+             for f in (lambda *a: run("cpu_fused", *a, info), lambda *a: reference(*a, segments, keep))]
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_auto_falls_back_to_chunked_without_a_compiler(tmp_path):
+    """In a fresh process (the kernel registers once per process) with no compiler on hand."""
+    script = ("import logging, jax.numpy as jnp\n"
+              "from easylm_align import attention\n"
+              "logging.basicConfig(level=logging.INFO)\n"
+              "fp32 = attention.Options(0.0, False, jnp.float32)\n"
+              "print(attention.resolve('auto', fp32, 'cpu'))\n"
+              "try:\n    attention.resolve('cpu_fused', fp32, 'cpu')\n"
+              "except ValueError as error:\n    print(error)\n")
+    env = {**os.environ, "CXX": "no-such-compiler", "EASYLM_ALIGN_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "chunked"
+    assert "needs a C++ compiler to build its kernel; 'no-such-compiler' was not found" in lines[1]
+    assert "attention=auto picked chunked on cpu; not attention=cpu_fused needs a C++ compiler" in done.stderr
+    assert not list(tmp_path.iterdir())  # nothing half-built left in the cache
 
 
 @pytest.mark.parametrize("block_size", [64, 100, 256, 1024])
@@ -146,8 +196,14 @@ def test_auto_picks_by_platform_and_options():
     assert attention.resolve("auto", plain, "gpu") == "cudnn"
     assert attention.resolve("auto", attention.Options(0.0, False, jnp.float32), "gpu") == "xla"
     assert attention.resolve("auto", dropout, "gpu") == "blockwise"
-    assert attention.resolve("auto", plain, "cpu") == "chunked"
+    assert attention.resolve("auto", plain, "cpu") == "chunked"  # bf16: the CPU kernel is fp32 only
     assert attention.resolve("auto", fcm, "cpu") == "chunked"
+    if not cpu_attention.unavailable():
+        assert attention.resolve("auto", attention.Options(0.0, True, jnp.float32), "cpu") == "cpu_fused"
+    with pytest.raises(ValueError, match="attention=cpu_fused runs on the CPU only"):
+        attention.resolve("cpu_fused", plain, "gpu")
+    with pytest.raises(ValueError, match="attention=cpu_fused needs fp32 compute"):
+        attention.resolve("cpu_fused", plain, "cpu")
     assert attention.resolve("auto", dropout, "cpu") == "blockwise"
     with pytest.raises(ValueError, match="attention=xla has no attention dropout"):
         attention.resolve("xla", dropout, "cpu")
@@ -161,7 +217,7 @@ def test_config_field_and_flag_spellings():
     assert model.get_llama_config("debug").attention == "auto"
     assert model.get_llama_config("debug", '{"attention": "blockwise"}').attention == "blockwise"
     assert model.get_llama_config("debug", overrides={"attention": "einsum"}).attention == "einsum"
-    with pytest.raises(ValueError, match="attention='flash': use one of auto, einsum, xla, cudnn, splash, blockwise, chunked"):
+    with pytest.raises(ValueError, match="attention='flash': use one of auto, einsum, xla, cudnn, splash, blockwise, chunked, cpu_fused"):
         model.get_llama_config("debug", '{"attention": "flash"}')
 
 
@@ -185,7 +241,8 @@ def test_model_backends_agree_in_training_with_forgetful_masking():
         return jax.value_and_grad(f)(params)
 
     value, grads = loss("einsum")
-    for backend in ("xla", "blockwise", "chunked"):
+    for backend in ("xla", "blockwise", "chunked", "cpu_fused"):
+        skip_without_cpu_kernel(backend)
         other_value, other_grads = loss(backend)
         np.testing.assert_allclose(other_value, value, atol=1e-4, rtol=1e-6)
         for a, b in zip(jax.tree_util.tree_leaves(other_grads), jax.tree_util.tree_leaves(grads)):

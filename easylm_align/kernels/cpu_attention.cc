@@ -1,0 +1,330 @@
+// Fused causal self-attention for the CPU, forward and backward, as XLA FFI handlers
+// (registered by easylm_align/cpu_attention.py, which also builds this file).
+//
+// Layouts: q (B, T, H, D), k and v (B, T, KV, D) with H = KV * group (GQA), fp32.
+// Key j is visible to query i when j <= i, both are in the same non-zero segment and the key
+// is kept by forgetful causal masking (keep[j] != 0). A query that sees no key gets zeros.
+//
+// One task per (batch row, kv head), spread over the hardware threads. A task copies its head's
+// keys and values once into zero-padded scratch, row-major and transposed, then walks its query
+// heads in blocks of QB rows. Each block's softmax is exact over the keys up to the block's end
+// (no online rescaling), as easylm_align's `chunked` backend computes it; the backward pass
+// recomputes the probabilities from the saved log-normaliser, FlashAttention-style. Every product
+// runs in 4-row x 64-float tiles whose accumulators stay in vector registers. Tasks write
+// disjoint outputs, so they need no locks.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t QB = 32;  // query rows per block
+
+// exp(x) for x <= 0 to ~2 ulp, written so the compiler vectorises loops that call it:
+// x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-6 polynomial, 2^n through the exponent bits.
+inline float fast_exp(float x) {
+  const bool underflow = x < -87.0f;  // includes -inf (a masked score): exactly 0
+  x = std::max(x, -87.0f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return underflow ? 0.0f : p * scale;
+}
+
+struct Shape {
+  int64_t b, t, h, kv, d;
+  int64_t group() const { return h / kv; }
+  int64_t dp() const { return (d + 63) / 64 * 64; }  // head dim padded to whole 64-float chunks
+  int64_t tp() const { return (t + 63) / 64 * 64; }
+  int64_t q_row(int64_t bi, int64_t i, int64_t hi) const { return ((bi * t + i) * h + hi) * d; }
+  int64_t k_row(int64_t bi, int64_t j, int64_t ki) const { return ((bi * t + j) * kv + ki) * d; }
+};
+
+struct Masks {
+  const int32_t* q_seg;
+  const int32_t* k_seg;
+  const int32_t* keep;
+  // bias[j] = 0 where query i of row bi sees key j < ncols, else -inf (added to the scores).
+  void bias(int64_t bi, int64_t t, int64_t i, int64_t ncols, float* out) const {
+    const int32_t qs = q_seg[bi * t + i];
+    const int32_t *ks = k_seg + bi * t, *kp = keep + bi * t;
+    const int64_t n = std::min(ncols, i + 1);
+    for (int64_t j = 0; j < n; ++j) out[j] = ((ks[j] == qs) & (ks[j] != 0) & (kp[j] != 0)) ? 0.0f : -INFINITY;
+    std::fill(out + n, out + ncols, -INFINITY);
+  }
+};
+
+// Runs fn(task) for task in [0, n) on the machine's hardware threads.
+template <typename Fn>
+void parallel_for(int64_t n, Fn fn) {
+  const int64_t workers = std::min<int64_t>(n, std::max(1u, std::thread::hardware_concurrency()));
+  std::atomic<int64_t> next{0};
+  auto loop = [&] {
+    for (int64_t task; (task = next.fetch_add(1)) < n;) fn(task);
+  };
+  std::vector<std::thread> pool;
+  for (int64_t w = 1; w < workers; ++w) pool.emplace_back(loop);
+  loop();
+  for (auto& th : pool) th.join();
+}
+
+// The two products, on zero-padded buffers (rows of Dp or Tp floats), each register-blocked
+// as 4 rows × 64 floats so the compiler keeps the accumulators in vector registers.
+
+// out[r][j] = alpha · Σ_e a[r][e] bt[e][j], r < QB, j < ncols (a multiple of 64).
+void scores(const float* a, const float* bt, int64_t ncols, int64_t dp, int64_t tp, float alpha, float* out) {
+  for (int64_t r0 = 0; r0 < QB; r0 += 4)
+    for (int64_t j0 = 0; j0 < ncols; j0 += 64) {
+      float acc[4][64] = {};
+      for (int64_t e = 0; e < dp; ++e) {
+        const float* b = bt + e * tp + j0;
+        for (int r = 0; r < 4; ++r) {
+          const float x = a[(r0 + r) * dp + e];
+          for (int j = 0; j < 64; ++j) acc[r][j] += x * b[j];
+        }
+      }
+      for (int r = 0; r < 4; ++r)
+        for (int j = 0; j < 64; ++j) out[(r0 + r) * tp + j0 + j] = alpha * acc[r][j];
+    }
+}
+
+// out[a][:] += Σ_{c < n_in} w[a·out_stride + c·in_stride] x[c][:] for a < n_out (a multiple of 4):
+// with (tp, 1) it is P·V and dS·K (a query per output row), with (1, tp) Pᵀ·dO and dSᵀ·Q (a key).
+void weighted_rows(const float* w, int64_t out_stride, int64_t in_stride, int64_t n_out, int64_t n_in,
+                   const float* x, int64_t dp, float* out) {
+  for (int64_t a0 = 0; a0 < n_out; a0 += 4)
+    for (int64_t d0 = 0; d0 < dp; d0 += 64) {
+      float acc[4][64] = {};
+      for (int64_t c = 0; c < n_in; ++c) {
+        const float* xr = x + c * dp + d0;
+        for (int a = 0; a < 4; ++a) {
+          const float coef = w[(a0 + a) * out_stride + c * in_stride];
+          for (int e = 0; e < 64; ++e) acc[a][e] += coef * xr[e];
+        }
+      }
+      for (int a = 0; a < 4; ++a)
+        for (int e = 0; e < 64; ++e) out[(a0 + a) * dp + d0 + e] += acc[a][e];
+    }
+}
+
+// One head's rows of x (B, T, heads, D) into a zero-padded (rows, Dp) buffer, and its transpose.
+void gather_rows(const float* x, const Shape& s, int64_t heads, int64_t bi, int64_t hi, int64_t i0, int64_t rows,
+                 int64_t capacity, float* out) {
+  const int64_t dp = s.dp();
+  std::fill(out, out + capacity * dp, 0.0f);
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(out + r * dp, x + ((bi * s.t + i0 + r) * heads + hi) * s.d, s.d * sizeof(float));
+}
+
+void transpose(const float* rows, const Shape& s, float* out) {
+  const int64_t dp = s.dp(), tp = s.tp();
+  for (int64_t j = 0; j < tp; ++j)
+    for (int64_t e = 0; e < dp; ++e) out[e * tp + j] = rows[j * dp + e];
+}
+
+struct Scratch {
+  std::vector<float> kr, vr, kt, vt, qb, dob, ob, p, ds, dk, dv, bias;
+  void size(const Shape& s, bool backward) {
+    const int64_t dp = s.dp(), tp = s.tp();
+    for (auto* v : {&kr, &kt, &vr}) v->resize(tp * dp);
+    for (auto* v : {&qb, &ob}) v->resize(QB * dp);
+    p.resize(QB * tp);
+    bias.resize(tp);
+    if (backward) {
+      for (auto* v : {&vt, &dk, &dv}) v->resize(tp * dp);
+      dob.resize(QB * dp);
+      ds.resize(QB * tp);
+    }
+  }
+};
+
+// p[r][j] = exp(scores + bias - lse_r) for the block's real rows (masked keys: 0); padding rows 0.
+void probabilities(const Shape& s, const Masks& m, int64_t bi, int64_t i0, int64_t rows, int64_t ncols,
+                   const float* lse_rows, float* bias, float* p) {
+  const int64_t tp = s.tp();
+  for (int64_t r = 0; r < QB; ++r) {
+    float* pr = p + r * tp;
+    if (r >= rows) {
+      std::fill(pr, pr + ncols, 0.0f);
+      continue;
+    }
+    m.bias(bi, s.t, i0 + r, ncols, bias);
+    const float shift = lse_rows[r];
+    for (int64_t j = 0; j < ncols; ++j) pr[j] = fast_exp(pr[j] + bias[j] - shift);
+  }
+}
+
+void forward_task(const float* q, const float* k, const float* v, const Shape& s, const Masks& m, int64_t task,
+                  float* o, float* lse, Scratch& w) {
+  const int64_t bi = task / s.kv, ki = task % s.kv, dp = s.dp(), tp = s.tp();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(s.d));
+  gather_rows(k, s, s.kv, bi, ki, 0, s.t, tp, w.kr.data());
+  gather_rows(v, s, s.kv, bi, ki, 0, s.t, tp, w.vr.data());
+  transpose(w.kr.data(), s, w.kt.data());
+  std::vector<float> row_lse(QB);
+  for (int64_t g = 0; g < s.group(); ++g) {
+    const int64_t hi = ki * s.group() + g;
+    for (int64_t i0 = 0; i0 < s.t; i0 += QB) {
+      const int64_t rows = std::min(QB, s.t - i0), ncols = (i0 + rows + 63) / 64 * 64;
+      gather_rows(q, s, s.h, bi, hi, i0, rows, QB, w.qb.data());
+      scores(w.qb.data(), w.kt.data(), ncols, dp, tp, scale, w.p.data());
+      for (int64_t r = 0; r < QB; ++r) {  // softmax of each real row, in place; padding rows 0
+        float* pr = w.p.data() + r * tp;
+        if (r >= rows) {
+          std::fill(pr, pr + ncols, 0.0f);
+          continue;
+        }
+        m.bias(bi, s.t, i0 + r, ncols, w.bias.data());
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < ncols; ++j) mx = std::max(mx, pr[j] + w.bias[j]);
+        if (mx == -INFINITY) {  // sees no key: output 0, and an infinite log-normaliser zeroes its gradient
+          std::fill(pr, pr + ncols, 0.0f);
+          row_lse[r] = INFINITY;
+          continue;
+        }
+        float sum = 0.0f;
+        for (int64_t j = 0; j < ncols; ++j) sum += (pr[j] = fast_exp(pr[j] + w.bias[j] - mx));
+        const float inv = 1.0f / sum;
+        for (int64_t j = 0; j < ncols; ++j) pr[j] *= inv;
+        row_lse[r] = mx + std::log(sum);
+      }
+      std::fill(w.ob.begin(), w.ob.end(), 0.0f);
+      weighted_rows(w.p.data(), tp, 1, QB, ncols, w.vr.data(), dp, w.ob.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        std::memcpy(o + s.q_row(bi, i0 + r, hi), w.ob.data() + r * dp, s.d * sizeof(float));
+        lse[(bi * s.h + hi) * s.t + i0 + r] = row_lse[r];
+      }
+    }
+  }
+}
+
+void backward_task(const float* q, const float* k, const float* v, const float* o, const float* lse,
+                   const float* d_o, const Shape& s, const Masks& m, int64_t task, float* dq, float* dk, float* dv,
+                   Scratch& w) {
+  const int64_t bi = task / s.kv, ki = task % s.kv, dp = s.dp(), tp = s.tp();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(s.d));
+  gather_rows(k, s, s.kv, bi, ki, 0, s.t, tp, w.kr.data());
+  gather_rows(v, s, s.kv, bi, ki, 0, s.t, tp, w.vr.data());
+  transpose(w.kr.data(), s, w.kt.data());
+  transpose(w.vr.data(), s, w.vt.data());
+  std::fill(w.dk.begin(), w.dk.end(), 0.0f);
+  std::fill(w.dv.begin(), w.dv.end(), 0.0f);
+  for (int64_t g = 0; g < s.group(); ++g) {
+    const int64_t hi = ki * s.group() + g;
+    const float* head_lse = lse + (bi * s.h + hi) * s.t;
+    for (int64_t i0 = 0; i0 < s.t; i0 += QB) {
+      const int64_t rows = std::min(QB, s.t - i0), ncols = (i0 + rows + 63) / 64 * 64;
+      gather_rows(q, s, s.h, bi, hi, i0, rows, QB, w.qb.data());
+      gather_rows(d_o, s, s.h, bi, hi, i0, rows, QB, w.dob.data());
+      scores(w.qb.data(), w.kt.data(), ncols, dp, tp, scale, w.p.data());
+      probabilities(s, m, bi, i0, rows, ncols, head_lse + i0, w.bias.data(), w.p.data());
+      scores(w.dob.data(), w.vt.data(), ncols, dp, tp, 1.0f, w.ds.data());  // dP = dO · vᵀ
+      for (int64_t r = 0; r < QB; ++r) {  // dS = P ∘ (dP − rowsum(dO ∘ O)) / sqrt(d)
+        float delta = 0.0f;
+        if (r < rows) {
+          const float *dor = d_o + s.q_row(bi, i0 + r, hi), *orow = o + s.q_row(bi, i0 + r, hi);
+          for (int64_t e = 0; e < s.d; ++e) delta += dor[e] * orow[e];
+        }
+        float *pr = w.p.data() + r * tp, *dsr = w.ds.data() + r * tp;
+        for (int64_t j = 0; j < ncols; ++j) dsr[j] = pr[j] * (dsr[j] - delta) * scale;
+      }
+      std::fill(w.ob.begin(), w.ob.end(), 0.0f);
+      weighted_rows(w.ds.data(), tp, 1, QB, ncols, w.kr.data(), dp, w.ob.data());  // dQ
+      for (int64_t r = 0; r < rows; ++r)
+        std::memcpy(dq + s.q_row(bi, i0 + r, hi), w.ob.data() + r * dp, s.d * sizeof(float));
+      weighted_rows(w.ds.data(), 1, tp, ncols, QB, w.qb.data(), dp, w.dk.data());  // dK
+      weighted_rows(w.p.data(), 1, tp, ncols, QB, w.dob.data(), dp, w.dv.data());  // dV
+    }
+  }
+  for (int64_t j = 0; j < s.t; ++j) {
+    std::memcpy(dk + s.k_row(bi, j, ki), w.dk.data() + j * dp, s.d * sizeof(float));
+    std::memcpy(dv + s.k_row(bi, j, ki), w.dv.data() + j * dp, s.d * sizeof(float));
+  }
+}
+
+Shape shape_of(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  return Shape{qd[0], qd[1], qd[2], kd[2], qd[3]};
+}
+
+ffi::Error check(const Shape& s, ffi::Buffer<ffi::F32>& k) {
+  auto kd = k.dimensions();
+  if (kd.size() != 4 || kd[0] != s.b || kd[1] != s.t || kd[3] != s.d || s.kv == 0 || s.h % s.kv != 0)
+    return ffi::Error::InvalidArgument("cpu_attention: q (B, T, H, D) and k/v (B, T, KV, D) with KV dividing H");
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::Buffer<ffi::S32> q_seg, ffi::Buffer<ffi::S32> k_seg, ffi::Buffer<ffi::S32> keep,
+                   ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse) {
+  const Shape s = shape_of(q, k);
+  if (auto e = check(s, k); e.failure()) return e;
+  const Masks m{q_seg.typed_data(), k_seg.typed_data(), keep.typed_data()};
+  parallel_for(s.b * s.kv, [&](int64_t task) {
+    thread_local Scratch w;
+    w.size(s, false);
+    forward_task(q.typed_data(), k.typed_data(), v.typed_data(), s, m, task, o->typed_data(), lse->typed_data(), w);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                    ffi::Buffer<ffi::S32> q_seg, ffi::Buffer<ffi::S32> k_seg, ffi::Buffer<ffi::S32> keep,
+                    ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_o,
+                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+  const Shape s = shape_of(q, k);
+  if (auto e = check(s, k); e.failure()) return e;
+  const Masks m{q_seg.typed_data(), k_seg.typed_data(), keep.typed_data()};
+  parallel_for(s.b * s.kv, [&](int64_t task) {
+    thread_local Scratch w;
+    w.size(s, true);
+    backward_task(q.typed_data(), k.typed_data(), v.typed_data(), o.typed_data(), lse.typed_data(),
+                  d_o.typed_data(), s, m, task, dq->typed_data(), dk->typed_data(), dv->typed_data(), w);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EasylmAttentionForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EasylmAttentionBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -48,6 +48,19 @@ inline float fast_exp(float x) {
   return underflow ? 0.0f : p * scale;
 }
 
+// op-reduction of x[0, n) for n a multiple of 16, in 16 independent lanes: a single running
+// max or sum is a serial chain the compiler may not reorder (IEEE), so it would not vectorise.
+template <typename Op>
+float lane_reduce(const float* x, int64_t n, float init, Op op) {
+  float lanes[16];
+  std::fill(lanes, lanes + 16, init);
+  for (int64_t j = 0; j < n; j += 16)
+    for (int l = 0; l < 16; ++l) lanes[l] = op(lanes[l], x[j + l]);
+  float out = init;
+  for (int l = 0; l < 16; ++l) out = op(out, lanes[l]);
+  return out;
+}
+
 struct Shape {
   int64_t b, t, h, kv, d;
   int64_t group() const { return h / kv; }
@@ -192,15 +205,15 @@ void forward_task(const float* q, const float* k, const float* v, const Shape& s
           continue;
         }
         m.bias(bi, s.t, i0 + r, ncols, w.bias.data());
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < ncols; ++j) mx = std::max(mx, pr[j] + w.bias[j]);
+        for (int64_t j = 0; j < ncols; ++j) pr[j] += w.bias[j];
+        const float mx = lane_reduce(pr, ncols, -INFINITY, [](float a, float b) { return std::max(a, b); });
         if (mx == -INFINITY) {  // sees no key: output 0, and an infinite log-normaliser zeroes its gradient
           std::fill(pr, pr + ncols, 0.0f);
           row_lse[r] = INFINITY;
           continue;
         }
-        float sum = 0.0f;
-        for (int64_t j = 0; j < ncols; ++j) sum += (pr[j] = fast_exp(pr[j] + w.bias[j] - mx));
+        for (int64_t j = 0; j < ncols; ++j) pr[j] = fast_exp(pr[j] - mx);
+        const float sum = lane_reduce(pr, ncols, 0.0f, [](float a, float b) { return a + b; });
         const float inv = 1.0f / sum;
         for (int64_t j = 0; j < ncols; ++j) pr[j] *= inv;
         row_lse[r] = mx + std::log(sum);

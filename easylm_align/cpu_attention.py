@@ -8,7 +8,9 @@ and CPU, and registers its forward and backward handlers as FFI targets. Where n
 found or the build fails, `unavailable()` says why and `attention=auto` keeps `chunked`.
 
 fp32 only, self-attention over slots 0..T-1 (as `chunked`), with segment ids and forgetful causal
-masking; no dropout. A query that sees no key gets zeros.
+masking; no dropout. A query that sees no key gets zeros. The FFI call is not partitioned: on a
+mesh of several CPU devices XLA gathers its operands and runs it whole on each (correct, not
+memory-saving; CPU meshes are for tests and dry runs).
 """
 
 from __future__ import annotations

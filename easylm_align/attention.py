@@ -125,7 +125,7 @@ def resolve(backend: str, options: Options, platform: Optional[str] = None) -> s
         if reason:
             raise ConfigError(reason)
         return backend
-    # The fused kernel where there is one; on the CPU, chunked beats XLA's dense attention.
+    # The fused kernel where there is one; on the CPU without it, chunked beats XLA's dense attention.
     preferred = {"tpu": ["splash", "xla"], "gpu": ["cudnn", "xla"]}.get(platform, ["cpu_fused", "chunked"])
     passed_over = []
     for candidate in preferred + ["blockwise"]:

@@ -98,42 +98,30 @@ void parallel_for(int64_t n, Fn fn) {
   for (auto& th : pool) th.join();
 }
 
-// The two products, on zero-padded buffers (rows of Dp or Tp floats), each register-blocked
-// as 4 rows × 64 floats so the compiler keeps the accumulators in vector registers.
+// Every product of the kernel, on zero-padded buffers, register-blocked as 4 output rows × 64
+// floats so the compiler keeps the accumulators in vector registers:
+// out[a][0, len) += alpha · Σ_{c < n_in} w[a][c] · x[c][0, len) for a < n_out.
+// n_out is a multiple of 4 and len of 64. With w = q-rows and x = kᵀ it gives the scores, with
+// w strides (tp, 1) P·V and dS·K (a query per output row), with (1, tp) Pᵀ·dO and dSᵀ·Q (a key).
+struct Weights {
+  const float* data;
+  int64_t out_stride, in_stride;  // w[a][c] = data[a·out_stride + c·in_stride]
+};
 
-// out[r][j] = alpha · Σ_e a[r][e] bt[e][j], r < QB, j < ncols (a multiple of 64).
-void scores(const float* a, const float* bt, int64_t ncols, int64_t dp, int64_t tp, float alpha, float* out) {
-  for (int64_t r0 = 0; r0 < QB; r0 += 4)
-    for (int64_t j0 = 0; j0 < ncols; j0 += 64) {
-      float acc[4][64] = {};
-      for (int64_t e = 0; e < dp; ++e) {
-        const float* b = bt + e * tp + j0;
-        for (int r = 0; r < 4; ++r) {
-          const float x = a[(r0 + r) * dp + e];
-          for (int j = 0; j < 64; ++j) acc[r][j] += x * b[j];
-        }
-      }
-      for (int r = 0; r < 4; ++r)
-        for (int j = 0; j < 64; ++j) out[(r0 + r) * tp + j0 + j] = alpha * acc[r][j];
-    }
-}
-
-// out[a][:] += Σ_{c < n_in} w[a·out_stride + c·in_stride] x[c][:] for a < n_out (a multiple of 4):
-// with (tp, 1) it is P·V and dS·K (a query per output row), with (1, tp) Pᵀ·dO and dSᵀ·Q (a key).
-void weighted_rows(const float* w, int64_t out_stride, int64_t in_stride, int64_t n_out, int64_t n_in,
-                   const float* x, int64_t dp, float* out) {
+void weighted_rows(Weights w, int64_t n_out, int64_t n_in, const float* x, int64_t x_stride, int64_t len,
+                   float alpha, float* out, int64_t out_stride) {
   for (int64_t a0 = 0; a0 < n_out; a0 += 4)
-    for (int64_t d0 = 0; d0 < dp; d0 += 64) {
+    for (int64_t d0 = 0; d0 < len; d0 += 64) {
       float acc[4][64] = {};
       for (int64_t c = 0; c < n_in; ++c) {
-        const float* xr = x + c * dp + d0;
+        const float* xr = x + c * x_stride + d0;
         for (int a = 0; a < 4; ++a) {
-          const float coef = w[(a0 + a) * out_stride + c * in_stride];
+          const float coef = w.data[(a0 + a) * w.out_stride + c * w.in_stride];
           for (int e = 0; e < 64; ++e) acc[a][e] += coef * xr[e];
         }
       }
       for (int a = 0; a < 4; ++a)
-        for (int e = 0; e < 64; ++e) out[(a0 + a) * dp + d0 + e] += acc[a][e];
+        for (int e = 0; e < 64; ++e) out[(a0 + a) * out_stride + d0 + e] += alpha * acc[a][e];
     }
 }
 
@@ -153,76 +141,76 @@ void transpose(const float* rows, const Shape& s, float* out) {
 }
 
 struct Scratch {
-  std::vector<float> kr, vr, kt, vt, qb, dob, ob, p, ds, dk, dv, bias;
+  std::vector<float> kr, vr, kt, vt, qb, dob, ob, p, ds, dk, dv, bias, row_lse;
   void size(const Shape& s, bool backward) {
     const int64_t dp = s.dp(), tp = s.tp();
     for (auto* v : {&kr, &kt, &vr}) v->resize(tp * dp);
     for (auto* v : {&qb, &ob}) v->resize(QB * dp);
     p.resize(QB * tp);
     bias.resize(tp);
+    row_lse.resize(QB);
     if (backward) {
       for (auto* v : {&vt, &dk, &dv}) v->resize(tp * dp);
       dob.resize(QB * dp);
       ds.resize(QB * tp);
     }
   }
+  // The task's keys and values, row-major, and the transposes its products read.
+  void load_head(const float* k, const float* v, const Shape& s, int64_t bi, int64_t ki, bool backward) {
+    gather_rows(k, s, s.kv, bi, ki, 0, s.t, s.tp(), kr.data());
+    gather_rows(v, s, s.kv, bi, ki, 0, s.t, s.tp(), vr.data());
+    transpose(kr.data(), s, kt.data());
+    if (backward) transpose(vr.data(), s, vt.data());
+  }
 };
 
-// p[r][j] = exp(scores + bias - lse_r) for the block's real rows (masked keys: 0); padding rows 0.
-void probabilities(const Shape& s, const Masks& m, int64_t bi, int64_t i0, int64_t rows, int64_t ncols,
-                   const float* lse_rows, float* bias, float* p) {
-  const int64_t tp = s.tp();
+// p[r][j] = (the block's q-rows · kᵀ) / sqrt(d), -inf where query i0 + r may not see key j and on
+// the padding rows past `rows`, so exp() of any shift gives 0 there.
+void masked_scores(const Shape& s, const Masks& m, int64_t bi, int64_t i0, int64_t rows, int64_t ncols, Scratch& w) {
+  const int64_t dp = s.dp(), tp = s.tp();
+  for (int64_t r = 0; r < QB; ++r) std::fill(w.p.data() + r * tp, w.p.data() + r * tp + ncols, 0.0f);
+  weighted_rows({w.qb.data(), dp, 1}, QB, dp, w.kt.data(), tp, ncols, 1.0f / std::sqrt(static_cast<float>(s.d)),
+                w.p.data(), tp);
   for (int64_t r = 0; r < QB; ++r) {
-    float* pr = p + r * tp;
+    float* pr = w.p.data() + r * tp;
     if (r >= rows) {
-      std::fill(pr, pr + ncols, 0.0f);
+      std::fill(pr, pr + ncols, -INFINITY);
       continue;
     }
-    m.bias(bi, s.t, i0 + r, ncols, bias);
-    const float shift = lse_rows[r];
-    for (int64_t j = 0; j < ncols; ++j) pr[j] = fast_exp(pr[j] + bias[j] - shift);
+    m.bias(bi, s.t, i0 + r, ncols, w.bias.data());
+    for (int64_t j = 0; j < ncols; ++j) pr[j] += w.bias[j];
   }
 }
 
 void forward_task(const float* q, const float* k, const float* v, const Shape& s, const Masks& m, int64_t task,
                   float* o, float* lse, Scratch& w) {
   const int64_t bi = task / s.kv, ki = task % s.kv, dp = s.dp(), tp = s.tp();
-  const float scale = 1.0f / std::sqrt(static_cast<float>(s.d));
-  gather_rows(k, s, s.kv, bi, ki, 0, s.t, tp, w.kr.data());
-  gather_rows(v, s, s.kv, bi, ki, 0, s.t, tp, w.vr.data());
-  transpose(w.kr.data(), s, w.kt.data());
-  std::vector<float> row_lse(QB);
+  w.load_head(k, v, s, bi, ki, false);
   for (int64_t g = 0; g < s.group(); ++g) {
     const int64_t hi = ki * s.group() + g;
     for (int64_t i0 = 0; i0 < s.t; i0 += QB) {
       const int64_t rows = std::min(QB, s.t - i0), ncols = (i0 + rows + 63) / 64 * 64;
       gather_rows(q, s, s.h, bi, hi, i0, rows, QB, w.qb.data());
-      scores(w.qb.data(), w.kt.data(), ncols, dp, tp, scale, w.p.data());
-      for (int64_t r = 0; r < QB; ++r) {  // softmax of each real row, in place; padding rows 0
+      masked_scores(s, m, bi, i0, rows, ncols, w);
+      for (int64_t r = 0; r < QB; ++r) {  // softmax of each row, in place
         float* pr = w.p.data() + r * tp;
-        if (r >= rows) {
-          std::fill(pr, pr + ncols, 0.0f);
-          continue;
-        }
-        m.bias(bi, s.t, i0 + r, ncols, w.bias.data());
-        for (int64_t j = 0; j < ncols; ++j) pr[j] += w.bias[j];
         const float mx = lane_reduce(pr, ncols, -INFINITY, [](float a, float b) { return std::max(a, b); });
-        if (mx == -INFINITY) {  // sees no key: output 0, and an infinite log-normaliser zeroes its gradient
-          std::fill(pr, pr + ncols, 0.0f);
-          row_lse[r] = INFINITY;
+        if (mx == -INFINITY) {  // sees no key (or padding): output 0, and an infinite log-normaliser
+          std::fill(pr, pr + ncols, 0.0f);  // zeroes its gradient
+          w.row_lse[r] = INFINITY;
           continue;
         }
         for (int64_t j = 0; j < ncols; ++j) pr[j] = fast_exp(pr[j] - mx);
         const float sum = lane_reduce(pr, ncols, 0.0f, [](float a, float b) { return a + b; });
         const float inv = 1.0f / sum;
         for (int64_t j = 0; j < ncols; ++j) pr[j] *= inv;
-        row_lse[r] = mx + std::log(sum);
+        w.row_lse[r] = mx + std::log(sum);
       }
       std::fill(w.ob.begin(), w.ob.end(), 0.0f);
-      weighted_rows(w.p.data(), tp, 1, QB, ncols, w.vr.data(), dp, w.ob.data());
+      weighted_rows({w.p.data(), tp, 1}, QB, ncols, w.vr.data(), dp, dp, 1.0f, w.ob.data(), dp);
       for (int64_t r = 0; r < rows; ++r) {
         std::memcpy(o + s.q_row(bi, i0 + r, hi), w.ob.data() + r * dp, s.d * sizeof(float));
-        lse[(bi * s.h + hi) * s.t + i0 + r] = row_lse[r];
+        lse[(bi * s.h + hi) * s.t + i0 + r] = w.row_lse[r];
       }
     }
   }
@@ -233,10 +221,7 @@ void backward_task(const float* q, const float* k, const float* v, const float* 
                    Scratch& w) {
   const int64_t bi = task / s.kv, ki = task % s.kv, dp = s.dp(), tp = s.tp();
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.d));
-  gather_rows(k, s, s.kv, bi, ki, 0, s.t, tp, w.kr.data());
-  gather_rows(v, s, s.kv, bi, ki, 0, s.t, tp, w.vr.data());
-  transpose(w.kr.data(), s, w.kt.data());
-  transpose(w.vr.data(), s, w.vt.data());
+  w.load_head(k, v, s, bi, ki, true);
   std::fill(w.dk.begin(), w.dk.end(), 0.0f);
   std::fill(w.dv.begin(), w.dv.end(), 0.0f);
   for (int64_t g = 0; g < s.group(); ++g) {
@@ -246,9 +231,14 @@ void backward_task(const float* q, const float* k, const float* v, const float* 
       const int64_t rows = std::min(QB, s.t - i0), ncols = (i0 + rows + 63) / 64 * 64;
       gather_rows(q, s, s.h, bi, hi, i0, rows, QB, w.qb.data());
       gather_rows(d_o, s, s.h, bi, hi, i0, rows, QB, w.dob.data());
-      scores(w.qb.data(), w.kt.data(), ncols, dp, tp, scale, w.p.data());
-      probabilities(s, m, bi, i0, rows, ncols, head_lse + i0, w.bias.data(), w.p.data());
-      scores(w.dob.data(), w.vt.data(), ncols, dp, tp, 1.0f, w.ds.data());  // dP = dO · vᵀ
+      masked_scores(s, m, bi, i0, rows, ncols, w);
+      for (int64_t r = 0; r < QB; ++r) {  // P, from the forward pass's log-normaliser
+        float* pr = w.p.data() + r * tp;
+        const float shift = r < rows ? head_lse[i0 + r] : 0.0f;
+        for (int64_t j = 0; j < ncols; ++j) pr[j] = fast_exp(pr[j] - shift);
+      }
+      for (int64_t r = 0; r < QB; ++r) std::fill(w.ds.data() + r * tp, w.ds.data() + r * tp + ncols, 0.0f);
+      weighted_rows({w.dob.data(), dp, 1}, QB, dp, w.vt.data(), tp, ncols, 1.0f, w.ds.data(), tp);  // dP = dO·vᵀ
       for (int64_t r = 0; r < QB; ++r) {  // dS = P ∘ (dP − rowsum(dO ∘ O)) / sqrt(d)
         float delta = 0.0f;
         if (r < rows) {
@@ -259,11 +249,11 @@ void backward_task(const float* q, const float* k, const float* v, const float* 
         for (int64_t j = 0; j < ncols; ++j) dsr[j] = pr[j] * (dsr[j] - delta) * scale;
       }
       std::fill(w.ob.begin(), w.ob.end(), 0.0f);
-      weighted_rows(w.ds.data(), tp, 1, QB, ncols, w.kr.data(), dp, w.ob.data());  // dQ
+      weighted_rows({w.ds.data(), tp, 1}, QB, ncols, w.kr.data(), dp, dp, 1.0f, w.ob.data(), dp);  // dQ
       for (int64_t r = 0; r < rows; ++r)
         std::memcpy(dq + s.q_row(bi, i0 + r, hi), w.ob.data() + r * dp, s.d * sizeof(float));
-      weighted_rows(w.ds.data(), 1, tp, ncols, QB, w.qb.data(), dp, w.dk.data());  // dK
-      weighted_rows(w.p.data(), 1, tp, ncols, QB, w.dob.data(), dp, w.dv.data());  // dV
+      weighted_rows({w.ds.data(), 1, tp}, ncols, QB, w.qb.data(), dp, dp, 1.0f, w.dk.data(), dp);   // dK
+      weighted_rows({w.p.data(), 1, tp}, ncols, QB, w.dob.data(), dp, dp, 1.0f, w.dv.data(), dp);   // dV
     }
   }
   for (int64_t j = 0; j < s.t; ++j) {

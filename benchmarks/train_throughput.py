@@ -3,7 +3,7 @@
     python benchmarks/train_throughput.py --config=debug --batch=8 --seq=512 --mesh=1,-1,1 \\
         --attention=auto --steps=10 [--dtype=fp32|bf16] [--param_dtype=fp32] \\
         [--update_llama_config='{"hidden_size": 512, "num_hidden_layers": 8}'] \\
-        [--remat_policy=nothing_saveable] [--scan_layers=true] [--loss_chunk_size=256] \\
+        [--remat_policy=nothing_saveable] [--scan_layers=true] [--loss_chunk_size=256] [--loss_kernel=auto] \\
         [--torch] [--repeats=2] [--memory_only] [--output=benchmarks/results/train_throughput.jsonl]
 
 What runs is the trainer's own step: a `Trainer` is built from these flags with `dry_run=True`
@@ -53,8 +53,8 @@ from easylm_align import hf_mapping, logger, memory, model, sharding, train  # n
 
 RESULT_KEYS = (
     "benchmark", "flags", "date", "device_kind", "platform", "num_devices", "versions", "host",
-    "llama_config", "params", "attention_backend", "tokens_per_step", "matmul_params", "flops_per_token",
-    "flop_formula", "compile_seconds", "step_seconds", "step_seconds_runs", "step_cpu_seconds",
+    "llama_config", "params", "attention_backend", "loss_kernel", "tokens_per_step", "matmul_params",
+    "flops_per_token", "flop_formula", "compile_seconds", "step_seconds", "step_seconds_runs", "step_cpu_seconds",
     "step_cpu_seconds_runs", "tokens_per_s", "tokens_per_s_per_device", "peak_flops_per_device", "mfu",
     "memory_analysis_gib", "device_peak_memory_gib", "host_peak_rss_gib", "losses", "torch", "ours_over_torch",
     "ours_over_torch_cpu_time")
@@ -76,6 +76,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="compute dtype")
     p.add_argument("--param_dtype", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--loss_chunk_size", type=int, default=None, help="objectives.loss_chunk_size (default: the trainer's)")
+    p.add_argument("--loss_kernel", default=None, help="objectives.loss_kernel (default: the trainer's)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per repeat (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed executions after compiling")
     p.add_argument("--repeats", type=int, default=1, help="timed blocks, interleaved with the peer")
@@ -103,6 +104,8 @@ def trainer_config(args: argparse.Namespace):
         cfg.llama.scan_layers = args.scan_layers
     if args.loss_chunk_size is not None:
         cfg.objectives.loss_chunk_size = args.loss_chunk_size
+    if args.loss_kernel is not None:
+        cfg.objectives.loss_kernel = args.loss_kernel
     return cfg
 
 
@@ -214,6 +217,7 @@ def run(args: argparse.Namespace, trainer: train.Trainer) -> dict[str, Any]:
     peak = logger.peak_flops_per_device(args.peak_flops)
     row.update(env, benchmark="train_throughput", flags=vars(args), llama_config=llama.to_dict(),
                params=model.param_count(ours.params), attention_backend=trainer.attention_backend,
+               loss_kernel=trainer.loss_kernel,
                tokens_per_step=tokens_per_step, matmul_params=model.matmul_param_count(llama),
                flops_per_token=flops, flop_formula=flop_formula(llama, args.seq),
                compile_seconds=round(ours.compile_seconds, 3), peak_flops_per_device=peak,
@@ -245,7 +249,8 @@ def run(args: argparse.Namespace, trainer: train.Trainer) -> dict[str, Any]:
 
 def summary(row: dict[str, Any]) -> str:
     lines = [f"{row['llama_config']['hidden_size']}h x {row['llama_config']['num_hidden_layers']}L, "
-             f"{row['params']:,} params, attention={row['attention_backend']}, {row['tokens_per_step']} tokens/step, "
+             f"{row['params']:,} params, attention={row['attention_backend']}, loss_kernel={row['loss_kernel']}, "
+             f"{row['tokens_per_step']} tokens/step, "
              f"compile {row['compile_seconds']:.1f} s, memory_analysis {row['memory_analysis_gib']} GiB",
              f"FLOPs/token: {row['flop_formula']}"]
     if row["tokens_per_s"] is not None:

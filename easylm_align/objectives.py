@@ -5,6 +5,8 @@ AFP's contrastive objective and poolers live here too (see `contrastive_loss`, `
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 from typing import Optional, Sequence
 
@@ -12,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
+from easylm_align import cpu_cross_entropy, cpu_kernels
 from easylm_align.errors import ConfigError
 from easylm_align.model import lm_head_kernel
 
@@ -29,40 +32,51 @@ def cross_entropy_loss_and_accuracy(logits: jnp.ndarray, targets: jnp.ndarray,
     return loss, accuracy
 
 
-def _chunk_logits(h: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-    return jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32)
-
-
 def _chunk_stats(logits, t, m) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-    """A chunk's summed masked loss, its correct count, and the log-normaliser of each position."""
+    """A chunk's summed masked loss, its correct count, and the log-normaliser of each row."""
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
     correct = ((jnp.argmax(logits, axis=-1) == t) * m).sum()
     return ((lse - target_logit) * m).sum(), correct, lse
 
 
-@jax.custom_vjp
-def _chunked_nll(h, w, t, m) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(summed loss, correct count) over chunks h (n, b, c, d) @ w (d, v); see chunked_cross_entropy."""
+def _logit_grads_xla(logits, t, m) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """A chunk's summed masked loss, correct count, and d loss / d logits = (softmax − one-hot) · mask."""
+    nll, correct, lse = _chunk_stats(logits, t, m)
+    one_hot = jnp.arange(logits.shape[-1]) == t[..., None]
+    return nll, correct, (jnp.exp(logits - lse[..., None]) - one_hot) * m[..., None]
+
+
+def _logit_grads_cpu(logits, t, m) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    nll, correct, grads = cpu_cross_entropy.loss_and_logit_grads(logits, t, m)
+    return (nll * m).sum(), (correct * m).sum(), grads
+
+
+_LOGIT_GRADS = {"xla": _logit_grads_xla, "cpu_fused": _logit_grads_cpu}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked_nll(h, w, t, m, loss_kernel) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(summed loss, correct count) over row chunks h (n, rows, d) @ w (d, v); see chunked_cross_entropy."""
     def body(carry, xs):
-        nll, correct, _ = _chunk_stats(_chunk_logits(xs[0], w), xs[1], xs[2])
+        nll, correct, _ = _chunk_stats(jnp.dot(xs[0], w, preferred_element_type=jnp.float32), xs[1], xs[2])
         return (carry[0] + nll, carry[1] + correct), None
 
     zero = jnp.zeros((), jnp.float32)
     return jax.lax.scan(body, (zero, zero), (h, t, m))[0]
 
 
-def _chunked_nll_fwd(h, w, t, m):
-    """The loss and, from the same logits, its gradients: d loss / d logits = (softmax - one-hot)
-    times the mask, folded into dh (this chunk's rows) and dw (summed over chunks) at once."""
+def _chunked_nll_fwd(h, w, t, m, loss_kernel):
+    """The loss and, from the same logits, its gradients: d loss / d logits, folded into dh (this
+    chunk's rows) and dw (summed over chunks) at once."""
+    logit_grads = _LOGIT_GRADS[loss_kernel]
+
     def body(carry, xs):
         hc, tc, mc = xs
-        logits = _chunk_logits(hc, w)
-        nll, correct, lse = _chunk_stats(logits, tc, mc)
-        one_hot = jnp.arange(logits.shape[-1]) == tc[..., None]
-        dlogits = ((jnp.exp(logits - lse[..., None]) - one_hot) * mc[..., None]).astype(hc.dtype)
-        dh = jnp.einsum("bcv,dv->bcd", dlogits, w, preferred_element_type=jnp.float32).astype(hc.dtype)
-        dw = carry[2] + jnp.einsum("bcd,bcv->dv", hc, dlogits, preferred_element_type=jnp.float32)
+        nll, correct, dlogits = logit_grads(jnp.dot(hc, w, preferred_element_type=jnp.float32), tc, mc)
+        dlogits = dlogits.astype(hc.dtype)
+        dh = jnp.dot(dlogits, w.T, preferred_element_type=jnp.float32).astype(hc.dtype)
+        dw = carry[2] + jnp.dot(hc.T, dlogits, preferred_element_type=jnp.float32)
         return (carry[0] + nll, carry[1] + correct, dw), dh
 
     zero = jnp.zeros((), jnp.float32)
@@ -70,7 +84,7 @@ def _chunked_nll_fwd(h, w, t, m):
     return (nll, correct), (dh, dw.astype(w.dtype))
 
 
-def _chunked_nll_bwd(residuals, cotangents):
+def _chunked_nll_bwd(loss_kernel, residuals, cotangents):
     dh, dw = residuals
     g = cotangents[0]  # the correct count has no gradient
     return dh * g.astype(dh.dtype), dw * g.astype(dw.dtype), None, None
@@ -80,16 +94,18 @@ _chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
 
 
 def chunked_cross_entropy(hidden: jnp.ndarray, kernel: jnp.ndarray, targets: jnp.ndarray,
-                          loss_mask: jnp.ndarray, chunk: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+                          loss_mask: jnp.ndarray, chunk: int, loss_kernel: str = "xla") -> tuple[jnp.ndarray, jnp.ndarray]:
     """`cross_entropy_loss_and_accuracy` of `hidden @ kernel` without the whole batch's logits.
 
-    The sequence is cut into chunks of `chunk` positions; each chunk's fp32 logits are made,
-    reduced to its summed loss and correct count, and dropped, so at most one chunk's
-    (batch, chunk, vocab) logits exist at once. Accuracy comes from the same pass. When
-    differentiated, the same pass also turns each chunk's logits into their gradient and folds it
-    into the gradients of `hidden` and `kernel` (a custom VJP, as fused linear cross-entropy
-    kernels do): the logits are made once, not again in the backward pass, which then only scales
-    the stored gradients by the incoming cotangent.
+    The sequence is cut into chunks of `chunk` positions; each chunk's fp32 logits (all rows of
+    the batch at those positions) are made, reduced to its summed loss and correct count, and
+    dropped, so at most one chunk's (batch · chunk, vocab) logits exist at once. Accuracy comes
+    from the same pass. When differentiated, the same pass also turns each chunk's logits into
+    their gradient and folds it into the gradients of `hidden` and `kernel` (a custom VJP, as
+    fused linear cross-entropy kernels do): the logits are made once, not again in the backward
+    pass, which then only scales the stored gradients by the incoming cotangent. `loss_kernel`
+    (a concrete one, see `resolve_loss_kernel`) computes the logits' gradient: XLA ops, or the
+    CPU kernel that does it in one pass; the undifferentiated loss always uses XLA ops.
     """
     batch, seq, width = hidden.shape
     n = -(-seq // chunk)
@@ -98,10 +114,44 @@ def chunked_cross_entropy(hidden: jnp.ndarray, kernel: jnp.ndarray, targets: jnp
     if pad:  # padded positions have mask 0
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         targets, mask = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(mask, ((0, 0), (0, pad)))
-    by_chunk = lambda x: jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 1, 0)
-    nll, correct = _chunked_nll(by_chunk(hidden), kernel.astype(hidden.dtype), by_chunk(targets), by_chunk(mask))
+    # (batch, n·chunk, ...) → (n, batch·chunk, ...): chunk i holds every row's positions in chunk i.
+    by_chunk = lambda x: jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 1, 0).reshape(
+        n, batch * chunk, *x.shape[2:])
+    nll, correct = _chunked_nll(by_chunk(hidden), kernel.astype(hidden.dtype), by_chunk(targets), by_chunk(mask),
+                                loss_kernel)
     denom = jnp.maximum(mask.sum(), 1.0)
     return nll / denom, jax.lax.stop_gradient(correct) / denom
+
+
+LOSS_KERNELS = ("auto", "xla", "cpu_fused")
+
+
+@functools.lru_cache(maxsize=None)
+def _log_pick(pick: str, platform: str, why: str) -> None:
+    logging.info("objectives.loss_kernel=auto picked %s on %s%s", pick, platform, why)
+
+
+def resolve_loss_kernel(name: str, platform: Optional[str] = None, devices: Optional[int] = None) -> str:
+    """The concrete kernel for `--objectives.loss_kernel`; ConfigError when it cannot run here.
+
+    `auto` takes `cpu_fused` on a single CPU device where the kernels build; on several devices
+    XLA would gather every device's logits chunk for the (unpartitioned) FFI call, so it stays
+    with `xla` there, as on GPU and TPU.
+    """
+    platform = platform or jax.default_backend()
+    devices = devices or jax.device_count()
+    if name not in LOSS_KERNELS:
+        raise ConfigError(f"--objectives.loss_kernel={name!r}: use one of {LOSS_KERNELS}")
+    reason = "it runs on the CPU only" if platform != "cpu" else cpu_kernels.unavailable()
+    if name == "cpu_fused" and reason:
+        raise ConfigError(f"--objectives.loss_kernel=cpu_fused: {reason}")
+    if name != "auto":
+        return name
+    if reason is None and devices > 1:
+        reason = f"the CPU kernel is not partitioned over {devices} devices"
+    pick = "xla" if reason else "cpu_fused"
+    _log_pick(pick, platform, f"; not cpu_fused: {reason}" if reason else "")
+    return pick
 
 
 def default_config() -> ConfigDict:
@@ -115,6 +165,9 @@ def default_config() -> ConfigDict:
         # The CLM loss takes this many positions' logits at a time (chunked_cross_entropy), so the
         # batch's fp32 logits never exist at once; 0 = all at once, from the model's logits.
         loss_chunk_size=256,
+        # What computes the chunked loss's gradient w.r.t. the logits (see resolve_loss_kernel):
+        # auto, xla, or cpu_fused (one pass in C++; the CPU only). Results equal to 1e-5.
+        loss_kernel="auto",
     ))
 
 
@@ -128,7 +181,8 @@ def clm_loss(model, params, batch: dict, rng, deterministic: bool, config) -> tu
                       return_logits=not chunked)
     if chunked:
         loss, accuracy = chunked_cross_entropy(out.last_hidden_state, lm_head_kernel(params, model.config),
-                                               batch["target_tokens"], batch["loss_masks"], config.loss_chunk_size)
+                                               batch["target_tokens"], batch["loss_masks"], config.loss_chunk_size,
+                                               resolve_loss_kernel(config.loss_kernel))
     else:
         loss, accuracy = cross_entropy_loss_and_accuracy(out.logits, batch["target_tokens"], batch["loss_masks"])
     return loss, {"loss": loss, "accuracy": accuracy, "loss_tokens": batch["loss_masks"].sum()}

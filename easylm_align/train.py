@@ -83,6 +83,7 @@ class Trainer:
                 self.llama_config.attention, model.run_options(self.llama_config, False, self.model.dtype))
         except ConfigError as e:
             raise ConfigError(f"--llama.attention / --update_llama_config: {e}") from None
+        self.loss_kernel = objectives.resolve_loss_kernel(cfg.objectives.loss_kernel)
         if cfg.dry_run:  # shapes come from the config; no data is opened
             self.train_data = self.eval_data = None
         else:
@@ -197,7 +198,7 @@ class Trainer:
         report = {"dry_run": True, "devices": jax.device_count(), "platform": jax.default_backend(),
                   "mesh": dict(self.mesh.shape), "params": model.param_count(params_t),
                   "batch": {k: list(shape) for k, (shape, _) in spec.items()},
-                  "attention": self.attention_backend,
+                  "attention": self.attention_backend, "loss_kernel": self.loss_kernel,
                   "memory_gib_per_device": memory.compiled_memory_gib(compiled),
                   "compile_seconds": round(seconds, 2)}
         print(json.dumps(report), flush=True)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from easylm_align import model, objectives
+from easylm_align import cpu_kernels, model, objectives
 
 
 def full_reference(hidden, kernel, targets, mask):
@@ -17,25 +17,34 @@ def full_reference(hidden, kernel, targets, mask):
     return -(picked * mask).sum() / denom, ((jnp.argmax(logits, -1) == targets) * mask).sum() / denom
 
 
-@pytest.mark.parametrize("chunk", [1, 16, 24, 64, 1000])
-def test_chunked_equals_full(chunk):
+def skip_without_cpu_kernels(loss_kernel):
+    if loss_kernel == "cpu_fused" and cpu_kernels.unavailable():
+        pytest.skip(cpu_kernels.unavailable())
+
+
+@pytest.mark.parametrize("chunk,loss_kernel", [(1, "xla"), (16, "xla"), (24, "xla"), (64, "xla"), (1000, "xla"),
+                                               (1, "cpu_fused"), (24, "cpu_fused"), (1000, "cpu_fused")])
+def test_chunked_equals_full(chunk, loss_kernel):
+    skip_without_cpu_kernels(loss_kernel)
     r = jax.random.split(jax.random.PRNGKey(0), 4)
     hidden = jax.random.normal(r[0], (3, 64, 32))
     kernel = jax.random.normal(r[1], (32, 500)) * 0.3
     targets = jax.random.randint(r[2], (3, 64), 0, 500)
     mask = (jax.random.uniform(r[3], (3, 64)) > 0.3).astype(jnp.float32)
-    loss, acc = objectives.chunked_cross_entropy(hidden, kernel, targets, mask, chunk)
+    loss, acc = objectives.chunked_cross_entropy(hidden, kernel, targets, mask, chunk, loss_kernel)
     ref_loss, ref_acc = full_reference(hidden, kernel, targets, mask)
     np.testing.assert_allclose(loss, ref_loss, atol=1e-5, rtol=0)
     np.testing.assert_allclose(acc, ref_acc, atol=1e-7)
-    grads = jax.grad(lambda h, k: objectives.chunked_cross_entropy(h, k, targets, mask, chunk)[0], (0, 1))(hidden, kernel)
+    grads = jax.grad(lambda h, k: objectives.chunked_cross_entropy(h, k, targets, mask, chunk, loss_kernel)[0],
+                     (0, 1))(hidden, kernel)
     ref_grads = jax.grad(lambda h, k: full_reference(h, k, targets, mask)[0], (0, 1))(hidden, kernel)
     for a, b in zip(grads, ref_grads):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_clm_loss_chunked_equals_logits_path(tied):
+@pytest.mark.parametrize("tied,loss_kernel", [(False, "xla"), (True, "xla"), (False, "cpu_fused")])
+def test_clm_loss_chunked_equals_logits_path(tied, loss_kernel):
+    skip_without_cpu_kernels(loss_kernel)
     cfg = model.get_llama_config("debug", '{"vocab_size": 700, "tie_word_embeddings": %s}' % str(tied).lower())
     net = model.build_model(cfg)
     params = model.init_params(net, jax.random.PRNGKey(0))
@@ -46,7 +55,7 @@ def test_clm_loss_chunked_equals_logits_path(tied):
 
     def run(chunk):
         config = objectives.default_config()
-        config.loss_chunk_size = chunk
+        config.loss_chunk_size, config.loss_kernel = chunk, loss_kernel
         return jax.value_and_grad(lambda p: objectives.clm_loss(net, p, batch, jax.random.PRNGKey(2), True, config), has_aux=True)(params)
 
     (loss, metrics), grads = run(16)
@@ -59,3 +68,16 @@ def test_clm_loss_chunked_equals_logits_path(tied):
     config.loss_chunk_size = -1
     with pytest.raises(ValueError, match="--objectives.loss_chunk_size=-1"):
         objectives.clm_loss(net, params, batch, jax.random.PRNGKey(2), True, config)
+
+
+def test_loss_kernel_choice():
+    if not cpu_kernels.unavailable():
+        assert objectives.resolve_loss_kernel("auto", "cpu", 1) == "cpu_fused"
+        assert objectives.resolve_loss_kernel("cpu_fused", "cpu", 8) == "cpu_fused"  # asked for: allowed
+    assert objectives.resolve_loss_kernel("auto", "cpu", 8) == "xla"  # unpartitioned FFI call: not by default
+    assert objectives.resolve_loss_kernel("auto", "gpu", 1) == "xla"
+    assert objectives.resolve_loss_kernel("xla", "tpu", 8) == "xla"
+    with pytest.raises(ValueError, match="--objectives.loss_kernel=cpu_fused: it runs on the CPU only"):
+        objectives.resolve_loss_kernel("cpu_fused", "gpu", 1)
+    with pytest.raises(ValueError, match="--objectives.loss_kernel='fused': use one of"):
+        objectives.resolve_loss_kernel("fused", "cpu", 1)

@@ -1,5 +1,5 @@
 // Fused causal self-attention for the CPU, forward and backward, as XLA FFI handlers
-// (registered by easylm_align/cpu_attention.py, which also builds this file).
+// (built and registered by easylm_align/cpu_kernels.py; called from easylm_align/cpu_attention.py).
 //
 // Layouts: q (B, T, H, D), k and v (B, T, KV, D) with H = KV * group (GQA), fp32.
 // Key j is visible to query i when j <= i, both are in the same non-zero segment and the key
@@ -13,53 +13,23 @@
 // runs in 4-row x 64-float tiles whose accumulators stay in vector registers. Tasks write
 // disjoint outputs, so they need no locks.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
 
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using easylm::fast_exp;
+using easylm::lane_reduce;
+using easylm::parallel_for;
+
 constexpr int64_t QB = 32;  // query rows per block
-
-// exp(x) for x <= 0 to ~2 ulp, written so the compiler vectorises loops that call it:
-// x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-6 polynomial, 2^n through the exponent bits.
-inline float fast_exp(float x) {
-  const bool underflow = x < -87.0f;  // includes -inf (a masked score): exactly 0
-  x = std::max(x, -87.0f);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return underflow ? 0.0f : p * scale;
-}
-
-// op-reduction of x[0, n) for n a multiple of 16, in 16 independent lanes: a single running
-// max or sum is a serial chain the compiler may not reorder (IEEE), so it would not vectorise.
-template <typename Op>
-float lane_reduce(const float* x, int64_t n, float init, Op op) {
-  float lanes[16];
-  std::fill(lanes, lanes + 16, init);
-  for (int64_t j = 0; j < n; j += 16)
-    for (int l = 0; l < 16; ++l) lanes[l] = op(lanes[l], x[j + l]);
-  float out = init;
-  for (int l = 0; l < 16; ++l) out = op(out, lanes[l]);
-  return out;
-}
 
 struct Shape {
   int64_t b, t, h, kv, d;
@@ -83,20 +53,6 @@ struct Masks {
     std::fill(out + n, out + ncols, -INFINITY);
   }
 };
-
-// Runs fn(task) for task in [0, n) on the machine's hardware threads.
-template <typename Fn>
-void parallel_for(int64_t n, Fn fn) {
-  const int64_t workers = std::min<int64_t>(n, std::max(1u, std::thread::hardware_concurrency()));
-  std::atomic<int64_t> next{0};
-  auto loop = [&] {
-    for (int64_t task; (task = next.fetch_add(1)) < n;) fn(task);
-  };
-  std::vector<std::thread> pool;
-  for (int64_t w = 1; w < workers; ++w) pool.emplace_back(loop);
-  loop();
-  for (auto& th : pool) th.join();
-}
 
 // Every product of the kernel, on zero-padded buffers, register-blocked as 4 output rows × 64
 // floats so the compiler keeps the accumulators in vector registers:

@@ -18,7 +18,7 @@ _TARGET = "easylm_cpu_cross_entropy"
 
 def loss_and_logit_grads(logits: jnp.ndarray, targets: jnp.ndarray,
                          mask: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-    """logits (rows, vocab) fp32, targets and mask (rows,) → per row the negative log-likelihood
+    """logits (..., vocab) fp32, targets and mask (...) → per row the negative log-likelihood
     (unmasked; NaN for a target outside the vocabulary), 1.0 where the first arg-max is the
     target (else 0.0), and the logits' gradient (softmax − one-hot) · mask, which takes the
     logits' buffer."""

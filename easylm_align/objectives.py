@@ -32,8 +32,12 @@ def cross_entropy_loss_and_accuracy(logits: jnp.ndarray, targets: jnp.ndarray,
     return loss, accuracy
 
 
+def _chunk_logits(h: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+    return jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32)
+
+
 def _chunk_stats(logits, t, m) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-    """A chunk's summed masked loss, its correct count, and the log-normaliser of each row."""
+    """A chunk's summed masked loss, its correct count, and the log-normaliser of each position."""
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
     correct = ((jnp.argmax(logits, axis=-1) == t) * m).sum()
@@ -57,9 +61,9 @@ _LOGIT_GRADS = {"xla": _logit_grads_xla, "cpu_fused": _logit_grads_cpu}
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _chunked_nll(h, w, t, m, loss_kernel) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(summed loss, correct count) over row chunks h (n, rows, d) @ w (d, v); see chunked_cross_entropy."""
+    """(summed loss, correct count) over chunks h (n, b, c, d) @ w (d, v); see chunked_cross_entropy."""
     def body(carry, xs):
-        nll, correct, _ = _chunk_stats(jnp.dot(xs[0], w, preferred_element_type=jnp.float32), xs[1], xs[2])
+        nll, correct, _ = _chunk_stats(_chunk_logits(xs[0], w), xs[1], xs[2])
         return (carry[0] + nll, carry[1] + correct), None
 
     zero = jnp.zeros((), jnp.float32)
@@ -73,10 +77,10 @@ def _chunked_nll_fwd(h, w, t, m, loss_kernel):
 
     def body(carry, xs):
         hc, tc, mc = xs
-        nll, correct, dlogits = logit_grads(jnp.dot(hc, w, preferred_element_type=jnp.float32), tc, mc)
+        nll, correct, dlogits = logit_grads(_chunk_logits(hc, w), tc, mc)
         dlogits = dlogits.astype(hc.dtype)
-        dh = jnp.dot(dlogits, w.T, preferred_element_type=jnp.float32).astype(hc.dtype)
-        dw = carry[2] + jnp.dot(hc.T, dlogits, preferred_element_type=jnp.float32)
+        dh = jnp.einsum("bcv,dv->bcd", dlogits, w, preferred_element_type=jnp.float32).astype(hc.dtype)
+        dw = carry[2] + jnp.einsum("bcd,bcv->dv", hc, dlogits, preferred_element_type=jnp.float32)
         return (carry[0] + nll, carry[1] + correct, dw), dh
 
     zero = jnp.zeros((), jnp.float32)
@@ -97,15 +101,15 @@ def chunked_cross_entropy(hidden: jnp.ndarray, kernel: jnp.ndarray, targets: jnp
                           loss_mask: jnp.ndarray, chunk: int, loss_kernel: str = "xla") -> tuple[jnp.ndarray, jnp.ndarray]:
     """`cross_entropy_loss_and_accuracy` of `hidden @ kernel` without the whole batch's logits.
 
-    The sequence is cut into chunks of `chunk` positions; each chunk's fp32 logits (all rows of
-    the batch at those positions) are made, reduced to its summed loss and correct count, and
-    dropped, so at most one chunk's (batch · chunk, vocab) logits exist at once. Accuracy comes
-    from the same pass. When differentiated, the same pass also turns each chunk's logits into
-    their gradient and folds it into the gradients of `hidden` and `kernel` (a custom VJP, as
-    fused linear cross-entropy kernels do): the logits are made once, not again in the backward
-    pass, which then only scales the stored gradients by the incoming cotangent. `loss_kernel`
-    (a concrete one, see `resolve_loss_kernel`) computes the logits' gradient: XLA ops, or the
-    CPU kernel that does it in one pass; the undifferentiated loss always uses XLA ops.
+    The sequence is cut into chunks of `chunk` positions; each chunk's fp32 logits are made,
+    reduced to its summed loss and correct count, and dropped, so at most one chunk's (batch,
+    chunk, vocab) logits exist at once. Accuracy comes from the same pass. When differentiated, the
+    same pass also turns each chunk's logits into their gradient and folds it into the gradients of
+    `hidden` and `kernel` (a custom VJP, as fused linear cross-entropy kernels do): the logits are
+    made once, not again in the backward pass, which then only scales the stored gradients by the
+    incoming cotangent. `loss_kernel` (a concrete one, see `resolve_loss_kernel`) computes the
+    logits' gradient: XLA ops, or the CPU kernel that does it in one pass; the undifferentiated
+    loss always uses XLA ops.
     """
     batch, seq, width = hidden.shape
     n = -(-seq // chunk)
@@ -114,9 +118,7 @@ def chunked_cross_entropy(hidden: jnp.ndarray, kernel: jnp.ndarray, targets: jnp
     if pad:  # padded positions have mask 0
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         targets, mask = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(mask, ((0, 0), (0, pad)))
-    # (batch, n·chunk, ...) → (n, batch·chunk, ...): chunk i holds every row's positions in chunk i.
-    by_chunk = lambda x: jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 1, 0).reshape(
-        n, batch * chunk, *x.shape[2:])
+    by_chunk = lambda x: jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 1, 0)
     nll, correct = _chunked_nll(by_chunk(hidden), kernel.astype(hidden.dtype), by_chunk(targets), by_chunk(mask),
                                 loss_kernel)
     denom = jnp.maximum(mask.sum(), 1.0)

@@ -3,6 +3,7 @@ the fallback when no compiler is at hand (the attention kernel's parity tests ar
 test_attention.py)."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -52,6 +53,13 @@ def test_cross_entropy_kernel_equals_its_definition(vocab):
     np.testing.assert_allclose(grad, ref_grad, atol=1e-6, rtol=0)
     if vocab > 7:
         assert correct[0] == 0 and correct[1] == 1
+
+
+def test_the_kernels_build_where_a_compiler_is_found():
+    """A source that no longer compiles must fail here, not only skip the parity tests."""
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no C++ compiler here ($CXX or g++)")
+    assert cpu_kernels.unavailable() is None
 
 
 def test_auto_falls_back_to_xla_ops_without_a_compiler(tmp_path):

@@ -2,10 +2,10 @@
 // an XLA FFI handler (built and registered by easylm_align/cpu_kernels.py; called from
 // easylm_align/objectives.py through easylm_align/cpu_cross_entropy.py).
 //
-// Inputs: logits (R, V) fp32, targets (R,) int32, mask (R,) fp32. Outputs: the logits' gradient
-// (R, V) = (softmax - one_hot(target)) * mask (XLA may give it the logits' own buffer), and per row
-// the negative log-likelihood (lse - logit[target], unmasked) and whether the first arg-max is the
-// target. A target outside [0, V) gives NaN, as jnp.take_along_axis's fill does.
+// Inputs: logits (..., V) fp32, targets (...) int32, mask (...) fp32: R rows of V. Outputs: the
+// logits' gradient (..., V) = (softmax - one_hot(target)) * mask (XLA may give it the logits' own
+// buffer), and per row the negative log-likelihood (lse - logit[target], unmasked) and whether the
+// first arg-max is the target. A target outside [0, V) gives NaN, as jnp.take_along_axis's fill does.
 //
 // XLA ran these as separate loops over the (R, V) logits on one thread each (reductions, then the
 // gradient); here each row is read from memory once and finished while it sits in cache, and
@@ -90,9 +90,9 @@ ffi::Error CrossEntropy(ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S32> targ
                         ffi::ResultBuffer<ffi::F32> grad, ffi::ResultBuffer<ffi::F32> nll,
                         ffi::ResultBuffer<ffi::F32> correct) {
   const auto dims = logits.dimensions();
-  if (dims.size() != 2 || targets.element_count() != dims[0] || mask.element_count() != dims[0])
-    return ffi::Error::InvalidArgument("cpu_cross_entropy: logits (R, V), targets (R,) and mask (R,)");
-  const int64_t rows = dims[0], v = dims[1];
+  const int64_t v = dims.size() ? dims.back() : 0, rows = v ? logits.element_count() / v : 0;
+  if (dims.size() < 2 || targets.element_count() != rows || mask.element_count() != rows)
+    return ffi::Error::InvalidArgument("cpu_cross_entropy: logits (..., V), targets and mask (...)");
   const float* x = logits.typed_data();
   float* g = grad->typed_data();
   easylm::parallel_for((rows + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task) {

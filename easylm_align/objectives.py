@@ -97,8 +97,8 @@ def _chunked_nll_bwd(loss_kernel, residuals, cotangents):
 _chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
 
 
-def chunked_cross_entropy(hidden: jnp.ndarray, kernel: jnp.ndarray, targets: jnp.ndarray,
-                          loss_mask: jnp.ndarray, chunk: int, loss_kernel: str = "xla") -> tuple[jnp.ndarray, jnp.ndarray]:
+def chunked_cross_entropy(hidden: jnp.ndarray, kernel: jnp.ndarray, targets: jnp.ndarray, loss_mask: jnp.ndarray,
+                          chunk: int, loss_kernel: str = "xla") -> tuple[jnp.ndarray, jnp.ndarray]:
     """`cross_entropy_loss_and_accuracy` of `hidden @ kernel` without the whole batch's logits.
 
     The sequence is cut into chunks of `chunk` positions; each chunk's fp32 logits are made,

@@ -56,7 +56,8 @@ struct Masks {
 
 // Every product of the kernel, on zero-padded buffers, register-blocked as 4 output rows × 64
 // floats so the compiler keeps the accumulators in vector registers:
-// out[a][0, len) += alpha · Σ_{c < n_in} w[a][c] · x[c][0, len) for a < n_out.
+// out[a][0, len) (+)= alpha · Σ_{c < n_in} w[a][c] · x[c][0, len) for a < n_out (`accumulate`:
+// add to out; else overwrite it, so it needs no zeroing first)
 // n_out is a multiple of 4 and len of 64. With w = q-rows and x = kᵀ it gives the scores, with
 // w strides (tp, 1) P·V and dS·K (a query per output row), with (1, tp) Pᵀ·dO and dSᵀ·Q (a key).
 struct Weights {
@@ -65,7 +66,7 @@ struct Weights {
 };
 
 void weighted_rows(Weights w, int64_t n_out, int64_t n_in, const float* x, int64_t x_stride, int64_t len,
-                   float alpha, float* out, int64_t out_stride) {
+                   float alpha, float* out, int64_t out_stride, bool accumulate) {
   for (int64_t a0 = 0; a0 < n_out; a0 += 4)
     for (int64_t d0 = 0; d0 < len; d0 += 64) {
       float acc[4][64] = {};
@@ -76,18 +77,27 @@ void weighted_rows(Weights w, int64_t n_out, int64_t n_in, const float* x, int64
           for (int e = 0; e < 64; ++e) acc[a][e] += coef * xr[e];
         }
       }
-      for (int a = 0; a < 4; ++a)
-        for (int e = 0; e < 64; ++e) out[(a0 + a) * out_stride + d0 + e] += alpha * acc[a][e];
+      for (int a = 0; a < 4; ++a) {
+        float* o = out + (a0 + a) * out_stride + d0;
+        for (int e = 0; e < 64; ++e) o[e] = (accumulate ? o[e] : 0.0f) + alpha * acc[a][e];
+      }
     }
 }
 
-// One head's rows of x (B, T, heads, D) into a zero-padded (rows, Dp) buffer, and its transpose.
+// n floats; an inline loop, not memcpy: the rows are a few hundred bytes, too short for a call.
+inline void copy_floats(float* out, const float* in, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) out[e] = in[e];
+}
+
+// One head's rows of x (B, T, heads, D) into a zero-padded (capacity, Dp) buffer.
 void gather_rows(const float* x, const Shape& s, int64_t heads, int64_t bi, int64_t hi, int64_t i0, int64_t rows,
                  int64_t capacity, float* out) {
   const int64_t dp = s.dp();
-  std::fill(out, out + capacity * dp, 0.0f);
-  for (int64_t r = 0; r < rows; ++r)
-    std::memcpy(out + r * dp, x + ((bi * s.t + i0 + r) * heads + hi) * s.d, s.d * sizeof(float));
+  for (int64_t r = 0; r < rows; ++r) {
+    copy_floats(out + r * dp, x + ((bi * s.t + i0 + r) * heads + hi) * s.d, s.d);
+    std::fill(out + r * dp + s.d, out + (r + 1) * dp, 0.0f);
+  }
+  std::fill(out + rows * dp, out + capacity * dp, 0.0f);
 }
 
 void transpose(const float* rows, const Shape& s, float* out) {
@@ -124,9 +134,8 @@ struct Scratch {
 // the padding rows past `rows`, so exp() of any shift gives 0 there.
 void masked_scores(const Shape& s, const Masks& m, int64_t bi, int64_t i0, int64_t rows, int64_t ncols, Scratch& w) {
   const int64_t dp = s.dp(), tp = s.tp();
-  for (int64_t r = 0; r < QB; ++r) std::fill(w.p.data() + r * tp, w.p.data() + r * tp + ncols, 0.0f);
   weighted_rows({w.qb.data(), dp, 1}, QB, dp, w.kt.data(), tp, ncols, 1.0f / std::sqrt(static_cast<float>(s.d)),
-                w.p.data(), tp);
+                w.p.data(), tp, false);
   for (int64_t r = 0; r < QB; ++r) {
     float* pr = w.p.data() + r * tp;
     if (r >= rows) {
@@ -162,10 +171,9 @@ void forward_task(const float* q, const float* k, const float* v, const Shape& s
         for (int64_t j = 0; j < ncols; ++j) pr[j] *= inv;
         w.row_lse[r] = mx + std::log(sum);
       }
-      std::fill(w.ob.begin(), w.ob.end(), 0.0f);
-      weighted_rows({w.p.data(), tp, 1}, QB, ncols, w.vr.data(), dp, dp, 1.0f, w.ob.data(), dp);
+      weighted_rows({w.p.data(), tp, 1}, QB, ncols, w.vr.data(), dp, dp, 1.0f, w.ob.data(), dp, false);
       for (int64_t r = 0; r < rows; ++r) {
-        std::memcpy(o + s.q_row(bi, i0 + r, hi), w.ob.data() + r * dp, s.d * sizeof(float));
+        copy_floats(o + s.q_row(bi, i0 + r, hi), w.ob.data() + r * dp, s.d);
         lse[(bi * s.h + hi) * s.t + i0 + r] = w.row_lse[r];
       }
     }
@@ -193,8 +201,8 @@ void backward_task(const float* q, const float* k, const float* v, const float* 
         const float shift = r < rows ? head_lse[i0 + r] : 0.0f;
         for (int64_t j = 0; j < ncols; ++j) pr[j] = fast_exp(pr[j] - shift);
       }
-      for (int64_t r = 0; r < QB; ++r) std::fill(w.ds.data() + r * tp, w.ds.data() + r * tp + ncols, 0.0f);
-      weighted_rows({w.dob.data(), dp, 1}, QB, dp, w.vt.data(), tp, ncols, 1.0f, w.ds.data(), tp);  // dP = dO·vᵀ
+      // dP = dO·vᵀ
+      weighted_rows({w.dob.data(), dp, 1}, QB, dp, w.vt.data(), tp, ncols, 1.0f, w.ds.data(), tp, false);
       for (int64_t r = 0; r < QB; ++r) {  // dS = P ∘ (dP − rowsum(dO ∘ O)) / sqrt(d)
         float delta = 0.0f;
         if (r < rows) {
@@ -204,17 +212,15 @@ void backward_task(const float* q, const float* k, const float* v, const float* 
         float *pr = w.p.data() + r * tp, *dsr = w.ds.data() + r * tp;
         for (int64_t j = 0; j < ncols; ++j) dsr[j] = pr[j] * (dsr[j] - delta) * scale;
       }
-      std::fill(w.ob.begin(), w.ob.end(), 0.0f);
-      weighted_rows({w.ds.data(), tp, 1}, QB, ncols, w.kr.data(), dp, dp, 1.0f, w.ob.data(), dp);  // dQ
-      for (int64_t r = 0; r < rows; ++r)
-        std::memcpy(dq + s.q_row(bi, i0 + r, hi), w.ob.data() + r * dp, s.d * sizeof(float));
-      weighted_rows({w.ds.data(), 1, tp}, ncols, QB, w.qb.data(), dp, dp, 1.0f, w.dk.data(), dp);   // dK
-      weighted_rows({w.p.data(), 1, tp}, ncols, QB, w.dob.data(), dp, dp, 1.0f, w.dv.data(), dp);   // dV
+      weighted_rows({w.ds.data(), tp, 1}, QB, ncols, w.kr.data(), dp, dp, 1.0f, w.ob.data(), dp, false);  // dQ
+      for (int64_t r = 0; r < rows; ++r) copy_floats(dq + s.q_row(bi, i0 + r, hi), w.ob.data() + r * dp, s.d);
+      weighted_rows({w.ds.data(), 1, tp}, ncols, QB, w.qb.data(), dp, dp, 1.0f, w.dk.data(), dp, true);   // dK
+      weighted_rows({w.p.data(), 1, tp}, ncols, QB, w.dob.data(), dp, dp, 1.0f, w.dv.data(), dp, true);   // dV
     }
   }
   for (int64_t j = 0; j < s.t; ++j) {
-    std::memcpy(dk + s.k_row(bi, j, ki), w.dk.data() + j * dp, s.d * sizeof(float));
-    std::memcpy(dv + s.k_row(bi, j, ki), w.dv.data() + j * dp, s.d * sizeof(float));
+    copy_floats(dk + s.k_row(bi, j, ki), w.dk.data() + j * dp, s.d);
+    copy_floats(dv + s.k_row(bi, j, ki), w.dv.data() + j * dp, s.d);
   }
 }
 

@@ -65,6 +65,8 @@ def test_train_benchmark_writes_a_complete_line_with_the_hand_counted_flops(tmp_
     assert line["tokens_per_step"] == 64 and line["num_devices"] == 1
     assert line["tokens_per_s"] == pytest.approx(64 / line["step_seconds"])
     assert line["ours_over_torch"] == pytest.approx(line["tokens_per_s"] / line["torch"]["tokens_per_s"])
+    # one round: its ratio is the fastest blocks' ratio
+    assert line["ours_over_torch_paired"] == pytest.approx(line["ours_over_torch"])
     assert len(line["step_seconds_runs"]) == 1 and len(line["step_seconds_runs"][0]) == 3
     assert line["params"] == line["torch"]["params"]  # the same model on both sides
     assert line["losses"][-1] < line["losses"][0]  # the step trains (the first at learning rate 0)

@@ -241,12 +241,11 @@ class Attention(nn.Module):
         cfg = self.config
         hd, heads, kv = head_dim(cfg), cfg.num_attention_heads, cfg.num_key_value_heads
         # nn.Dense's parameters ({name}/kernel) and arithmetic, with linear.py's weight gradient
-        dense = lambda n, name: lambda inputs: linear(inputs.astype(self.dtype),
-                                                      kernel(self, (inputs.shape[-1], n), name))
+        project = lambda inputs, n, name: linear(inputs.astype(self.dtype), kernel(self, (inputs.shape[-1], n), name))
         batch, seq = x.shape[:2]
-        q = apply_rotary(dense(heads * hd, "wq")(x).reshape(batch, seq, heads, hd), cos, sin)
-        k = apply_rotary(dense(kv * hd, "wk")(x).reshape(batch, seq, kv, hd), cos, sin)
-        v = dense(kv * hd, "wv")(x).reshape(batch, seq, kv, hd)
+        q = apply_rotary(project(x, heads * hd, "wq").reshape(batch, seq, heads, hd), cos, sin)
+        k = apply_rotary(project(x, kv * hd, "wk").reshape(batch, seq, kv, hd), cos, sin)
+        v = project(x, kv * hd, "wv").reshape(batch, seq, kv, hd)
         new_cache = None
         if layer_cache is not None:
             cache_k, cache_v = layer_cache
@@ -260,7 +259,7 @@ class Attention(nn.Module):
         out = attention.attend(q, k.astype(self.dtype), v.astype(self.dtype), mask, backend=backend,
                                dropout_rate=cfg.attn_pdrop, dropout_rng=self.make_rng("dropout") if dropout else None,
                                block_size=cfg.attention_block_size)
-        return dense(cfg.hidden_size, "wo")(out.reshape(batch, seq, heads * hd)), new_cache
+        return project(out.reshape(batch, seq, heads * hd), cfg.hidden_size, "wo"), new_cache
 
 
 class Kernel(nn.Module):

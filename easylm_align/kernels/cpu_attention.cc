@@ -25,6 +25,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using easylm::exp_and_sum;
 using easylm::fast_exp;
 using easylm::lane_reduce;
 using easylm::parallel_for;
@@ -165,8 +166,7 @@ void forward_task(const float* q, const float* k, const float* v, const Shape& s
           w.row_lse[r] = INFINITY;
           continue;
         }
-        for (int64_t j = 0; j < ncols; ++j) pr[j] = fast_exp(pr[j] - mx);
-        const float sum = lane_reduce(pr, ncols, 0.0f, [](float a, float b) { return a + b; });
+        const float sum = exp_and_sum(pr, ncols, mx, pr);
         const float inv = 1.0f / sum;
         for (int64_t j = 0; j < ncols; ++j) pr[j] *= inv;
         w.row_lse[r] = mx + std::log(sum);
@@ -236,34 +236,38 @@ ffi::Error check(const Shape& s, ffi::Buffer<ffi::F32>& k) {
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::Buffer<ffi::S32> q_seg, ffi::Buffer<ffi::S32> k_seg, ffi::Buffer<ffi::S32> keep,
-                   ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse) {
+// Checks the shapes, then runs task(shape, masks, task index, this thread's scratch) for every
+// (batch row, kv head) on the hardware threads: what the forward and backward handlers share.
+template <typename Task>
+ffi::Error for_each_head(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::S32>& q_seg,
+                         ffi::Buffer<ffi::S32>& k_seg, ffi::Buffer<ffi::S32>& keep, bool backward, Task task) {
   const Shape s = shape_of(q, k);
   if (auto e = check(s, k); e.failure()) return e;
   const Masks m{q_seg.typed_data(), k_seg.typed_data(), keep.typed_data()};
-  parallel_for(s.b * s.kv, [&](int64_t task) {
+  parallel_for(s.b * s.kv, [&](int64_t index) {
     thread_local Scratch w;
-    w.size(s, false);
-    forward_task(q.typed_data(), k.typed_data(), v.typed_data(), s, m, task, o->typed_data(), lse->typed_data(), w);
+    w.size(s, backward);
+    task(s, m, index, w);
   });
   return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::Buffer<ffi::S32> q_seg, ffi::Buffer<ffi::S32> k_seg, ffi::Buffer<ffi::S32> keep,
+                   ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse) {
+  return for_each_head(q, k, q_seg, k_seg, keep, false, [&](const Shape& s, const Masks& m, int64_t task, Scratch& w) {
+    forward_task(q.typed_data(), k.typed_data(), v.typed_data(), s, m, task, o->typed_data(), lse->typed_data(), w);
+  });
 }
 
 ffi::Error Backward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                     ffi::Buffer<ffi::S32> q_seg, ffi::Buffer<ffi::S32> k_seg, ffi::Buffer<ffi::S32> keep,
                     ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_o,
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
-  const Shape s = shape_of(q, k);
-  if (auto e = check(s, k); e.failure()) return e;
-  const Masks m{q_seg.typed_data(), k_seg.typed_data(), keep.typed_data()};
-  parallel_for(s.b * s.kv, [&](int64_t task) {
-    thread_local Scratch w;
-    w.size(s, true);
+  return for_each_head(q, k, q_seg, k_seg, keep, true, [&](const Shape& s, const Masks& m, int64_t task, Scratch& w) {
     backward_task(q.typed_data(), k.typed_data(), v.typed_data(), o.typed_data(), lse.typed_data(),
                   d_o.typed_data(), s, m, task, dq->typed_data(), dk->typed_data(), dv->typed_data(), w);
   });
-  return ffi::Error::Success();
 }
 
 // The arguments both handlers start with: q, k, v, then the segment and FCM vectors.

@@ -49,6 +49,25 @@ float lane_reduce(const float* x, int64_t n, float init, Op op) {
   return out;
 }
 
+// out[j] = exp(x[j] - shift) for j < n (out may be x); returns their sum, in kLanes lanes as
+// lane_reduce adds.
+inline float exp_and_sum(const float* x, int64_t n, float shift, float* out) {
+  float lanes[kLanes] = {};
+  const int64_t body = n / kLanes * kLanes;
+  for (int64_t j = 0; j < body; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      out[j + l] = fast_exp(x[j + l] - shift);
+      lanes[l] += out[j + l];
+    }
+  float sum = 0.0f;
+  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+  for (int64_t j = body; j < n; ++j) {
+    out[j] = fast_exp(x[j] - shift);
+    sum += out[j];
+  }
+  return sum;
+}
+
 // Runs fn(task) for task in [0, n) on the machine's hardware threads.
 template <typename Fn>
 void parallel_for(int64_t n, Fn fn) {

@@ -20,7 +20,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using easylm::fast_exp;
+using easylm::exp_and_sum;
 using easylm::kLanes;
 
 // The row's maximum and the index of its first occurrence (jnp.argmax's tie rule).
@@ -50,24 +50,6 @@ void max_argmax(const float* x, int64_t n, float& max, int64_t& arg) {
       max = x[j];
       arg = j;
     }
-}
-
-// out[j] = exp(x[j] - shift) for j < n; returns their sum.
-float exp_and_sum(const float* x, int64_t n, float shift, float* out) {
-  float lanes[kLanes] = {};
-  const int64_t body = n / kLanes * kLanes;
-  for (int64_t j = 0; j < body; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      out[j + l] = fast_exp(x[j + l] - shift);
-      lanes[l] += out[j + l];
-    }
-  float sum = 0.0f;
-  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
-  for (int64_t j = body; j < n; ++j) {
-    out[j] = fast_exp(x[j] - shift);
-    sum += out[j];
-  }
-  return sum;
 }
 
 void one_row(const float* x, int64_t v, int32_t target, float mask, float* grad, float* nll, float* correct) {

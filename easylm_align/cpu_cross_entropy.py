@@ -23,8 +23,9 @@ def loss_and_logit_grads(logits: jnp.ndarray, targets: jnp.ndarray,
     target (else 0.0), and the logits' gradient (softmax − one-hot) · mask, which takes the
     logits' buffer."""
     cpu_kernels.require()
-    rows = jax.ShapeDtypeStruct(targets.shape, jnp.float32)
-    grads, nll, correct = jax.ffi.ffi_call(_TARGET, (jax.ShapeDtypeStruct(logits.shape, jnp.float32), rows, rows),
+    flat = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32)
+    rows = jax.ShapeDtypeStruct(flat.shape[:1], jnp.float32)
+    grads, nll, correct = jax.ffi.ffi_call(_TARGET, (jax.ShapeDtypeStruct(flat.shape, jnp.float32), rows, rows),
                                            input_output_aliases={0: 0})(
-        logits.astype(jnp.float32), targets.astype(jnp.int32), mask.astype(jnp.float32))
-    return nll, correct, grads
+        flat, targets.reshape(-1).astype(jnp.int32), mask.reshape(-1).astype(jnp.float32))
+    return nll.reshape(targets.shape), correct.reshape(targets.shape), grads.reshape(logits.shape)

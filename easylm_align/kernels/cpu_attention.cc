@@ -25,6 +25,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using easylm::dot;
 using easylm::exp_and_sum;
 using easylm::fast_exp;
 using easylm::lane_reduce;
@@ -45,13 +46,14 @@ struct Masks {
   const int32_t* q_seg;
   const int32_t* k_seg;
   const int32_t* keep;
-  // bias[j] = 0 where query i of row bi sees key j < ncols, else -inf (added to the scores).
-  void bias(int64_t bi, int64_t t, int64_t i, int64_t ncols, float* out) const {
+  // Sets scores[j] to -inf for every key j < ncols that query i of row bi may not see.
+  void apply(int64_t bi, int64_t t, int64_t i, int64_t ncols, float* scores) const {
     const int32_t qs = q_seg[bi * t + i];
     const int32_t *ks = k_seg + bi * t, *kp = keep + bi * t;
     const int64_t n = std::min(ncols, i + 1);
-    for (int64_t j = 0; j < n; ++j) out[j] = ((ks[j] == qs) & (ks[j] != 0) & (kp[j] != 0)) ? 0.0f : -INFINITY;
-    std::fill(out + n, out + ncols, -INFINITY);
+    for (int64_t j = 0; j < n; ++j)
+      scores[j] = ((ks[j] == qs) & (ks[j] != 0) & (kp[j] != 0)) ? scores[j] : -INFINITY;
+    std::fill(scores + n, scores + ncols, -INFINITY);
   }
 };
 
@@ -101,20 +103,23 @@ void gather_rows(const float* x, const Shape& s, int64_t heads, int64_t bi, int6
   std::fill(out + rows * dp, out + capacity * dp, 0.0f);
 }
 
+// In 16 x 16 tiles: a whole row of `out` is tp floats (a power of two), so writing down one of
+// its columns at a time would hit the same few cache sets over and over.
 void transpose(const float* rows, const Shape& s, float* out) {
   const int64_t dp = s.dp(), tp = s.tp();
-  for (int64_t j = 0; j < tp; ++j)
-    for (int64_t e = 0; e < dp; ++e) out[e * tp + j] = rows[j * dp + e];
+  for (int64_t j0 = 0; j0 < tp; j0 += 16)
+    for (int64_t e0 = 0; e0 < dp; e0 += 16)
+      for (int64_t e = e0; e < e0 + 16; ++e)
+        for (int64_t j = j0; j < j0 + 16; ++j) out[e * tp + j] = rows[j * dp + e];
 }
 
 struct Scratch {
-  std::vector<float> kr, vr, kt, vt, qb, dob, ob, p, ds, dk, dv, bias, row_lse;
+  std::vector<float> kr, vr, kt, vt, qb, dob, ob, p, ds, dk, dv, row_lse;
   void size(const Shape& s, bool backward) {
     const int64_t dp = s.dp(), tp = s.tp();
     for (auto* v : {&kr, &kt, &vr}) v->resize(tp * dp);
     for (auto* v : {&qb, &ob}) v->resize(QB * dp);
     p.resize(QB * tp);
-    bias.resize(tp);
     row_lse.resize(QB);
     if (backward) {
       for (auto* v : {&vt, &dk, &dv}) v->resize(tp * dp);
@@ -143,8 +148,7 @@ void masked_scores(const Shape& s, const Masks& m, int64_t bi, int64_t i0, int64
       std::fill(pr, pr + ncols, -INFINITY);
       continue;
     }
-    m.bias(bi, s.t, i0 + r, ncols, w.bias.data());
-    for (int64_t j = 0; j < ncols; ++j) pr[j] += w.bias[j];
+    m.apply(bi, s.t, i0 + r, ncols, pr);
   }
 }
 
@@ -204,11 +208,7 @@ void backward_task(const float* q, const float* k, const float* v, const float* 
       // dP = dO·vᵀ
       weighted_rows({w.dob.data(), dp, 1}, QB, dp, w.vt.data(), tp, ncols, 1.0f, w.ds.data(), tp, false);
       for (int64_t r = 0; r < QB; ++r) {  // dS = P ∘ (dP − rowsum(dO ∘ O)) / sqrt(d)
-        float delta = 0.0f;
-        if (r < rows) {
-          const float *dor = d_o + s.q_row(bi, i0 + r, hi), *orow = o + s.q_row(bi, i0 + r, hi);
-          for (int64_t e = 0; e < s.d; ++e) delta += dor[e] * orow[e];
-        }
+        const float delta = r < rows ? dot(w.dob.data() + r * dp, o + s.q_row(bi, i0 + r, hi), s.d) : 0.0f;
         float *pr = w.p.data() + r * tp, *dsr = w.ds.data() + r * tp;
         for (int64_t j = 0; j < ncols; ++j) dsr[j] = pr[j] * (dsr[j] - delta) * scale;
       }

@@ -49,6 +49,18 @@ float lane_reduce(const float* x, int64_t n, float init, Op op) {
   return out;
 }
 
+// Σ a[j]·b[j] for j < n, summed in kLanes lanes as lane_reduce does (so the loop vectorises).
+inline float dot(const float* a, const float* b, int64_t n) {
+  float lanes[kLanes] = {};
+  const int64_t body = n / kLanes * kLanes;
+  for (int64_t j = 0; j < body; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += a[j + l] * b[j + l];
+  float sum = 0.0f;
+  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+  for (int64_t j = body; j < n; ++j) sum += a[j] * b[j];
+  return sum;
+}
+
 // out[j] = exp(x[j] - shift) for j < n (out may be x); returns their sum, in kLanes lanes as
 // lane_reduce adds.
 inline float exp_and_sum(const float* x, int64_t n, float shift, float* out) {

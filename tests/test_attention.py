@@ -86,14 +86,16 @@ def skip_without_cpu_kernel(backend):
         pytest.skip(cpu_kernels.unavailable())
 
 
-def test_cpu_fused_with_forgetful_mask_odd_sizes_and_a_row_that_sees_nothing():
-    """T and head_dim that are not multiples of the kernel's blocks; FCM; one all-padding row."""
+@pytest.mark.parametrize("t,heads,kv,d", [(77, 6, 3, 24), (200, 4, 1, 128)])
+def test_cpu_fused_with_forgetful_mask_odd_sizes_and_a_row_that_sees_nothing(t, heads, kv, d):
+    """T and head_dim that are not multiples of the kernel's blocks, or a head_dim of two 64-float
+    panels; GQA; FCM; one all-padding row."""
     skip_without_cpu_kernel("cpu_fused")
     r = jax.random.split(jax.random.PRNGKey(3), 5)
-    q, k, v = jax.random.normal(r[0], (2, 77, 6, 24)), jax.random.normal(r[1], (2, 77, 3, 24)), \
-        jax.random.normal(r[2], (2, 77, 3, 24))
-    segments = jnp.asarray(np.stack([np.r_[np.ones(30), 2 * np.ones(47)], np.zeros(77)]).astype(np.int32))
-    keep = jax.random.bernoulli(r[3], 0.7, (2, 77)).at[:, 0].set(True)
+    q, k, v = jax.random.normal(r[0], (2, t, heads, d)), jax.random.normal(r[1], (2, t, kv, d)), \
+        jax.random.normal(r[2], (2, t, kv, d))
+    segments = jnp.asarray(np.stack([np.r_[np.ones(30), 2 * np.ones(t - 30)], np.zeros(t)]).astype(np.int32))
+    keep = jax.random.bernoulli(r[3], 0.7, (2, t)).at[:, 0].set(True)
     info = mask_info(segments, keep)
     real = np.asarray(segments > 0)[:, :, None, None]
     weight = jax.random.normal(r[4], q.shape) * jnp.asarray(real)

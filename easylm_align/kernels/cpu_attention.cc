@@ -38,6 +38,9 @@ struct Shape {
   int64_t group() const { return h / kv; }
   int64_t dp() const { return (d + 63) / 64 * 64; }  // head dim padded to whole 64-float chunks
   int64_t tp() const { return (t + 63) / 64 * 64; }
+  // Row stride of the buffers indexed by key (kᵀ, vᵀ, P, dS): tp plus one cache line, since with a
+  // power-of-two stride the rows of a panel that a product reads would share a few cache sets.
+  int64_t ld() const { return tp() + 16; }
   int64_t q_row(int64_t bi, int64_t i, int64_t hi) const { return ((bi * t + i) * h + hi) * d; }
   int64_t k_row(int64_t bi, int64_t j, int64_t ki) const { return ((bi * t + j) * kv + ki) * d; }
 };
@@ -62,7 +65,7 @@ struct Masks {
 // out[a][0, len) (+)= alpha · Σ_{c < n_in} w[a][c] · x[c][0, len) for a < n_out (`accumulate`:
 // add to out; else overwrite it, so it needs no zeroing first)
 // n_out is a multiple of 4 and len of 64. With w = q-rows and x = kᵀ it gives the scores, with
-// w strides (tp, 1) P·V and dS·K (a query per output row), with (1, tp) Pᵀ·dO and dSᵀ·Q (a key).
+// w strides (ld, 1) P·V and dS·K (a query per output row), with (1, ld) Pᵀ·dO and dSᵀ·Q (a key).
 struct Weights {
   const float* data;
   int64_t out_stride, in_stride;  // w[a][c] = data[a·out_stride + c·in_stride]
@@ -70,8 +73,8 @@ struct Weights {
 
 void weighted_rows(Weights w, int64_t n_out, int64_t n_in, const float* x, int64_t x_stride, int64_t len,
                    float alpha, float* out, int64_t out_stride, bool accumulate) {
-  for (int64_t a0 = 0; a0 < n_out; a0 += 4)
-    for (int64_t d0 = 0; d0 < len; d0 += 64) {
+  for (int64_t d0 = 0; d0 < len; d0 += 64)  // one 64-float panel of x at a time, kept in cache
+    for (int64_t a0 = 0; a0 < n_out; a0 += 4) {
       float acc[4][64] = {};
       for (int64_t c = 0; c < n_in; ++c) {
         const float* xr = x + c * x_stride + d0;
@@ -103,28 +106,29 @@ void gather_rows(const float* x, const Shape& s, int64_t heads, int64_t bi, int6
   std::fill(out + rows * dp, out + capacity * dp, 0.0f);
 }
 
-// In 16 x 16 tiles: a whole row of `out` is tp floats (a power of two), so writing down one of
-// its columns at a time would hit the same few cache sets over and over.
+// In 16 x 16 tiles, so that writing down a column of `out` does not touch a new cache line per float.
 void transpose(const float* rows, const Shape& s, float* out) {
-  const int64_t dp = s.dp(), tp = s.tp();
+  const int64_t dp = s.dp(), tp = s.tp(), ld = s.ld();
   for (int64_t j0 = 0; j0 < tp; j0 += 16)
     for (int64_t e0 = 0; e0 < dp; e0 += 16)
       for (int64_t e = e0; e < e0 + 16; ++e)
-        for (int64_t j = j0; j < j0 + 16; ++j) out[e * tp + j] = rows[j * dp + e];
+        for (int64_t j = j0; j < j0 + 16; ++j) out[e * ld + j] = rows[j * dp + e];
 }
 
 struct Scratch {
   std::vector<float> kr, vr, kt, vt, qb, dob, ob, p, ds, dk, dv, row_lse;
   void size(const Shape& s, bool backward) {
-    const int64_t dp = s.dp(), tp = s.tp();
-    for (auto* v : {&kr, &kt, &vr}) v->resize(tp * dp);
+    const int64_t dp = s.dp(), tp = s.tp(), ld = s.ld();
+    for (auto* v : {&kr, &vr}) v->resize(tp * dp);
+    kt.resize(dp * ld);
     for (auto* v : {&qb, &ob}) v->resize(QB * dp);
-    p.resize(QB * tp);
+    p.resize(QB * ld);
     row_lse.resize(QB);
     if (backward) {
-      for (auto* v : {&vt, &dk, &dv}) v->resize(tp * dp);
+      for (auto* v : {&dk, &dv}) v->resize(tp * dp);
+      vt.resize(dp * ld);
       dob.resize(QB * dp);
-      ds.resize(QB * tp);
+      ds.resize(QB * ld);
     }
   }
   // The task's keys and values, row-major, and the transposes its products read.
@@ -139,11 +143,11 @@ struct Scratch {
 // p[r][j] = (the block's q-rows · kᵀ) / sqrt(d), -inf where query i0 + r may not see key j and on
 // the padding rows past `rows`, so exp() of any shift gives 0 there.
 void masked_scores(const Shape& s, const Masks& m, int64_t bi, int64_t i0, int64_t rows, int64_t ncols, Scratch& w) {
-  const int64_t dp = s.dp(), tp = s.tp();
-  weighted_rows({w.qb.data(), dp, 1}, QB, dp, w.kt.data(), tp, ncols, 1.0f / std::sqrt(static_cast<float>(s.d)),
-                w.p.data(), tp, false);
+  const int64_t dp = s.dp(), ld = s.ld();
+  weighted_rows({w.qb.data(), dp, 1}, QB, dp, w.kt.data(), ld, ncols, 1.0f / std::sqrt(static_cast<float>(s.d)),
+                w.p.data(), ld, false);
   for (int64_t r = 0; r < QB; ++r) {
-    float* pr = w.p.data() + r * tp;
+    float* pr = w.p.data() + r * ld;
     if (r >= rows) {
       std::fill(pr, pr + ncols, -INFINITY);
       continue;
@@ -154,7 +158,7 @@ void masked_scores(const Shape& s, const Masks& m, int64_t bi, int64_t i0, int64
 
 void forward_task(const float* q, const float* k, const float* v, const Shape& s, const Masks& m, int64_t task,
                   float* o, float* lse, Scratch& w) {
-  const int64_t bi = task / s.kv, ki = task % s.kv, dp = s.dp(), tp = s.tp();
+  const int64_t bi = task / s.kv, ki = task % s.kv, dp = s.dp(), ld = s.ld();
   w.load_head(k, v, s, bi, ki, false);
   for (int64_t g = 0; g < s.group(); ++g) {
     const int64_t hi = ki * s.group() + g;
@@ -163,7 +167,7 @@ void forward_task(const float* q, const float* k, const float* v, const Shape& s
       gather_rows(q, s, s.h, bi, hi, i0, rows, QB, w.qb.data());
       masked_scores(s, m, bi, i0, rows, ncols, w);
       for (int64_t r = 0; r < QB; ++r) {  // softmax of each row, in place
-        float* pr = w.p.data() + r * tp;
+        float* pr = w.p.data() + r * ld;
         const float mx = lane_reduce(pr, ncols, -INFINITY, [](float a, float b) { return std::max(a, b); });
         if (mx == -INFINITY) {  // sees no key (or padding): output 0, and an infinite log-normaliser
           std::fill(pr, pr + ncols, 0.0f);  // zeroes its gradient
@@ -175,7 +179,7 @@ void forward_task(const float* q, const float* k, const float* v, const Shape& s
         for (int64_t j = 0; j < ncols; ++j) pr[j] *= inv;
         w.row_lse[r] = mx + std::log(sum);
       }
-      weighted_rows({w.p.data(), tp, 1}, QB, ncols, w.vr.data(), dp, dp, 1.0f, w.ob.data(), dp, false);
+      weighted_rows({w.p.data(), ld, 1}, QB, ncols, w.vr.data(), dp, dp, 1.0f, w.ob.data(), dp, false);
       for (int64_t r = 0; r < rows; ++r) {
         copy_floats(o + s.q_row(bi, i0 + r, hi), w.ob.data() + r * dp, s.d);
         lse[(bi * s.h + hi) * s.t + i0 + r] = w.row_lse[r];
@@ -187,7 +191,7 @@ void forward_task(const float* q, const float* k, const float* v, const Shape& s
 void backward_task(const float* q, const float* k, const float* v, const float* o, const float* lse,
                    const float* d_o, const Shape& s, const Masks& m, int64_t task, float* dq, float* dk, float* dv,
                    Scratch& w) {
-  const int64_t bi = task / s.kv, ki = task % s.kv, dp = s.dp(), tp = s.tp();
+  const int64_t bi = task / s.kv, ki = task % s.kv, dp = s.dp(), ld = s.ld();
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.d));
   w.load_head(k, v, s, bi, ki, true);
   std::fill(w.dk.begin(), w.dk.end(), 0.0f);
@@ -201,21 +205,21 @@ void backward_task(const float* q, const float* k, const float* v, const float* 
       gather_rows(d_o, s, s.h, bi, hi, i0, rows, QB, w.dob.data());
       masked_scores(s, m, bi, i0, rows, ncols, w);
       for (int64_t r = 0; r < QB; ++r) {  // P, from the forward pass's log-normaliser
-        float* pr = w.p.data() + r * tp;
+        float* pr = w.p.data() + r * ld;
         const float shift = r < rows ? head_lse[i0 + r] : 0.0f;
         for (int64_t j = 0; j < ncols; ++j) pr[j] = fast_exp(pr[j] - shift);
       }
       // dP = dO·vᵀ
-      weighted_rows({w.dob.data(), dp, 1}, QB, dp, w.vt.data(), tp, ncols, 1.0f, w.ds.data(), tp, false);
+      weighted_rows({w.dob.data(), dp, 1}, QB, dp, w.vt.data(), ld, ncols, 1.0f, w.ds.data(), ld, false);
       for (int64_t r = 0; r < QB; ++r) {  // dS = P ∘ (dP − rowsum(dO ∘ O)) / sqrt(d)
         const float delta = r < rows ? dot(w.dob.data() + r * dp, o + s.q_row(bi, i0 + r, hi), s.d) : 0.0f;
-        float *pr = w.p.data() + r * tp, *dsr = w.ds.data() + r * tp;
+        float *pr = w.p.data() + r * ld, *dsr = w.ds.data() + r * ld;
         for (int64_t j = 0; j < ncols; ++j) dsr[j] = pr[j] * (dsr[j] - delta) * scale;
       }
-      weighted_rows({w.ds.data(), tp, 1}, QB, ncols, w.kr.data(), dp, dp, 1.0f, w.ob.data(), dp, false);  // dQ
+      weighted_rows({w.ds.data(), ld, 1}, QB, ncols, w.kr.data(), dp, dp, 1.0f, w.ob.data(), dp, false);  // dQ
       for (int64_t r = 0; r < rows; ++r) copy_floats(dq + s.q_row(bi, i0 + r, hi), w.ob.data() + r * dp, s.d);
-      weighted_rows({w.ds.data(), 1, tp}, ncols, QB, w.qb.data(), dp, dp, 1.0f, w.dk.data(), dp, true);   // dK
-      weighted_rows({w.p.data(), 1, tp}, ncols, QB, w.dob.data(), dp, dp, 1.0f, w.dv.data(), dp, true);   // dV
+      weighted_rows({w.ds.data(), 1, ld}, ncols, QB, w.qb.data(), dp, dp, 1.0f, w.dk.data(), dp, true);   // dK
+      weighted_rows({w.p.data(), 1, ld}, ncols, QB, w.dob.data(), dp, dp, 1.0f, w.dv.data(), dp, true);   // dV
     }
   }
   for (int64_t j = 0; j < s.t; ++j) {

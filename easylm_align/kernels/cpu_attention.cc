@@ -28,7 +28,7 @@ namespace {
 using easylm::dot;
 using easylm::exp_and_sum;
 using easylm::fast_exp;
-using easylm::lane_reduce;
+using easylm::max_of;
 using easylm::parallel_for;
 
 constexpr int64_t QB = 32;  // query rows per block
@@ -168,7 +168,7 @@ void forward_task(const float* q, const float* k, const float* v, const Shape& s
       masked_scores(s, m, bi, i0, rows, ncols, w);
       for (int64_t r = 0; r < QB; ++r) {  // softmax of each row, in place
         float* pr = w.p.data() + r * ld;
-        const float mx = lane_reduce(pr, ncols, -INFINITY, [](float a, float b) { return std::max(a, b); });
+        const float mx = max_of(pr, ncols);
         if (mx == -INFINITY) {  // sees no key (or padding): output 0, and an infinite log-normaliser
           std::fill(pr, pr + ncols, 0.0f);  // zeroes its gradient
           w.row_lse[r] = INFINITY;

@@ -34,50 +34,37 @@ inline float fast_exp(float x) {
 
 constexpr int kLanes = 16;  // one 512-bit vector of floats
 
-// op-reduction of x[0, n) in kLanes independent lanes (then the tail): a single running max or
-// sum is a serial chain the compiler may not reorder (IEEE), so it would not vectorise.
-template <typename Op>
-float lane_reduce(const float* x, int64_t n, float init, Op op) {
+// op-reduction of term(j) over j in [0, n), in kLanes independent lanes (then the tail): a single
+// running max or sum is a serial chain the compiler may not reorder (IEEE), so it would not
+// vectorise. term may also write (exp_and_sum stores each exp it sums).
+template <typename Op, typename Term>
+float lane_reduce(int64_t n, float init, Op op, Term term) {
   float lanes[kLanes];
   std::fill(lanes, lanes + kLanes, init);
   const int64_t body = n / kLanes * kLanes;
   for (int64_t j = 0; j < body; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] = op(lanes[l], x[j + l]);
+    for (int l = 0; l < kLanes; ++l) lanes[l] = op(lanes[l], term(j + l));
   float out = init;
   for (int l = 0; l < kLanes; ++l) out = op(out, lanes[l]);
-  for (int64_t j = body; j < n; ++j) out = op(out, x[j]);
+  for (int64_t j = body; j < n; ++j) out = op(out, term(j));
   return out;
 }
 
-// Σ a[j]·b[j] for j < n, summed in kLanes lanes as lane_reduce does (so the loop vectorises).
-inline float dot(const float* a, const float* b, int64_t n) {
-  float lanes[kLanes] = {};
-  const int64_t body = n / kLanes * kLanes;
-  for (int64_t j = 0; j < body; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] += a[j + l] * b[j + l];
-  float sum = 0.0f;
-  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
-  for (int64_t j = body; j < n; ++j) sum += a[j] * b[j];
-  return sum;
+inline float add(float a, float b) { return a + b; }
+
+// max of x[0, n).
+inline float max_of(const float* x, int64_t n) {
+  return lane_reduce(n, -INFINITY, [](float a, float b) { return std::max(a, b); }, [x](int64_t j) { return x[j]; });
 }
 
-// out[j] = exp(x[j] - shift) for j < n (out may be x); returns their sum, in kLanes lanes as
-// lane_reduce adds.
+// Σ a[j]·b[j] for j < n.
+inline float dot(const float* a, const float* b, int64_t n) {
+  return lane_reduce(n, 0.0f, add, [a, b](int64_t j) { return a[j] * b[j]; });
+}
+
+// out[j] = exp(x[j] - shift) for j < n (out may be x); returns their sum.
 inline float exp_and_sum(const float* x, int64_t n, float shift, float* out) {
-  float lanes[kLanes] = {};
-  const int64_t body = n / kLanes * kLanes;
-  for (int64_t j = 0; j < body; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      out[j + l] = fast_exp(x[j + l] - shift);
-      lanes[l] += out[j + l];
-    }
-  float sum = 0.0f;
-  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
-  for (int64_t j = body; j < n; ++j) {
-    out[j] = fast_exp(x[j] - shift);
-    sum += out[j];
-  }
-  return sum;
+  return lane_reduce(n, 0.0f, add, [x, shift, out](int64_t j) { return out[j] = fast_exp(x[j] - shift); });
 }
 
 // Runs fn(task) for task in [0, n) on the machine's hardware threads.

@@ -18,6 +18,18 @@ SHARED_DATA = Path(os.environ.get("EASYLM_ALIGN_SHARED_DATA", REPO_ROOT.parent /
 TEST_DATA = REPO_ROOT / "tests" / "data"
 
 
+def skip_without_cpu_kernels(choice: str = "cpu_fused") -> None:
+    """Skips the calling test, with the reason, when `choice` (an attention backend or loss kernel)
+    is `cpu_fused` and the C++ CPU kernels cannot be built here."""
+    if choice != "cpu_fused":
+        return
+    from easylm_align import cpu_kernels  # imported late: JAX must see the XLA_FLAGS above first
+
+    reason = cpu_kernels.unavailable()
+    if reason:
+        pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The large real data beside the checkout (`../shared/data`): full Alpaca, MUSE, XQuAD, ….

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import skip_without_cpu_kernels
 from easylm_align import attention, cpu_kernels, model
 
 B, T, HEADS, KV, D = 2, 256, 4, 2, 32
@@ -77,20 +78,15 @@ def check_backend(backend, keep=None, **kw):
 
 @pytest.mark.parametrize("backend", ["einsum", "xla", "blockwise", "chunked", "cpu_fused"])
 def test_backend_equals_reference_on_packed_padded_gqa_batch(backend):
-    skip_without_cpu_kernel(backend)
+    skip_without_cpu_kernels(backend)
     check_backend(backend, block_size=64)
-
-
-def skip_without_cpu_kernel(backend):
-    if backend == "cpu_fused" and cpu_kernels.unavailable():
-        pytest.skip(cpu_kernels.unavailable())
 
 
 @pytest.mark.parametrize("t,heads,kv,d", [(77, 6, 3, 24), (200, 4, 1, 128)])
 def test_cpu_fused_with_forgetful_mask_odd_sizes_and_a_row_that_sees_nothing(t, heads, kv, d):
     """T and head_dim that are not multiples of the kernel's blocks, or a head_dim of two 64-float
     panels; GQA; FCM; one all-padding row."""
-    skip_without_cpu_kernel("cpu_fused")
+    skip_without_cpu_kernels("cpu_fused")
     r = jax.random.split(jax.random.PRNGKey(3), 5)
     q, k, v = jax.random.normal(r[0], (2, t, heads, d)), jax.random.normal(r[1], (2, t, kv, d)), \
         jax.random.normal(r[2], (2, t, kv, d))
@@ -221,7 +217,7 @@ def test_model_backends_agree_in_training_with_forgetful_masking():
 
     value, grads = loss("einsum")
     for backend in ("xla", "blockwise", "chunked", "cpu_fused"):
-        skip_without_cpu_kernel(backend)
+        skip_without_cpu_kernels(backend)
         other_value, other_grads = loss(backend)
         np.testing.assert_allclose(other_value, value, atol=1e-4, rtol=1e-6)
         for a, b in zip(jax.tree_util.tree_leaves(other_grads), jax.tree_util.tree_leaves(grads)):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import skip_without_cpu_kernels
 from easylm_align import cpu_cross_entropy, cpu_kernels
 
 
@@ -32,8 +33,7 @@ def numpy_cross_entropy(logits, targets, mask):
 @pytest.mark.parametrize("vocab", [1, 15, 500, 4099])
 def test_cross_entropy_kernel_equals_its_definition(vocab):
     """Vocabularies below, at and off the kernel's 16-float lanes; ties; masked rows; a bad target."""
-    if cpu_kernels.unavailable():
-        pytest.skip(cpu_kernels.unavailable())
+    skip_without_cpu_kernels()
     rng = np.random.default_rng(vocab)
     logits = (rng.normal(size=(37, vocab)) * 4).astype(np.float32)
     targets = rng.integers(0, vocab, 37).astype(np.int32)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import skip_without_cpu_kernels
 from easylm_align import cpu_kernels, model, objectives
 
 
@@ -15,11 +16,6 @@ def full_reference(hidden, kernel, targets, mask):
     picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     denom = jnp.maximum(mask.sum(), 1.0)
     return -(picked * mask).sum() / denom, ((jnp.argmax(logits, -1) == targets) * mask).sum() / denom
-
-
-def skip_without_cpu_kernels(loss_kernel):
-    if loss_kernel == "cpu_fused" and cpu_kernels.unavailable():
-        pytest.skip(cpu_kernels.unavailable())
 
 
 @pytest.mark.parametrize("chunk,loss_kernel", [(1, "xla"), (16, "xla"), (24, "xla"), (64, "xla"), (1000, "xla"),

@@ -163,8 +163,9 @@ class TorchStep:
         self.model = transformers.LlamaForCausalLM(config).to(self.device).train()
         self.params = sum(p.numel() for p in self.model.parameters())
         opt = cfg.optimizer.adamw_optimizer
-        decay = [p for n, p in self.model.named_parameters() if not n.endswith("norm.weight")]
-        no_decay = [p for n, p in self.model.named_parameters() if n.endswith("norm.weight")]
+        spared = lambda name: opt.weight_decay_exclude and name.endswith("norm.weight")  # norm/scale$ in ours
+        decay = [p for n, p in self.model.named_parameters() if not spared(n)]
+        no_decay = [p for n, p in self.model.named_parameters() if spared(n)]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": opt.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}],
                                            lr=opt.lr, betas=(opt.b1, opt.b2), eps=opt.eps)

@@ -1,12 +1,19 @@
 """Training objectives: masked next-token cross entropy (all recipes).
 
 AFP's contrastive objective and poolers live here too (see `contrastive_loss`, `pool`).
+
+How the per-token losses become one number is each reference's (`--objectives.loss_average`):
+EasyLM, which COMMIT trains with, averages each row over its trained tokens and then averages the
+rows (`row`); AFP's `nn.CrossEntropyLoss` averages over all trained tokens of the batch (`token`).
+Both are written as per-position weights (`target_weights`) that the losses sum against, so every
+path (full logits, chunked, either loss kernel, any mesh) computes the same mean over the global batch.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import re
 from typing import Optional, Sequence
 
@@ -19,16 +26,43 @@ from easylm_align.errors import ConfigError
 from easylm_align.model import lm_head_kernel
 
 
+LOSS_AVERAGES = ("auto", "row", "token")
+# The reference's average for each objective's causal-LM term: EasyLM's per-row mean (COMMIT),
+# AFP's token mean (`nn.CrossEntropyLoss()` over the shifted labels).
+REFERENCE_AVERAGE = {"clm": "row", "afp": "token"}
+
+
+def resolve_loss_average(name: str, objective: str) -> str:
+    """The concrete average for `--objectives.loss_average`: `auto` is `objective`'s reference's."""
+    if name not in LOSS_AVERAGES:
+        raise ConfigError(f"--objectives.loss_average={name!r}: use one of {LOSS_AVERAGES}")
+    return REFERENCE_AVERAGE[objective] if name == "auto" else name
+
+
+def target_weights(loss_mask: jnp.ndarray, average: str) -> jnp.ndarray:
+    """Each position's weight in the mean loss, from a 0/1 mask (batch..., seq).
+
+    `token`: 1 / (trained tokens of the batch, at least 1). `row` (EasyLM's
+    `cross_entropy_loss_and_accuracy`): 1 / (the row's trained tokens, floored at 1e-10) / rows, so an
+    all-masked row adds 0 to the mean but still counts as a row.
+    """
+    mask = loss_mask.astype(jnp.float32)
+    if average == "token":
+        return mask / jnp.maximum(mask.sum(), 1.0)
+    if average == "row":
+        rows = math.prod(mask.shape[:-1])
+        return mask / jnp.maximum(mask.sum(axis=-1, keepdims=True), 1e-10) / rows
+    raise ValueError(f"unknown loss average {average!r}")
+
+
 def cross_entropy_loss_and_accuracy(logits: jnp.ndarray, targets: jnp.ndarray,
-                                    loss_mask: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Token-weighted mean cross entropy and accuracy over positions where `loss_mask` is 1."""
+                                    weights: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Mean cross entropy and accuracy under `weights` (see `target_weights`; they sum to the mean)."""
     logits = logits.astype(jnp.float32)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     token_ll = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    mask = loss_mask.astype(jnp.float32)
-    denom = jnp.maximum(mask.sum(), 1.0)
-    loss = -(token_ll * mask).sum() / denom
-    accuracy = ((jnp.argmax(logits, axis=-1) == targets) * mask).sum() / denom
+    loss = -(token_ll * weights).sum()
+    accuracy = ((jnp.argmax(logits, axis=-1) == targets) * weights).sum()
     return loss, accuracy
 
 
@@ -37,7 +71,8 @@ def _chunk_logits(h: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
 
 
 def _chunk_stats(logits, t, m) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-    """A chunk's summed masked loss, its correct count, and the log-normaliser of each position."""
+    """A chunk's weighted loss and correct count (`m`: the positions' weights), and the
+    log-normaliser of each position."""
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
     correct = ((jnp.argmax(logits, axis=-1) == t) * m).sum()
@@ -45,7 +80,7 @@ def _chunk_stats(logits, t, m) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
 
 
 def _logit_grads_xla(logits, t, m) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-    """A chunk's summed masked loss, correct count, and d loss / d logits = (softmax − one-hot) · mask."""
+    """A chunk's weighted loss, correct count, and d loss / d logits = (softmax − one-hot) · weight."""
     nll, correct, lse = _chunk_stats(logits, t, m)
     one_hot = jnp.arange(logits.shape[-1]) == t[..., None]
     return nll, correct, (jnp.exp(logits - lse[..., None]) - one_hot) * m[..., None]
@@ -61,7 +96,7 @@ _LOGIT_GRADS = {"xla": _logit_grads_xla, "cpu_fused": _logit_grads_cpu}
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _chunked_nll(h, w, t, m, loss_kernel) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(summed loss, correct count) over chunks h (n, b, c, d) @ w (d, v); see chunked_cross_entropy."""
+    """(weighted loss, correct count) over chunks h (n, b, c, d) @ w (d, v); see chunked_cross_entropy."""
     def body(carry, xs):
         nll, correct, _ = _chunk_stats(_chunk_logits(xs[0], w), xs[1], xs[2])
         return (carry[0] + nll, carry[1] + correct), None
@@ -97,32 +132,31 @@ def _chunked_nll_bwd(loss_kernel, residuals, cotangents):
 _chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
 
 
-def chunked_cross_entropy(hidden: jnp.ndarray, kernel: jnp.ndarray, targets: jnp.ndarray, loss_mask: jnp.ndarray,
+def chunked_cross_entropy(hidden: jnp.ndarray, kernel: jnp.ndarray, targets: jnp.ndarray, weights: jnp.ndarray,
                           chunk: int, loss_kernel: str = "xla") -> tuple[jnp.ndarray, jnp.ndarray]:
     """`cross_entropy_loss_and_accuracy` of `hidden @ kernel` without the whole batch's logits.
 
     The sequence is cut into chunks of `chunk` positions; each chunk's fp32 logits are made,
-    reduced to its summed loss and correct count, and dropped, so at most one chunk's (batch,
+    reduced to its weighted loss and correct count, and dropped, so at most one chunk's (batch,
     chunk, vocab) logits exist at once. Accuracy comes from the same pass. When differentiated, the
     same pass also turns each chunk's logits into their gradient and folds it into the gradients of
     `hidden` and `kernel` (a custom VJP, as fused linear cross-entropy kernels do): the logits are
     made once, not again in the backward pass, which then only scales the stored gradients by the
     incoming cotangent. `loss_kernel` (a concrete one, see `resolve_loss_kernel`) computes the
     logits' gradient: XLA ops, or the CPU kernel that does it in one pass; the undifferentiated
-    loss always uses XLA ops.
+    loss always uses XLA ops. `weights` (see `target_weights`) say how each position counts.
     """
     batch, seq, width = hidden.shape
     n = -(-seq // chunk)
     pad = n * chunk - seq
-    mask = loss_mask.astype(jnp.float32)
-    if pad:  # padded positions have mask 0
+    weights = weights.astype(jnp.float32)
+    if pad:  # padded positions weigh 0
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets, mask = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(mask, ((0, 0), (0, pad)))
+        targets, weights = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(weights, ((0, 0), (0, pad)))
     by_chunk = lambda x: jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 1, 0)
-    nll, correct = _chunked_nll(by_chunk(hidden), kernel.astype(hidden.dtype), by_chunk(targets), by_chunk(mask),
+    nll, correct = _chunked_nll(by_chunk(hidden), kernel.astype(hidden.dtype), by_chunk(targets), by_chunk(weights),
                                 loss_kernel)
-    denom = jnp.maximum(mask.sum(), 1.0)
-    return nll / denom, jax.lax.stop_gradient(correct) / denom
+    return nll, jax.lax.stop_gradient(correct)
 
 
 LOSS_KERNELS = ("auto", "xla", "cpu_fused")
@@ -170,23 +204,29 @@ def default_config() -> ConfigDict:
         # What computes the chunked loss's gradient w.r.t. the logits (see resolve_loss_kernel):
         # auto, xla, or cpu_fused (one pass in C++; the CPU only). Results equal to 1e-5.
         loss_kernel="auto",
+        # How the causal-LM loss and accuracy average over trained tokens: row (each row's mean,
+        # then the mean over rows: EasyLM's, COMMIT's reference), token (the mean over the batch's
+        # trained tokens: AFP's reference), or auto (the objective's reference).
+        loss_average="auto",
     ))
 
 
-def clm_loss(model, params, batch: dict, rng, deterministic: bool, config) -> tuple[jnp.ndarray, dict]:
-    """Causal LM on packed rows (all of COMMIT's stages)."""
+def clm_loss(model, params, batch: dict, rng, deterministic: bool, config,
+             objective: str = "clm") -> tuple[jnp.ndarray, dict]:
+    """Causal LM on packed rows (all of COMMIT's stages; AFP's CLM term with `objective="afp"`)."""
     if config.loss_chunk_size < 0:
         raise ConfigError(f"--objectives.loss_chunk_size={config.loss_chunk_size}: use 0 (off) or a positive size")
+    weights = target_weights(batch["loss_masks"], resolve_loss_average(config.loss_average, objective))
     chunked = config.loss_chunk_size > 0
     out = model.apply({"params": params}, batch["input_tokens"], positions=batch["positions"],
                       segment_ids=batch["segment_ids"], deterministic=deterministic, rngs={"dropout": rng},
                       return_logits=not chunked)
     if chunked:
         loss, accuracy = chunked_cross_entropy(out.last_hidden_state, lm_head_kernel(params, model.config),
-                                               batch["target_tokens"], batch["loss_masks"], config.loss_chunk_size,
+                                               batch["target_tokens"], weights, config.loss_chunk_size,
                                                resolve_loss_kernel(config.loss_kernel))
     else:
-        loss, accuracy = cross_entropy_loss_and_accuracy(out.logits, batch["target_tokens"], batch["loss_masks"])
+        loss, accuracy = cross_entropy_loss_and_accuracy(out.logits, batch["target_tokens"], weights)
     return loss, {"loss": loss, "accuracy": accuracy, "loss_tokens": batch["loss_masks"].sum()}
 
 
@@ -289,7 +329,7 @@ def afp_loss(model, params, batch: dict, rng, deterministic: bool, config) -> tu
                             deterministic)
     hard = z[:, 2] if z.shape[1] > 2 else None
     cl, cl_accuracy = contrastive_loss(z[:, 0], z[:, 1], config.temperature, hard, config.hard_negative_weight)
-    clm, clm_metrics = clm_loss(model, params, batch, clm_rng, deterministic, config)
+    clm, clm_metrics = clm_loss(model, params, batch, clm_rng, deterministic, config, objective="afp")
     loss = config.cl_weight * cl + config.clm_weight * clm
     return loss, {"loss": loss, "accuracy": clm_metrics["accuracy"], "cl_loss": cl, "cl_accuracy": cl_accuracy,
                   "clm_loss": clm, "clm_accuracy": clm_metrics["accuracy"], "loss_tokens": clm_metrics["loss_tokens"]}

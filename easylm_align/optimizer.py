@@ -15,6 +15,7 @@ seed's 7B command; docs/PERFORMANCE.md). `fused=False` runs the optax chain itse
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -41,6 +42,10 @@ def default_config() -> ConfigDict:
             eps=1e-8,
             clip_gradient=1.0,
             weight_decay=0.1,
+            # A regular expression (re.search) over parameter paths such as
+            # `layers_0/ffn_norm/scale`: matching parameters are not decayed. Empty (EasyLM's, whose
+            # LLaMA excludes nothing): every parameter is decayed; `norm/scale$` spares the RMSNorm scales.
+            weight_decay_exclude="",
             bf16_momentum=False,
             fused=True,
         )),
@@ -57,9 +62,16 @@ def lr_schedule(config: ConfigDict) -> optax.Schedule:
                                               decay_steps=c.lr_decay_steps, end_value=c.end_lr)
 
 
-def decay_mask(params: Any) -> Any:
-    """Weight decay applies to weight matrices and embeddings, never to RMSNorm scales."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: not path_str(path).endswith("norm/scale"), params)
+def decay_mask(exclude: str) -> Callable[[Any], Any]:
+    """The weight decay mask for `--optimizer.adamw_optimizer.weight_decay_exclude`: parameters whose
+    path the expression matches anywhere (EasyLM's rule) are not decayed; an empty one decays all."""
+    try:
+        pattern = re.compile(exclude) if exclude else None
+    except re.error as e:
+        raise ConfigError(f"--optimizer.adamw_optimizer.weight_decay_exclude={exclude!r}: not a regular expression "
+                          f"({e})") from None
+    return lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: pattern is None or pattern.search(path_str(path)) is None, params)
 
 
 def build(config: ConfigDict) -> tuple[optax.GradientTransformation, Callable[[Any], jnp.ndarray]]:
@@ -71,12 +83,13 @@ def build(config: ConfigDict) -> tuple[optax.GradientTransformation, Callable[[A
     c = config.adamw_optimizer
     schedule = lr_schedule(config)
     mu_dtype = jnp.bfloat16 if c.bf16_momentum else None
+    mask = decay_mask(c.weight_decay_exclude)
     if c.fused:
-        tx = clipped_adamw(schedule, c.b1, c.b2, c.eps, c.weight_decay, c.clip_gradient, mu_dtype)
+        tx = clipped_adamw(schedule, c.b1, c.b2, c.eps, c.weight_decay, c.clip_gradient, mu_dtype, mask)
     else:
         tx = optax.chain(
             optax.clip_by_global_norm(c.clip_gradient) if c.clip_gradient > 0 else optax.identity(),
-            optax.adamw(schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=decay_mask,
+            optax.adamw(schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=mask,
                         mu_dtype=mu_dtype),
         )
     k = config.accumulate_gradient_steps
@@ -98,8 +111,9 @@ class ClippedAdamWState(NamedTuple):
 
 
 def clipped_adamw(schedule: optax.Schedule, b1: float, b2: float, eps: float, weight_decay: float,
-                  clip_gradient: float, mu_dtype: Any = None) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW (decoupled decay, masked by `decay_mask`) in one pass per leaf.
+                  clip_gradient: float, mu_dtype: Any = None,
+                  mask: Callable[[Any], Any] = decay_mask("")) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW (decoupled decay where `mask(params)` is True) in one pass per leaf.
 
     Matches optax's definitions: clip scales by max/norm only when norm >= max; the moments are
     bias-corrected; the step uses the fp32 first moment before it is stored in `mu_dtype`; the
@@ -127,7 +141,7 @@ def clipped_adamw(schedule: optax.Schedule, b1: float, b2: float, eps: float, we
                 step = step + weight_decay * p
             return -lr * step, mu.astype(mu_dtype or mu.dtype), nu
 
-        out = jax.tree_util.tree_map(leaf, grads, state.mu, state.nu, params, decay_mask(params))
+        out = jax.tree_util.tree_map(leaf, grads, state.mu, state.nu, params, mask(params))
         pick = lambda i: jax.tree_util.tree_map(lambda _, o: o[i], grads, out)
         return pick(0), ClippedAdamWState(count, pick(1), pick(2))
 

@@ -84,6 +84,7 @@ class Trainer:
         except ConfigError as e:
             raise ConfigError(f"--llama.attention / --update_llama_config: {e}") from None
         self.loss_kernel = objectives.resolve_loss_kernel(cfg.objectives.loss_kernel)
+        objectives.resolve_loss_average(cfg.objectives.loss_average, cfg.objective)  # a bad value fails here
         if cfg.dry_run:  # shapes come from the config; no data is opened
             self.train_data = self.eval_data = None
         else:

@@ -10,12 +10,16 @@ from easylm_align import cpu_kernels, model, objectives
 
 
 def full_reference(hidden, kernel, targets, mask):
-    """NumPy-free restatement of the definition: mean over masked positions of -log softmax[target]."""
+    """Restatement of the token mean: mean over masked positions of -log softmax[target]."""
     logits = hidden @ kernel
     log_probs = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
     picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     denom = jnp.maximum(mask.sum(), 1.0)
     return -(picked * mask).sum() / denom, ((jnp.argmax(logits, -1) == targets) * mask).sum() / denom
+
+
+def token_mean(mask):
+    return objectives.target_weights(mask, "token")
 
 
 @pytest.mark.parametrize("chunk,loss_kernel", [(1, "xla"), (16, "xla"), (24, "xla"), (64, "xla"), (1000, "xla"),
@@ -27,11 +31,11 @@ def test_chunked_equals_full(chunk, loss_kernel):
     kernel = jax.random.normal(r[1], (32, 500)) * 0.3
     targets = jax.random.randint(r[2], (3, 64), 0, 500)
     mask = (jax.random.uniform(r[3], (3, 64)) > 0.3).astype(jnp.float32)
-    loss, acc = objectives.chunked_cross_entropy(hidden, kernel, targets, mask, chunk, loss_kernel)
+    loss, acc = objectives.chunked_cross_entropy(hidden, kernel, targets, token_mean(mask), chunk, loss_kernel)
     ref_loss, ref_acc = full_reference(hidden, kernel, targets, mask)
     np.testing.assert_allclose(loss, ref_loss, atol=1e-5, rtol=0)
     np.testing.assert_allclose(acc, ref_acc, atol=1e-7)
-    grads = jax.grad(lambda h, k: objectives.chunked_cross_entropy(h, k, targets, mask, chunk, loss_kernel)[0],
+    grads = jax.grad(lambda h, k: objectives.chunked_cross_entropy(h, k, targets, token_mean(mask), chunk, loss_kernel)[0],
                      (0, 1))(hidden, kernel)
     ref_grads = jax.grad(lambda h, k: full_reference(h, k, targets, mask)[0], (0, 1))(hidden, kernel)
     for a, b in zip(grads, ref_grads):
@@ -89,10 +93,96 @@ def test_cpu_kernel_in_bf16_compute_matches_xla_ops():
     mask = jnp.ones((2, 40)).at[1, :7].set(0)
     results = {}
     for loss_kernel in ("xla", "cpu_fused"):
-        f = lambda h, k: objectives.chunked_cross_entropy(h, k, targets, mask, 16, loss_kernel)
+        f = lambda h, k: objectives.chunked_cross_entropy(h, k, targets, token_mean(mask), 16, loss_kernel)
         (loss, acc), grads = jax.value_and_grad(f, (0, 1), has_aux=True)(hidden, kernel)
         results[loss_kernel] = (loss, acc, *grads)
     for name, a, b in zip(("loss", "accuracy", "d hidden", "d kernel"), results["cpu_fused"], results["xla"]):
         assert a.dtype == b.dtype, name
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-2, rtol=1e-2,
                                    err_msg=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# How the loss averages: EasyLM's per-row mean (COMMIT), AFP's token mean
+# ----------------------------------------------------------------------------------------------
+
+def log_softmax_np(logits):
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def easylm_row_mean(logits, targets, mask):
+    """EasyLM's `cross_entropy_loss_and_accuracy` (jax_utils.py) restated in NumPy: per row, the trained
+    tokens' summed log-probability over the row's trained-token count floored at 1e-10, then the mean
+    over rows; accuracy the same way."""
+    valid_length = np.maximum(mask.sum(-1), 1e-10)
+    log_probs = np.take_along_axis(log_softmax_np(logits), targets[..., None], -1)[..., 0]
+    loss = -np.mean(np.where(mask > 0, log_probs, 0.0).sum(-1) / valid_length)
+    correct = np.where(mask > 0, logits.argmax(-1) == targets, False)
+    return loss, np.mean(correct.sum(-1) / valid_length)
+
+
+def token_mean_np(logits, targets, mask):
+    """PyTorch's `nn.CrossEntropyLoss()` over the trained positions (AFP): a mean over all of them."""
+    log_probs = np.take_along_axis(log_softmax_np(logits), targets[..., None], -1)[..., 0]
+    return -log_probs[mask > 0].mean(), (logits.argmax(-1) == targets)[mask > 0].mean()
+
+
+def uneven_batch(seq=40, vocab=300, width=32):
+    """Rows with 0, 1, 37 and 12 trained tokens: the two means differ a lot here."""
+    r = np.random.default_rng(11)
+    hidden = r.normal(size=(4, seq, width)).astype(np.float32)
+    kernel = (r.normal(size=(width, vocab)) * 0.3).astype(np.float32)
+    targets = r.integers(0, vocab, size=(4, seq)).astype(np.int32)
+    mask = np.zeros((4, seq), np.float32)
+    mask[1, 5] = 1
+    mask[2, 3:] = 1
+    mask[3, 20:32] = 1
+    return hidden, kernel, targets, mask
+
+
+@pytest.mark.parametrize("chunk,loss_kernel", [(0, "xla"), (16, "xla"), (16, "cpu_fused")])
+def test_row_mean_is_easylms_and_token_mean_is_afps(chunk, loss_kernel):
+    skip_without_cpu_kernels(loss_kernel)
+    hidden, kernel, targets, mask = uneven_batch()
+    logits = (hidden.astype(np.float64) @ kernel.astype(np.float64))
+    for average, reference in (("row", easylm_row_mean), ("token", token_mean_np)):
+        weights = objectives.target_weights(jnp.asarray(mask), average)
+        if chunk:
+            loss, acc = objectives.chunked_cross_entropy(jnp.asarray(hidden), jnp.asarray(kernel), jnp.asarray(targets),
+                                                         weights, chunk, loss_kernel)
+        else:
+            loss, acc = objectives.cross_entropy_loss_and_accuracy(jnp.asarray(hidden) @ jnp.asarray(kernel),
+                                                                   jnp.asarray(targets), weights)
+        ref_loss, ref_acc = reference(logits, targets, mask)
+        np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5, err_msg=average)
+        np.testing.assert_allclose(float(acc), ref_acc, rtol=1e-6, atol=1e-7, err_msg=average)
+    row, token = easylm_row_mean(logits, targets, mask)[0], token_mean_np(logits, targets, mask)[0]
+    assert abs(row - token) > 0.05 * token  # the batch tells the two apart
+
+
+def test_row_mean_gradient_and_the_mesh():
+    """The gradient is that of EasyLM's loss (autodiff of the NumPy-checked full-logits path), and the
+    mean is over the global batch's rows: the batch sharded over 8 devices gives the same numbers."""
+    hidden, kernel, targets, mask = (jnp.asarray(x) for x in uneven_batch())
+    weights = objectives.target_weights(mask, "row")
+    full = lambda h, k: objectives.cross_entropy_loss_and_accuracy(h @ k, targets, weights)[0]
+    chunked = lambda h, k: objectives.chunked_cross_entropy(h, k, targets, weights, 16, "xla")[0]
+    ref_grads = jax.grad(full, (0, 1))(hidden, kernel)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    on_mesh = jax.jit(jax.value_and_grad(chunked, (0, 1)))
+    loss, grads = on_mesh(jax.device_put(hidden, rows), kernel)
+    assert len(jax.devices()) == 8  # conftest's emulated mesh; four rows over four devices
+    np.testing.assert_allclose(float(loss), float(full(hidden, kernel)), rtol=1e-6)
+    for a, b in zip(grads, ref_grads):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    assert float(jnp.abs(ref_grads[0][0]).max()) == 0.0  # the all-masked row gets no gradient
+
+
+def test_loss_average_flag():
+    assert objectives.resolve_loss_average("auto", "clm") == "row"
+    assert objectives.resolve_loss_average("auto", "afp") == "token"
+    assert objectives.resolve_loss_average("token", "clm") == "token"
+    with pytest.raises(ValueError, match="--objectives.loss_average='rows': use one of"):
+        objectives.resolve_loss_average("rows", "clm")

@@ -65,8 +65,8 @@ class Tiny:
         def loss(params, batch):
             logits = self.model.apply({"params": params}, batch["input_tokens"], positions=batch["positions"],
                                       segment_ids=batch["segment_ids"]).logits
-            loss, _ = objectives.cross_entropy_loss_and_accuracy(logits, batch["target_tokens"],
-                                                                 batch["loss_masks"])
+            weights = objectives.target_weights(batch["loss_masks"], "token")
+            loss, _ = objectives.cross_entropy_loss_and_accuracy(logits, batch["target_tokens"], weights)
             return loss, logits
 
         def step(params, ids, positions, segment_ids, cache):

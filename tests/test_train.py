@@ -64,31 +64,50 @@ def test_lr_schedule_hits_peak_and_end():
     assert float(current_lr(state)) == pytest.approx(1e-3)
 
 
-def test_weight_decay_skips_norms():
-    mask = optimizer.decay_mask({"layers": {"ffn_norm": {"scale": jnp.ones((2, 4))},
-                                            "attention": {"wq": {"kernel": jnp.ones((2, 4, 4))}}}})
-    assert mask["layers"]["ffn_norm"]["scale"] is False
+def test_weight_decay_decays_every_parameter_unless_excluded():
+    """EasyLM decays every parameter (its LLaMA config excludes nothing); an exclusion is a regular
+    expression searched in the parameter's path, as EasyLM's `get_weight_decay_mask`."""
+    params = {"layers": {"ffn_norm": {"scale": jnp.ones((2, 4))}, "attention": {"wq": {"kernel": jnp.ones((2, 4, 4))}}},
+              "norm": {"scale": jnp.ones(4)}}
+    assert all(jax.tree_util.tree_leaves(optimizer.decay_mask("")(params)))
+    mask = optimizer.decay_mask("norm/scale$")(params)
+    assert mask["layers"]["ffn_norm"]["scale"] is False and mask["norm"]["scale"] is False
     assert mask["layers"]["attention"]["wq"]["kernel"] is True
+    with pytest.raises(ValueError, match="weight_decay_exclude='norm/\\[': not a regular expression"):
+        optimizer.decay_mask("norm/[")
+    # In a real update: with lr 1, decay 0.5 and a zero gradient, a decayed weight w becomes w - 0.5 w.
+    cfg = optimizer.default_config()
+    cfg.adamw_optimizer.update(dict(lr=1.0, init_lr=1.0, end_lr=1.0, lr_warmup_steps=0, lr_decay_steps=1,
+                                    weight_decay=0.5, clip_gradient=0.0))
+    for exclude, norm_after in (("", 0.5), ("norm/scale$", 1.0)):
+        cfg.adamw_optimizer.weight_decay_exclude = exclude
+        tx, _ = optimizer.build(cfg)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        updates, _ = tx.update(zeros, tx.init(params), params)
+        after = jax.tree_util.tree_map(lambda p, u: p + u, params, updates)
+        assert float(after["norm"]["scale"][0]) == norm_after
+        assert float(after["layers"]["attention"]["wq"]["kernel"][0, 0, 0]) == 0.5
 
 
 def test_accumulating_four_batches_of_two_equals_one_batch_of_eight(tmp_path):
-    # Every token is a target (no BOS, one stream), so each micro-batch's mean weighs tokens equally;
-    # a large eps keeps Adam's first step linear in the gradient instead of ~lr·sign(g).
-    uniform = dict(tokenizer__add_bos_token=False, train_dataset__separate_segments=False)
+    # EasyLM's per-row mean (the default) makes the mean of the micro-batches' losses the big batch's
+    # loss whatever each row's trained-token count: separate segments with BOS leave rows with
+    # untrained targets. A large eps keeps Adam's first step linear in the gradient instead of ~lr·sign(g).
+    uneven = dict(train_dataset__separate_segments=True)
 
     def trainer(batch_size, steps):
         cfg = make_config(tmp_path, mesh_dim="1,1,-1", train_dataset__json_dataset__batch_size=batch_size,
                           optimizer__accumulate_gradient_steps=steps, optimizer__adamw_optimizer__lr=1e-2,
                           optimizer__adamw_optimizer__lr_warmup_steps=0, optimizer__adamw_optimizer__eps=1.0,
-                          **uniform)
+                          **uneven)
         t = train.Trainer(cfg)
         params, state = t._build_state(checkpoint.TrainCheckpointer(tmp_path / str(steps), 0, 0))
         step = jax.jit(t._train_step, in_shardings=(t.param_sh, t.state_sh, sharding.batch_sharding(t.mesh)))
         return t, params, state, step
 
-    data_cfg = make_config(tmp_path, **uniform)
+    data_cfg = make_config(tmp_path, **uneven)
     big = next(pipeline.DatasetIterator(data_cfg.train_dataset, train.tokenizer.Tokenizer.from_config(data_cfg.tokenizer)))
-    assert big["loss_masks"].all()
+    assert not big["loss_masks"].all()
     t8, p8, s8, step8 = trainer(8, 1)
     p8, s8, _ = step8(p8, s8, big)
     t2, p2, s2, step2 = trainer(2, 4)

@@ -14,6 +14,9 @@ behaviour, re-implemented below with plain SentencePiece and never with our code
 * Packing: all examples concatenated; while the buffer holds more than n + 1 tokens (n = batch ×
   seq): inputs buf[:n], targets buf[1:n+1], masks mask[1:n+1], each reshaped (batch, seq); then
   buf = buf[n:]. Positions 0..seq-1 in each row, causal attention across documents.
+* Epochs: `HuggingfaceDataset.__iter__` starts every pass over the data set with empty buffers (the
+  tokens after the last full batch are dropped); `JsonDataset` reads its file in an endless loop
+  with one buffer (they start the next pass's first batch).
 
 With `reference_token_stream=True` our batches equal the reference's; with the defaults they differ
 exactly where `data.processors` documents (the Alpaca response's first token is trained; CLM rows
@@ -30,6 +33,7 @@ import sentencepiece as spm
 from conftest import REPO_ROOT
 from easylm_align.data import pipeline
 from easylm_align.alpaca_templates import ALPACA_TEMPLATES
+from easylm_align.records import DataError
 from easylm_align.tokenizer import ASSETS, Tokenizer
 
 ALPACA_RECORDS = ASSETS / "alpaca_sample.json"
@@ -82,20 +86,26 @@ def reference_clm(tokenizer: ReferenceTokenizer, example: dict) -> tuple[list[in
 
 
 def reference_batches(examples, batch_size: int = BATCH_SIZE, seq_length: int = SEQ_LENGTH,
-                      count: int = BATCHES) -> list[dict]:
+                      count: int = BATCHES, epochs: int = 1, fresh_epochs: bool = False) -> list[dict]:
+    """The first `count` batches over `epochs` passes over `examples`, each pass starting with empty
+    buffers when `fresh_epochs` (HuggingfaceDataset), one buffer throughout otherwise (JsonDataset)."""
+    examples = list(examples)
     n = batch_size * seq_length
     tokens, masks, batches = [], [], []
-    for ids, mask in examples:
-        tokens.extend(ids)
-        masks.extend(mask)
-        while len(tokens) > n + 1:
-            batches.append(dict(
-                input_tokens=np.array(tokens[:n], np.int32).reshape(batch_size, -1),
-                target_tokens=np.array(tokens[1:n + 1], np.int32).reshape(batch_size, -1),
-                loss_masks=np.array(masks[1:n + 1], np.float32).reshape(batch_size, -1)))
-            if len(batches) == count:
-                return batches
-            tokens, masks = tokens[n:], masks[n:]
+    for _ in range(epochs):
+        if fresh_epochs:
+            tokens, masks = [], []
+        for ids, mask in examples:
+            tokens.extend(ids)
+            masks.extend(mask)
+            while len(tokens) > n + 1:
+                batches.append(dict(
+                    input_tokens=np.array(tokens[:n], np.int32).reshape(batch_size, -1),
+                    target_tokens=np.array(tokens[1:n + 1], np.int32).reshape(batch_size, -1),
+                    loss_masks=np.array(masks[1:n + 1], np.float32).reshape(batch_size, -1)))
+                if len(batches) == count:
+                    return batches
+                tokens, masks = tokens[n:], masks[n:]
     raise AssertionError(f"the records make only {len(batches)} batches")
 
 
@@ -132,7 +142,8 @@ def assert_batches_equal(ours, theirs):
             np.testing.assert_array_equal(a[key], b[key], err_msg=f"batch {step}: {key}")
         # One causal stream per row, as the reference's model sees it.
         np.testing.assert_array_equal(a["segment_ids"], np.ones_like(a["segment_ids"]))
-        np.testing.assert_array_equal(a["positions"], np.broadcast_to(np.arange(SEQ_LENGTH), a["positions"].shape))
+        seq_length = a["positions"].shape[1]
+        np.testing.assert_array_equal(a["positions"], np.broadcast_to(np.arange(seq_length), a["positions"].shape))
 
 
 # --- Alpaca ---------------------------------------------------------------------------------------
@@ -198,3 +209,71 @@ def test_translated_templates_are_the_reference_strings(lang):
     assert template.with_input.endswith(header) and template.without_input.endswith(header)
     assert hashlib.sha256(template.with_input.encode()).hexdigest() == with_input
     assert hashlib.sha256(template.without_input.encode()).hexdigest() == without_input
+
+
+# --- epoch boundaries -----------------------------------------------------------------------------
+
+EPOCH_BATCH, EPOCH_SEQ, EPOCH_RECORDS = 2, 96, 3  # 4 batches an epoch, 106 tokens left over
+
+
+def epoch_iterator(vocab_file, records, source, **flags):
+    cfg = pipeline.default_config(source)
+    cfg.update_from_flattened_dict({
+        "json_dataset.path": str(records), "huggingface_dataset.path": "json",
+        "huggingface_dataset.data_files": str(records),
+        **{f"{group}.{key}": value for group in ("json_dataset", "huggingface_dataset")
+           for key, value in (("seq_length", EPOCH_SEQ), ("batch_size", EPOCH_BATCH))},
+        "text_processor.fields": "text", "text_processor.reference_token_stream": True, **flags})
+    return pipeline.DatasetIterator(cfg, Tokenizer(str(vocab_file), add_bos_token=True, add_eos_token=True))
+
+
+@pytest.fixture(scope="module")
+def few_records(tmp_path_factory):
+    path = tmp_path_factory.mktemp("epochs") / "few.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in read_records(CLM_RECORDS)[:EPOCH_RECORDS]),
+                    encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("source,epoch_tail,fresh", [("huggingface", "auto", True), ("json", "auto", False),
+                                                     ("huggingface", "carry", False), ("json", "drop", True)])
+def test_epoch_boundaries_are_the_references(few_records, source, epoch_tail, fresh):
+    """Over three passes of a data set of a few records: the Hugging Face source starts every epoch
+    afresh and the JSON source carries its tail, as the reference's two classes; each is a flag away
+    from the other. A checkpoint taken after any batch resumes to the same next batch."""
+    vocab_file = REPO_ROOT / "tests" / "data" / "tokenizers" / "mistral-7b-v0.1" / "tokenizer.model"
+    tokenizer = ReferenceTokenizer(vocab_file)
+    examples = [reference_clm(tokenizer, ex) for ex in read_records(few_records)]
+    per_epoch = (sum(len(ids) for ids, _ in examples) - 2) // (EPOCH_BATCH * EPOCH_SEQ)
+    count = 3 * per_epoch
+    theirs = reference_batches(examples, EPOCH_BATCH, EPOCH_SEQ, count, epochs=3, fresh_epochs=fresh)
+    iterator = epoch_iterator(vocab_file, few_records, source, epoch_tail=epoch_tail)
+    ours, states = [], []
+    for _ in range(count):
+        ours.append(next(iterator))
+        states.append(iterator.state_dict())
+    assert_batches_equal(ours, theirs)
+    assert iterator.epoch == 2
+    if fresh:  # every epoch begins with the data set's first tokens
+        for epoch in range(3):
+            np.testing.assert_array_equal(ours[epoch * per_epoch]["input_tokens"], theirs[0]["input_tokens"])
+    else:
+        assert not np.array_equal(ours[per_epoch]["input_tokens"], ours[0]["input_tokens"])
+    for step in range(count - 1):  # exact resume, across the boundaries too
+        resumed = epoch_iterator(vocab_file, few_records, source, epoch_tail=epoch_tail)
+        resumed.load_state_dict(states[step])
+        np.testing.assert_array_equal(next(resumed)["input_tokens"], ours[step + 1]["input_tokens"])
+
+
+def test_an_epoch_too_small_for_a_batch_is_refused_when_epochs_start_afresh(few_records):
+    vocab_file = REPO_ROOT / "tests" / "data" / "tokenizers" / "mistral-7b-v0.1" / "tokenizer.model"
+    iterator = epoch_iterator(vocab_file, few_records, "huggingface",
+                              **{"huggingface_dataset.batch_size": 64})
+    with pytest.raises(DataError, match=r"one epoch of the data set makes no batch .* 64 x 96 .*"
+                                        r"--train_dataset.epoch_tail=carry"):
+        next(iterator)
+    carried = epoch_iterator(vocab_file, few_records, "huggingface", epoch_tail="carry",
+                             **{"huggingface_dataset.batch_size": 64})
+    assert next(carried)["input_tokens"].shape == (64, EPOCH_SEQ)
+    with pytest.raises(DataError, match="--train_dataset.epoch_tail='first': choose auto"):
+        epoch_iterator(vocab_file, few_records, "json", epoch_tail="first")

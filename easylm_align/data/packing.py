@@ -2,7 +2,10 @@
 
 Examples are concatenated into one stream; a batch takes the next `batch·seq_length + 1` tokens
 and row r holds inputs `stream[rS:(r+1)S]` and targets shifted by one (EasyLM's packing, as
-COMMIT trains). The last token is kept as the next batch's first input.
+COMMIT trains). The last token is kept as the next batch's first input. As in EasyLM, a batch is
+made once the stream holds more than `batch·seq_length + 1` tokens: the contents are the same as
+with "at least", but which tokens are left when an epoch ends (and dropped, under
+`epoch_tail=drop`) is the reference's.
 
 `separate_segments=False` (the default) is the reference's layout: each row is one causal stream,
 positions run 0..seq_length-1 and every token attends to all earlier tokens of the row, across
@@ -50,11 +53,12 @@ class Packer:
         self._size += len(tokens)
 
     def ready(self) -> bool:
-        return self._size >= self.chunk + 1
+        """EasyLM's `while len(token_buffer) > chunk_size + 1`."""
+        return self._size > self.chunk + 1
 
     def pop(self) -> dict[str, np.ndarray]:
         """The next batch; keeps the last token of the chunk as the start of the next one."""
-        assert self.ready()
+        assert self._size >= self.chunk + 1
         tokens, masks, segments = (np.concatenate(x) for x in (self._tokens, self._masks, self._segments))
         n, shape = self.chunk, (self.batch_size, self.seq_length)
         inputs, targets = tokens[:n].reshape(shape), tokens[1:n + 1].reshape(shape)
@@ -112,6 +116,17 @@ class PackedBatcher:
     def add(self, example) -> Iterator[dict[str, np.ndarray]]:
         """Takes one processed example (tokens, loss_mask); yields the batches it completes."""
         self.packer.add(example.tokens, example.loss_mask)
+        yield from self._ready_batches()
+
+    def end_epoch(self, drop_tail: bool) -> Iterator[dict[str, np.ndarray]]:
+        """At the end of an epoch: the batches still held (a run resumed between two batches of one
+        example holds them), then, with `drop_tail`, an empty stream for the next epoch."""
+        yield from self._ready_batches()
+        if drop_tail:
+            p = self.packer
+            self.packer = Packer(p.seq_length, p.batch_size, p.separate_segments)
+
+    def _ready_batches(self) -> Iterator[dict[str, np.ndarray]]:
         while self.packer.ready():
             yield self.packer.pop()
 

@@ -206,6 +206,13 @@ class PairBatcher:
         if len(self._pending) == self.packer.batch_size:
             yield self._pop()
 
+    def end_epoch(self, drop_tail: bool) -> Iterator[dict[str, np.ndarray]]:
+        """With `drop_tail` the examples short of a batch at the end of an epoch are dropped; else
+        they start the next epoch's first batch."""
+        if drop_tail:
+            self._pending = []
+        return iter(())
+
     def state_dict(self) -> dict:
         return self.packer.state_dict()
 

@@ -38,8 +38,11 @@ def default_config(dataset_type: str = "json") -> ConfigDict:
     # examples apart (own positions, no attention across them); packing.py says what changes.
     # shuffle_buffer: 0 reads records in source order (EasyLM's); N shuffles within windows of N
     # records, anew each epoch, from shuffle_seed (shuffling.py).
+    # epoch_tail: the tokens left after an epoch's last full batch are dropped (`drop`: every epoch
+    # starts afresh at its first record) or start the next epoch's first batch (`carry`); `auto` is
+    # the reference's for the source (Source.epoch_tail: huggingface drops, json carries).
     cfg = dict(type=dataset_type, text_processor=processors.default_config(),
-               separate_segments=False, num_workers=0, shuffle_buffer=0, shuffle_seed=0)
+               separate_segments=False, num_workers=0, shuffle_buffer=0, shuffle_seed=0, epoch_tail="auto")
     cfg.update({cls.config_key: cls.default_config() for cls in SOURCES.values()})
     return ConfigDict(cfg)
 
@@ -88,6 +91,7 @@ class DatasetIterator:
         source_cls = _source_class(config, flag)
         group = config[source_cls.config_key]
         self.seq_length, self.batch_size = group.seq_length, group.batch_size
+        self.flag = flag
         self.source = source_cls(group, f"{flag}.{source_cls.config_key}")
         self.processor = self.source.processor(config.text_processor, tokenizer)
         self.stats: Counter = Counter()
@@ -95,6 +99,7 @@ class DatasetIterator:
         if config.shuffle_buffer < 0:
             raise DataError(f"{flag}.shuffle_buffer={config.shuffle_buffer} must be >= 0 (0: source order)")
         self.shuffle_buffer, self.shuffle_seed = config.shuffle_buffer, config.shuffle_seed
+        self.drop_tail = _epoch_tail(config.epoch_tail, source_cls, flag) == "drop"
         self.num_workers = config.num_workers
         self.epoch, self.next_record = 0, 0  # next_record counts records in reading order
         self._batches: Optional[Iterator] = None
@@ -143,7 +148,7 @@ class DatasetIterator:
 
     def _generate(self) -> Iterator[dict[str, np.ndarray]]:
         while True:
-            start, added = self.next_record, 0
+            start, added, batches = self.next_record, 0, 0
             for number, record, result in self._processed(start):
                 if isinstance(result, Exception):
                     record = self.source.reject(record, str(result))
@@ -154,11 +159,26 @@ class DatasetIterator:
                 added += 1
                 self.stats["examples"] += 1
                 self.stats.update(result.stats._asdict())
-                yield from self.batcher.add(result)
+                for batch in self.batcher.add(result):
+                    batches += 1
+                    yield batch
             if start == 0 and added == 0:
                 raise DataError(f"{self.source.flag}: the data set has no examples")
+            for batch in self.batcher.end_epoch(self.drop_tail):
+                batches += 1
+                yield batch
+            if start == 0 and batches == 0 and self.drop_tail:  # every epoch would end the same way
+                raise DataError(f"{self.source.flag}: one epoch of the data set makes no batch of batch_size x "
+                                f"seq_length = {self.batch_size} x {self.seq_length} tokens (plus one), and "
+                                f"epoch_tail=drop starts every epoch afresh; use a smaller batch or "
+                                f"{self.flag}.epoch_tail=carry")
             self.epoch, self.next_record = self.epoch + 1, 0
 
+
+def _epoch_tail(name: str, source: type[Source], flag: str) -> str:
+    if name not in ("auto", "drop", "carry"):
+        raise DataError(f"{flag}.epoch_tail={name!r}: choose auto (the reference's for the source), drop or carry")
+    return source.epoch_tail if name == "auto" else name
 
 
 def _source_class(config: ConfigDict, flag: str) -> type[Source]:

@@ -36,6 +36,11 @@ class Source:
     CLM rows, `pairs.py`) supplies both."""
     name: ClassVar[str]        # `--*.type`
     config_key: ClassVar[str]  # its flag group, e.g. json_dataset
+    # What the reference does with the tokens left after an epoch's last full batch
+    # (`--*.epoch_tail=auto`): `carry` them into the next epoch (EasyLM's JsonDataset reads its file
+    # in an endless loop with one buffer) or `drop` them (its HuggingfaceDataset empties its buffers
+    # at the start of every epoch).
+    epoch_tail: ClassVar[str] = "carry"
 
     @staticmethod
     def default_config() -> ConfigDict:
@@ -102,6 +107,7 @@ class HuggingfaceSource(Source):
     """`datasets.load_dataset(path, name, split=…, streaming=…, data_files=…)`: hub data sets, the
     local cache, or local files (`path=json`, `data_files=…/alpaca_data.json`)."""
     name, config_key = "huggingface", "huggingface_dataset"
+    epoch_tail = "drop"
 
     @staticmethod
     def default_config() -> ConfigDict:

@@ -1,7 +1,11 @@
 """Exports a params checkpoint as a Hugging Face `LlamaForCausalLM` directory.
 
     python -m easylm_align.convert_to_hf --load_checkpoint=params::PATH \\
-        --tokenizer_path=tokenizer.model --model_size=7b --output_dir=DIR [--dtype=bf16|fp32|fp16]
+        --tokenizer_path=tokenizer.model --model_size=7b --output_dir=DIR [--dtype=fp16|bf16|fp32]
+
+The weights are written in fp16 by default, as COMMIT's `convert_easylm_to_hf` always writes them
+(and its evaluation harness then computes in fp16), so the seed's evaluation command scores the
+export in the reference's precision.
 
 The model config comes from `--model_size` (a `model.LLAMA_PRESETS` name) plus
 `--update_llama_config` JSON, as in the trainer, or from the checkpoint's meta when it recorded one
@@ -64,7 +68,7 @@ def define_flags() -> None:
     flags.DEFINE_string("model_size", "", f"LLaMA preset, one of {sorted(model.LLAMA_PRESETS)}; "
                         "may be left out when the checkpoint's meta records the config")
     flags.DEFINE_string("update_llama_config", "", "JSON object of config fields overriding --model_size")
-    flags.DEFINE_enum("dtype", "bf16", sorted(DTYPES), "dtype of the exported weights")
+    flags.DEFINE_enum("dtype", "fp16", sorted(DTYPES), "dtype of the exported weights (fp16: the reference's)")
     flags.DEFINE_integer("max_shard_size_mb", 2000, "largest safetensors shard, in MB (10^6 bytes); "
                          "a whole shard is held in memory before it is written")
     flags.DEFINE_bool("overwrite", False, "replace --output_dir if it exists and is not empty")
@@ -212,7 +216,7 @@ def _load_tokenizer(path: str, config: ConfigDict) -> Tokenizer:
 
 
 def export(checkpoint_path: str, output_dir: str, tokenizer_path: str, model_size: str = "",
-           update_llama_config: str = "", dtype: str = "bf16", max_shard_size_mb: int = 2000,
+           update_llama_config: str = "", dtype: str = "fp16", max_shard_size_mb: int = 2000,
            overwrite: bool = False) -> Path:
     """Writes the Hugging Face directory; returns its path. Input problems raise ConversionError."""
     if max_shard_size_mb <= 0:

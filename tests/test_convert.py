@@ -351,9 +351,16 @@ def test_command_lines(tmp_path, debug_checkpoint, llama_tokenizer):
     hf_dir = tmp_path / "hf"
     ok = _run("easylm_align.convert_to_hf", f"--load_checkpoint=params::{debug_checkpoint.parent}/*_10",
               f"--tokenizer_path={llama_tokenizer}", "--model_size=demo", '--update_llama_config={"vocab_size": 512}',
-              f"--output_dir={hf_dir}", "--dtype=fp16", "--max_shard_size_mb=1")
+              f"--output_dir={hf_dir}", "--max_shard_size_mb=1")
     assert ok.returncode == 0, ok.stderr
+    # The default export is the reference's (COMMIT's convert_easylm_to_hf): each tensor taken in fp32
+    # and stored as torch.float16, and a float16 config.
     assert json.loads((hf_dir / "config.json").read_text())["torch_dtype"] == "float16"
+    fp32 = hf_tensors(export(str(debug_checkpoint), str(tmp_path / "fp32"), str(llama_tokenizer), dtype="fp32"))
+    default = hf_tensors(hf_dir)
+    assert sorted(default) == sorted(fp32)
+    for name, tensor in fp32.items():
+        assert default[name].dtype == np.float16 and np.array_equal(default[name], tensor.astype(np.float16)), name
 
     back = _run("easylm_align.convert_from_hf", f"--hf_dir={hf_dir}", f"--output={tmp_path / 'ours'}",
                 "--scan_layers")

@@ -183,7 +183,7 @@ def test_clm_loss_mask_covers_exactly_the_output(vocab, request, test_data, tok)
         shared = request.getfixturevalue("shared_data")
         tokenizer = Tokenizer(str(shared / "tokenizers" / "llama2" / "tokenizer.model"))
     cfg = pipeline.default_config("afp").text_processor
-    processor = pairs.AfpProcessor(cfg, tokenizer, pair_length=16)
+    processor = pairs.AfpProcessor(cfg, tokenizer, pair_length=16, clm_layout="rows")
     prompt, output = "Write a letter. Answer in English: ", "Dear Sir, thanks."
     example = {"sent0": "a b", "sent1": "c d", "clm_text": prompt + output, "clm_prompt_len": len(prompt)}
     result = processor(example, 0)
@@ -204,7 +204,7 @@ def test_batches_pack_this_steps_clm_texts(tmp_path, tok):
     rows = [{"sent0": f"sentence {i}", "sent1": f"satz {i}", "clm_text": f"Q{i}? A: answer number {i}",
              "clm_prompt_len": len(f"Q{i}? A: ")} for i in range(10)]
     path = write_jsonl(tmp_path / "afp.jsonl", rows)
-    data = pipeline.DatasetIterator(afp_config(path), tok)
+    data = pipeline.DatasetIterator(afp_config(path, clm_layout="rows"), tok)
     assert isinstance(data.batcher, pairs.PairBatcher)
     batch = next(data)
     assert {k: v.shape for k, v in batch.items()} == {
@@ -225,7 +225,7 @@ def test_batches_pack_this_steps_clm_texts(tmp_path, tok):
     # Resuming from the saved position gives the same next batches, across the epoch boundary.
     state = json.loads(json.dumps(data.state_dict()))
     expected_next = [next(data) for _ in range(3)]
-    resumed = pipeline.DatasetIterator(afp_config(path), tok)
+    resumed = pipeline.DatasetIterator(afp_config(path, clm_layout="rows"), tok)
     resumed.load_state_dict(state)
     for want in expected_next:
         got = next(resumed)
@@ -233,9 +233,80 @@ def test_batches_pack_this_steps_clm_texts(tmp_path, tok):
     assert resumed.epoch == 1
 
 
+def reference_clm_blocks(tok, rows, block):
+    """AFP's `prepare_features` + `clm_tokens_block`, written from train.py's rule: BOS + tokens
+    cut to `block`, prompt = common prefix with the prompt's tokens, texts concatenated and cut
+    into blocks (remainder dropped once a block is full), BOS/EOS ids always labels, a fake last
+    label in a block without any. Returns (inputs, labels with -100) per block."""
+    ids, labels = [], []
+    for r in rows:
+        text = ([tok.bos_id] + tok.encode(r["clm_text"]))[:block]
+        prompt = ([tok.bos_id] + tok.encode(r["clm_text"][:r["clm_prompt_len"]]))[:block]
+        same = 0
+        if r["clm_prompt_len"]:
+            same = min(len(text), len(prompt))
+            for j in range(same):
+                if text[j] != prompt[j]:
+                    same = j
+                    break
+        ids += text
+        labels += [0] * same + [1] * (len(text) - same)
+    total = len(ids) if len(ids) < block else len(ids) // block * block
+    out = []
+    for i in range(0, total, block):
+        x = ids[i:i + block]
+        y = [t if (l or t in (tok.bos_id, tok.eos_id)) else -100 for t, l in zip(x, labels[i:i + block])]
+        if all(v == -100 for v in y[1:]):
+            y[-1] = x[-1]
+        out.append((x, y))
+    return out
+
+
+def check_blocks(batch, blocks, first_row, rows):
+    """Our rows first_row.. hold the blocks; Hugging Face's shift: position t predicts labels[t+1]."""
+    for b in range(rows):
+        row = first_row + b
+        if b >= len(blocks):
+            assert batch["loss_masks"][row].sum() == 0 and (batch["segment_ids"][row] == 0).all()
+            continue
+        x, y = blocks[b]
+        n = len(x)
+        assert batch["input_tokens"][row, :n].tolist() == x
+        assert (batch["segment_ids"][row, :n] == 1).all() and (batch["segment_ids"][row, n:] == 0).all()
+        assert batch["positions"][row, :n].tolist() == list(range(n))
+        want = [t != -100 for t in y[1:]] + [False] * (batch["loss_masks"].shape[1] - n + 1)
+        assert (batch["loss_masks"][row] > 0).tolist() == want
+        assert batch["target_tokens"][row, :n - 1][np.array(want[:n - 1])].tolist() == [t for t in y[1:] if t != -100]
+
+
+def test_clm_blocks_are_afps(tmp_path, tok):
+    """The default CLM layout against AFP's block grouping written in the test: later texts' BOS
+    are targets, a block whose tokens are all prompt gets a fake target, the remainder is dropped."""
+    words = " ".join(f"w{i}" for i in range(40))
+    rows = [dict(sent0="a", sent1="b", clm_text=words, clm_prompt_len=len(words)),  # all prompt, cut to 16
+            dict(sent0="c", sent1="d", clm_text="Q: one? A: two", clm_prompt_len=len("Q: one? A: ")),
+            dict(sent0="e", sent1="f", clm_text="Q: three four? A: five six seven", clm_prompt_len=0),
+            dict(sent0="g", sent1="h", clm_text="Q: eight nine? A: ten eleven", clm_prompt_len=len("Q: eight nine? A: "))]
+    rows += [dict(r, clm_text=r["clm_text"].upper()) for r in rows]
+    data = pipeline.DatasetIterator(afp_config(write_jsonl(tmp_path / "a.jsonl", rows), seq_length=16), tok)
+    batch = next(data)
+    blocks = reference_clm_blocks(tok, rows[:4], 16)
+    assert len(blocks) >= 2 and all(v == -100 for v in blocks[0][1][1:-1])  # the first block's target is fake
+    assert any(x[t] == tok.bos_id and y[t] != -100 for x, y in blocks for t in range(1, len(x)))  # a BOS target
+    assert data.stats["clm_tokens_dropped"] > 0
+    check_blocks(batch, blocks, 0, 4)
+
+    # Two groups (a 2-rank AFP run): each half of the step is grouped alone, into its half of the rows.
+    groups = pipeline.DatasetIterator(afp_config(write_jsonl(tmp_path / "b.jsonl", rows), seq_length=16,
+                                                 clm_groups=2, batch_size=8), tok)
+    batch = next(groups)
+    for g, part in enumerate((rows[:4], rows[4:])):
+        check_blocks(batch, reference_clm_blocks(tok, part, 16), 4 * g, 4)
+
+
 def test_long_clm_text_is_cut_to_the_step(tmp_path, tok):
     long = {"sent0": "x", "sent1": "y", "clm_text": "word " * 300, "clm_prompt_len": 0}
-    data = pipeline.DatasetIterator(afp_config(write_jsonl(tmp_path / "a.jsonl", [long] * 4)), tok)
+    data = pipeline.DatasetIterator(afp_config(write_jsonl(tmp_path / "a.jsonl", [long] * 4), clm_layout="rows"), tok)
     batch, dropped = next(data), data.stats["clm_tokens_dropped"]
     assert (batch["segment_ids"] > 0).all() and dropped == 4 * (len(tok.encode(long["clm_text"])) + 2) - 4 * 64 - 1
     assert data.state_dict()["packer"]["tokens"] == []  # nothing carried into the next step
@@ -248,11 +319,11 @@ def test_tsv_pairs_and_hard_negatives(tmp_path, tok, tiny):
     assert batch["cl_tokens"].shape == (4, 3, 16)
     n = batch["cl_masks"][2, 2].sum()
     assert batch["cl_tokens"][2, 2, :n].tolist() == [tok.bos_id] + tok.encode("bye 2")
-    expected = []  # AFP's fallback CLM text "{sent0} = {sent1}", trained on sent1
+    expected = []  # AFP's fallback CLM text "{sent0} = {sent1}", trained on sent1 and the next text's BOS
     for i in range(4):
         ids, n = pairs.split_tokens(tok, f"hello {i} = nihao {i}", len(f"hello {i} = "))
         assert tok.decode(ids[n:]) == f"nihao {i}"
-        expected += ids[n:] + [tok.eos_id]
+        expected += ids[n:] + [tok.bos_id] * (i < 3)
     assert batch["target_tokens"][batch["loss_masks"] > 0].tolist() == expected
 
     llama, params = tiny  # the third column enters the loss as hard negatives

@@ -170,6 +170,9 @@ def default_config() -> ConfigDict:
         # What computes the chunked loss's gradient w.r.t. the logits (see resolve_loss_kernel):
         # auto, xla, or cpu_fused (one pass in C++; the CPU only). Results equal to 1e-5.
         loss_kernel="auto",
+        # AFP: reproduce a data-parallel reference run on this many ranks (see `afp_loss`); 1 = the
+        # gradient of the global batch's loss. Needs --train_dataset.afp_dataset.clm_groups equal to it.
+        reference_ranks=1,
     ))
 
 
@@ -281,18 +284,45 @@ def sentence_embeddings(model, params, tokens: jnp.ndarray, masks: jnp.ndarray, 
     return pool(out.hidden_states, flat_masks, pooler).reshape(batch, sentences, -1)
 
 
+def scale_gradient(x: jnp.ndarray, factor: float) -> jnp.ndarray:
+    """`x` in value, `factor` · its gradient."""
+    return factor * x + jax.lax.stop_gradient(x - factor * x)
+
+
+def per_group_weights(loss_masks: jnp.ndarray, groups: int) -> jnp.ndarray:
+    """Loss masks (batch, length) rescaled so that each of `groups` equal row groups sums to 1: the
+    token mean over them is then the mean of the groups' own token means."""
+    batch = loss_masks.shape[0]
+    if groups < 1 or batch % groups:
+        raise ConfigError(f"--objectives.reference_ranks={groups} must be positive and divide the batch ({batch})")
+    by_group = loss_masks.astype(jnp.float32).reshape(groups, batch // groups, -1)
+    return (by_group / jnp.maximum(by_group.sum(axis=(1, 2), keepdims=True), 1.0)).reshape(loss_masks.shape)
+
+
 def afp_loss(model, params, batch: dict, rng, deterministic: bool, config) -> tuple[jnp.ndarray, dict]:
     """AFP: `cl_weight` · InfoNCE over the pairs `cl_tokens[:, 0]` → `cl_tokens[:, 1]` (a third
-    column: hard negatives) + `clm_weight` · causal LM on the packed rows. `accuracy` is the CLM's."""
+    column: hard negatives) + `clm_weight` · causal LM on the packed rows. `accuracy` is the CLM's.
+
+    `reference_ranks=W` > 1 gives the gradient of AFP's code on W data-parallel ranks, each holding
+    batch/W rows: each rank's contrastive loss is the global one but its gradient reaches only its
+    own rows (the all-gather puts back only the local embeddings), and DDP averages the ranks'
+    gradients, so the contrastive gradient is 1/W of the global loss's; each rank's CLM loss is
+    the token mean over its own rows (clm_groups=W builds them rank by rank), averaged over ranks.
+    """
     cl_rng, clm_rng = jax.random.split(rng)
     z = sentence_embeddings(model, params, batch["cl_tokens"], batch["cl_masks"], config.pooler, cl_rng,
                             deterministic)
     hard = z[:, 2] if z.shape[1] > 2 else None
     cl, cl_accuracy = contrastive_loss(z[:, 0], z[:, 1], config.temperature, hard, config.hard_negative_weight)
-    clm, clm_metrics = clm_loss(model, params, batch, clm_rng, deterministic, config)
+    ranks = config.reference_ranks
+    clm_batch = batch
+    if ranks != 1:
+        cl = scale_gradient(cl, 1.0 / ranks)
+        clm_batch = dict(batch, loss_masks=per_group_weights(batch["loss_masks"], ranks))
+    clm, clm_metrics = clm_loss(model, params, clm_batch, clm_rng, deterministic, config)
     loss = config.cl_weight * cl + config.clm_weight * clm
     return loss, {"loss": loss, "accuracy": clm_metrics["accuracy"], "cl_loss": cl, "cl_accuracy": cl_accuracy,
-                  "clm_loss": clm, "clm_accuracy": clm_metrics["accuracy"], "loss_tokens": clm_metrics["loss_tokens"]}
+                  "clm_loss": clm, "clm_accuracy": clm_metrics["accuracy"], "loss_tokens": batch["loss_masks"].sum()}
 
 
 # name -> loss function(model, params, batch, rng, deterministic, config) -> (loss, metrics)

@@ -130,6 +130,71 @@ def test_negatives_are_global_on_a_sharded_mesh(tiny):
                                                   rel=1e-6)
 
 
+def test_reference_ranks_give_a_data_parallel_reference_runs_gradient(tmp_path, tok, tiny):
+    """`reference_ranks=2` against DDP written out in the test: rank r's loss is the global InfoNCE
+    with gradient through its own rows only (the all-gather with local rows put back) plus 1.5 x the
+    token mean of its own CLM rows; the ranks' gradients are averaged."""
+    llama, params = tiny
+    rows = [dict(sent0=f"sentence {i}", sent1=f"satz {i}", clm_text=f"Q{i}? A: answer " + "more " * i,
+                 clm_prompt_len=len(f"Q{i}? A: ")) for i in range(8)]
+    data = pipeline.DatasetIterator(afp_config(write_jsonl(tmp_path / "a.jsonl", rows), batch_size=8,
+                                               seq_length=16, clm_groups=2), tok)
+    batch = jax.tree_util.tree_map(jnp.asarray, next(data))
+    cfg = objectives_config(reference_ranks=2)
+    ours = jax.grad(lambda p: objectives.afp_loss(llama, p, batch, jax.random.PRNGKey(0), True, cfg)[0])(params)
+
+    def rank_loss(p, rank):
+        local = (jnp.arange(8) // 4 == rank)[:, None, None]
+        z = objectives.sentence_embeddings(llama, p, batch["cl_tokens"], batch["cl_masks"], "last-1",
+                                           jax.random.PRNGKey(0), True)
+        z = jnp.where(local, z, jax.lax.stop_gradient(z))
+        cl, _ = objectives.contrastive_loss(z[:, 0], z[:, 1], 0.05)
+        hidden = llama.apply({"params": p}, batch["input_tokens"], positions=batch["positions"],
+                             segment_ids=batch["segment_ids"], deterministic=True).logits
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(hidden.astype(jnp.float32)),
+                                   batch["target_tokens"][..., None], -1)[..., 0]
+        mask = batch["loss_masks"] * local[:, :, 0]
+        return cl + 1.5 * (nll * mask).sum() / mask.sum()
+    ddp = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, *[jax.grad(rank_loss)(params, r) for r in range(2)])
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-6), ours, ddp)
+
+    # With the CLM off the contrastive gradient is exactly half the global loss's; the loss is the same.
+    cl_only = objectives_config(clm_weight=0.0)
+    global_grad = jax.grad(lambda p: objectives.afp_loss(llama, p, batch, jax.random.PRNGKey(0), True, cl_only)[0])
+    half = jax.grad(lambda p: objectives.afp_loss(llama, p, batch, jax.random.PRNGKey(0), True,
+                                                  objectives_config(clm_weight=0.0, reference_ranks=2))[0])
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, 0.5 * b, rtol=1e-6, atol=1e-9),
+                           half(params), global_grad(params))
+
+
+def test_eos_embedding_row_stays_frozen(tmp_path, tok):
+    """--optimizer.freeze_eos_embedding (AFP's padding_idx = EOS): after train steps in which EOS is an
+    input (it ends each packed text), its embedding row is bit-identical to the initial one, while
+    the row of BOS, another input, moves."""
+    from easylm_align import checkpoint, train
+    rows = [dict(sent0=f"s {i}", sent1=f"t {i}", clm_text=f"Q{i}? A: yes", clm_prompt_len=len(f"Q{i}? A: "))
+            for i in range(8)]
+    cfg = train.default_config()
+    cfg.update_from_flattened_dict({
+        "update_llama_config": TINY, "objective": "afp", "train_dataset.type": "afp", "mesh_dim": "1,1,-1",
+        "logger.output_dir": str(tmp_path / "out"), "train_dataset.afp_dataset.path": str(
+            write_jsonl(tmp_path / "a.jsonl", rows)),
+        "train_dataset.afp_dataset.clm_layout": "rows", "train_dataset.afp_dataset.batch_size": 4,
+        "train_dataset.afp_dataset.seq_length": 32, "train_dataset.afp_dataset.pair_length": 8,
+        "optimizer.freeze_eos_embedding": True, "optimizer.adamw_optimizer.weight_decay": 0.0})
+    t = train.Trainer(cfg)
+    params, state = t._build_state(checkpoint.TrainCheckpointer(tmp_path / "ckpt", 0, 0))
+    initial = np.asarray(params["embed_tokens"]["embedding"])[[tok.eos_id, tok.bos_id]]
+    step = jax.jit(t._train_step)
+    for _ in range(3):
+        batch = next(t.train_data)
+        assert (batch["input_tokens"][batch["segment_ids"] > 0] == tok.eos_id).any()
+        params, state, _ = step(params, state, batch)
+    eos, bos = np.asarray(params["embed_tokens"]["embedding"])[[tok.eos_id, tok.bos_id]]
+    assert eos.tobytes() == initial[0].tobytes()
+    assert (bos != initial[1]).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # Poolers
 

@@ -354,7 +354,7 @@ def test_clm_blocks_are_afps(tmp_path, tok):
             dict(sent0="g", sent1="h", clm_text="Q: eight nine? A: ten eleven", clm_prompt_len=len("Q: eight nine? A: "))]
     rows += [dict(r, clm_text=r["clm_text"].upper()) for r in rows]
     data = pipeline.DatasetIterator(afp_config(write_jsonl(tmp_path / "a.jsonl", rows), seq_length=16), tok)
-    batch = next(data)
+    batch = first = next(data)
     blocks = reference_clm_blocks(tok, rows[:4], 16)
     assert len(blocks) >= 2 and all(v == -100 for v in blocks[0][1][1:-1])  # the first block's target is fake
     assert any(x[t] == tok.bos_id and y[t] != -100 for x, y in blocks for t in range(1, len(x)))  # a BOS target
@@ -367,6 +367,18 @@ def test_clm_blocks_are_afps(tmp_path, tok):
     batch = next(groups)
     for g, part in enumerate((rows[:4], rows[4:])):
         check_blocks(batch, reference_clm_blocks(tok, part, 16), 4 * g, 4)
+
+    # separate_segments: the same blocks, each text its own segment with positions from 0, and no
+    # target crosses into the next text (so no BOS is a target).
+    cfg = afp_config(write_jsonl(tmp_path / "c.jsonl", rows), seq_length=16)
+    cfg.separate_segments = True
+    apart = next(pipeline.DatasetIterator(cfg, tok))
+    assert (apart["input_tokens"] == first["input_tokens"]).all()
+    bos = apart["input_tokens"] == tok.bos_id
+    starts = bos & (np.arange(16) > 0)
+    assert ((np.diff(apart["segment_ids"], axis=1) == 1) == starts[:, 1:]).all()
+    assert (apart["positions"][bos] == 0).all()
+    assert not (apart["target_tokens"][apart["loss_masks"] > 0] == tok.bos_id).any()
 
 
 def test_long_clm_text_is_cut_to_the_step(tmp_path, tok):

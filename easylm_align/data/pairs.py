@@ -273,8 +273,9 @@ class PairBatcher:
             chosen = examples[group * rows:(group + 1) * rows]
             tokens = np.concatenate([np.asarray(e.tokens, np.int64) for e in chosen])
             labels = np.concatenate([np.asarray(e.loss_mask, np.float32) for e in chosen])
-            starts = np.zeros(len(tokens), bool)
+            starts = np.zeros(len(tokens) + 1, bool)  # one spare slot: a text may be empty
             starts[np.cumsum([0] + [len(e.tokens) for e in chosen[:-1]])] = True
+            starts = starts[:-1]
             total = len(tokens) if len(tokens) < length else len(tokens) // length * length
             self.stats["clm_tokens_dropped"] += len(tokens) - total
             for block, begin in enumerate(range(0, total, length)):

@@ -433,6 +433,22 @@ def test_bad_input_names_file_and_line(tmp_path, tok):
     cfg = pipeline.default_config("codemix_pairs")
     with pytest.raises(pipeline.DataError, match="codemix_dict_path"):
         pipeline.DatasetIterator(cfg, tok)
+    path = write_jsonl(tmp_path / "good.jsonl", [good] * 4)
+    for group, message in ((dict(clm_layout="packed"), r"afp_dataset\.clm_layout='packed': use one of"),
+                           (dict(clm_groups=3), r"afp_dataset\.clm_groups=3 must be positive and divide batch_size=4"),
+                           (dict(clm_groups=2, clm_layout="rows"), r"clm_groups=2 needs clm_layout='blocks'")):
+        with pytest.raises(pipeline.DataError, match=message):
+            pipeline.DatasetIterator(afp_config(path, **group), tok)
+
+
+def test_reference_ranks_must_match_clm_groups(tmp_path):
+    from easylm_align import train
+    from easylm_align.errors import ConfigError
+    cfg = train.default_config()
+    cfg.update_from_flattened_dict({"objective": "afp", "train_dataset.type": "afp", "objectives.reference_ranks": 2,
+                                    "logger.output_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"reference_ranks=2 and --train_dataset\.afp_dataset\.clm_groups=1 must be"):
+        train.Trainer(cfg)
 
 
 # ---------------------------------------------------------------------------------------------

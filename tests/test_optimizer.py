@@ -143,3 +143,10 @@ def test_zero_embedding_row_freezes_that_row_only():
     assert after[2].tobytes() == before[2].tobytes()
     assert (after[[0, 1, 3, 4, 5]] != before[[0, 1, 3, 4, 5]]).all()
     assert (np.asarray(p["lm_head"]["kernel"])[:, 2] != np.asarray(params["lm_head"]["kernel"])[:, 2]).all()
+
+
+def test_unknown_variant_is_a_config_error():
+    cfg = optimizer.default_config()
+    cfg.adamw_optimizer.variant = "adam_hf"
+    with pytest.raises(optimizer.ConfigError, match=r"adamw_optimizer\.variant='adam_hf': use one of"):
+        optimizer.build(cfg)

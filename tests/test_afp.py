@@ -381,6 +381,70 @@ def test_clm_blocks_are_afps(tmp_path, tok):
     assert not (apart["target_tokens"][apart["loss_masks"] > 0] == tok.bos_id).any()
 
 
+def test_flagfile_trains_as_afps_step_written_in_torch(tmp_path, tok):
+    """configs/afp_en_zh.flags (fp32, 4 steps, lr 1e-3 so that the optimizer's details show) against
+    AFP's step written out with transformers' LlamaForCausalLM on the same random model and data:
+    pooler last-1 with right padding (pad = EOS, so EOS is padding_idx), InfoNCE at 0.05, AFP's CLM
+    blocks, cl + 1.5 clm, clip 1.0, Hugging Face's adamw_hf, the cosine schedule with warmup."""
+    import math
+    import torch
+    import transformers
+    from easylm_align import config, train
+    from easylm_align.convert_from_hf import import_hf
+    steps, lr = 4, 1e-3
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=tok.eos_id))
+    with torch.no_grad():
+        for name, w in hf.named_parameters():
+            w.normal_(1.0, 0.1) if name.endswith("norm.weight") else None
+    hf.save_pretrained(tmp_path / "hf")
+    ckpt, preset, updates = import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"))
+    cfg = config.parse_config(train.default_config(), [
+        "train", f"--flagfile={REPO_ROOT / 'configs' / 'afp_en_zh.flags'}", f"--load_checkpoint=params::{ckpt}",
+        f"--load_llama_config={preset}", f"--update_llama_config={json.dumps(updates)}",
+        f"--tokenizer.vocab_file={DEMO_TOKENIZER}", f"--train_dataset.afp_dataset.path={pairs.AFP_SAMPLE}",
+        "--train_dataset.shuffle_buffer=0", "--train_dataset.afp_dataset.pair_length=64", f"--total_steps={steps}", f"--optimizer.adamw_optimizer.lr={lr}",
+        "--optimizer.adamw_optimizer.lr_warmup_steps=1", f"--optimizer.adamw_optimizer.lr_decay_steps={steps}",
+        "--dtype=fp32", "--log_freq=1", "--save_model_freq=0", "--save_milestone_freq=0", "--mesh_dim=1,1,-1",
+        f"--logger.output_dir={tmp_path / 'ours'}", "--logger.tensorboard=False"])
+    train.Trainer(cfg).run()
+    ours = [m["loss"] for m in map(json.loads, (tmp_path / "ours" / "metrics.jsonl").read_text().splitlines())
+            if "loss" in m]
+
+    rows = [json.loads(line) for line in pairs.AFP_SAMPLE.read_text(encoding="utf-8").splitlines()]
+    params = list(hf.parameters())
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    theirs = []
+    for step in range(steps):
+        batch = rows[2 * step:2 * step + 2]
+        sents = [[tok.bos_id] + tok.encode(r[k]) for k in ("sent0", "sent1") for r in batch]
+        n = max(map(len, sents))
+        x = torch.tensor([s + [tok.eos_id] * (n - len(s)) for s in sents])
+        mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in sents])
+        h = hf.model(input_ids=x, attention_mask=mask, output_hidden_states=True).hidden_states[1]
+        z = h[torch.arange(4), mask.sum(-1) - 1]
+        sim = torch.nn.functional.cosine_similarity(z[:2, None], z[None, 2:], dim=-1) / 0.05
+        cl = torch.nn.functional.cross_entropy(sim, torch.arange(2))
+        blocks = reference_clm_blocks(tok, batch, 512)
+        logits = hf(input_ids=torch.tensor([b[0] for b in blocks])).logits[:, :-1]
+        labels = torch.tensor([b[1] for b in blocks])[:, 1:]
+        clm = torch.nn.functional.cross_entropy(logits.reshape(-1, 4096), labels.reshape(-1), ignore_index=-100)
+        loss = cl + 1.5 * clm
+        hf.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        t, rate = step + 1, lr * (step if step < 1 else 0.5 * (1 + math.cos(math.pi * (step - 1) / (steps - 1))))
+        with torch.no_grad():
+            for p, (m, v) in zip(params, moments):  # transformers' AdamW (adamw_hf), no weight decay
+                m.mul_(0.9).add_(p.grad, alpha=0.1)
+                v.mul_(0.999).addcmul_(p.grad, p.grad, value=0.001)
+                p.addcdiv_(m, v.sqrt().add_(1e-8), value=-rate * math.sqrt(1 - 0.999 ** t) / (1 - 0.9 ** t))
+        theirs.append(loss.item())
+    assert ours == pytest.approx(theirs, rel=1e-5)
+
+
 def test_long_clm_text_is_cut_to_the_step(tmp_path, tok):
     long = {"sent0": "x", "sent1": "y", "clm_text": "word " * 300, "clm_prompt_len": 0}
     data = pipeline.DatasetIterator(afp_config(write_jsonl(tmp_path / "a.jsonl", [long] * 4), clm_layout="rows"), tok)

@@ -405,7 +405,7 @@ def test_flagfile_trains_as_afps_step_written_in_torch(tmp_path, tok):
         "train", f"--flagfile={REPO_ROOT / 'configs' / 'afp_en_zh.flags'}", f"--load_checkpoint=params::{ckpt}",
         f"--load_llama_config={preset}", f"--update_llama_config={json.dumps(updates)}",
         f"--tokenizer.vocab_file={DEMO_TOKENIZER}", f"--train_dataset.afp_dataset.path={pairs.AFP_SAMPLE}",
-        "--train_dataset.shuffle_buffer=0", "--train_dataset.afp_dataset.pair_length=64", f"--total_steps={steps}", f"--optimizer.adamw_optimizer.lr={lr}",
+        "--train_dataset.shuffle_buffer=0", f"--total_steps={steps}", f"--optimizer.adamw_optimizer.lr={lr}",
         "--optimizer.adamw_optimizer.lr_warmup_steps=1", f"--optimizer.adamw_optimizer.lr_decay_steps={steps}",
         "--dtype=fp32", "--log_freq=1", "--save_model_freq=0", "--save_milestone_freq=0", "--mesh_dim=1,1,-1",
         f"--logger.output_dir={tmp_path / 'ours'}", "--logger.tensorboard=False"])

@@ -307,7 +307,7 @@ class Trainer:
 
 def _check_reference_ranks(cfg: ConfigDict) -> None:
     """AFP's W-rank emulation needs the CLM rows grouped by the same W (objectives.afp_loss)."""
-    if cfg.objective != "afp":
+    if cfg.objective != "afp" or cfg.train_dataset.type not in pipeline.SOURCES:  # the pipeline names a bad type
         return
     group_key = pipeline.SOURCES[cfg.train_dataset.type].config_key
     groups = cfg.train_dataset[group_key].get("clm_groups", 1)

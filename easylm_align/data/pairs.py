@@ -83,6 +83,8 @@ class PairProcessor(processors.TextProcessor):
                  clm_layout: str = "rows", seq_length: int = 0):
         super().__init__(config, tokenizer)
         self.pair_length, self.num_sentences = pair_length, num_sentences
+        if clm_layout == "blocks" and seq_length < 1:
+            raise DataError(f"clm_layout='blocks' cuts each CLM text to seq_length, got {seq_length}")
         self.clm_layout, self.seq_length = clm_layout, seq_length
 
     def texts(self, example: dict, index: int) -> tuple[list[str], str, int, MixStats]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import re
 from typing import Optional, Sequence
 
@@ -39,18 +38,23 @@ def resolve_loss_average(name: str, objective: str) -> str:
     return REFERENCE_AVERAGE[objective] if name == "auto" else name
 
 
-def target_weights(loss_mask: jnp.ndarray, average: str) -> jnp.ndarray:
-    """Each position's weight in the mean loss, from a 0/1 mask (batch..., seq).
+def target_weights(loss_mask: jnp.ndarray, average: str, groups: int = 1) -> jnp.ndarray:
+    """Each position's weight in the mean loss, from a 0/1 mask (batch, seq).
 
-    `token`: 1 / (trained tokens of the batch, at least 1). `row` (EasyLM's
-    `cross_entropy_loss_and_accuracy`): 1 / (the row's trained tokens, floored at 1e-10) / rows, so an
-    all-masked row adds 0 to the mean but still counts as a row.
+    `token`: 1 / (trained tokens of the batch, at least 1); with `groups` > 1 the batch's rows are
+    that many equal groups and the loss is the mean of the groups' token means (a data-parallel
+    reference run's CLM loss, one group per rank). `row` (EasyLM's `cross_entropy_loss_and_accuracy`):
+    1 / (the row's trained tokens, floored at 1e-10) / rows, so an all-masked row adds 0 to the mean
+    but still counts as a row; equal groups of rows change nothing there.
     """
     mask = loss_mask.astype(jnp.float32)
+    rows = mask.shape[0]
+    if groups < 1 or rows % groups:
+        raise ConfigError(f"--objectives.reference_ranks={groups} must be positive and divide the batch ({rows})")
     if average == "token":
-        return mask / jnp.maximum(mask.sum(), 1.0)
+        by_group = mask.reshape(groups, -1)
+        return (by_group / jnp.maximum(by_group.sum(axis=1, keepdims=True), 1.0) / groups).reshape(mask.shape)
     if average == "row":
-        rows = math.prod(mask.shape[:-1])
         return mask / jnp.maximum(mask.sum(axis=-1, keepdims=True), 1e-10) / rows
     raise ValueError(f"unknown loss average {average!r}")
 
@@ -208,15 +212,19 @@ def default_config() -> ConfigDict:
         # then the mean over rows: EasyLM's, COMMIT's reference), token (the mean over the batch's
         # trained tokens: AFP's reference), or auto (the objective's reference).
         loss_average="auto",
+        # AFP: reproduce a data-parallel reference run on this many ranks (see `afp_loss`); 1 = the
+        # gradient of the global batch's loss. Needs --train_dataset.afp_dataset.clm_groups equal to it.
+        reference_ranks=1,
     ))
 
 
-def clm_loss(model, params, batch: dict, rng, deterministic: bool, config,
-             objective: str = "clm") -> tuple[jnp.ndarray, dict]:
-    """Causal LM on packed rows (all of COMMIT's stages; AFP's CLM term with `objective="afp"`)."""
+def clm_loss(model, params, batch: dict, rng, deterministic: bool, config, objective: str = "clm",
+             groups: int = 1) -> tuple[jnp.ndarray, dict]:
+    """Causal LM on packed rows (all of COMMIT's stages; AFP's CLM term with `objective="afp"`);
+    `groups`: see `target_weights`."""
     if config.loss_chunk_size < 0:
         raise ConfigError(f"--objectives.loss_chunk_size={config.loss_chunk_size}: use 0 (off) or a positive size")
-    weights = target_weights(batch["loss_masks"], resolve_loss_average(config.loss_average, objective))
+    weights = target_weights(batch["loss_masks"], resolve_loss_average(config.loss_average, objective), groups)
     chunked = config.loss_chunk_size > 0
     out = model.apply({"params": params}, batch["input_tokens"], positions=batch["positions"],
                       segment_ids=batch["segment_ids"], deterministic=deterministic, rngs={"dropout": rng},
@@ -321,15 +329,30 @@ def sentence_embeddings(model, params, tokens: jnp.ndarray, masks: jnp.ndarray, 
     return pool(out.hidden_states, flat_masks, pooler).reshape(batch, sentences, -1)
 
 
+def scale_gradient(x: jnp.ndarray, factor: float) -> jnp.ndarray:
+    """`x` in value, `factor` · its gradient."""
+    return factor * x + jax.lax.stop_gradient(x - factor * x)
+
+
 def afp_loss(model, params, batch: dict, rng, deterministic: bool, config) -> tuple[jnp.ndarray, dict]:
     """AFP: `cl_weight` · InfoNCE over the pairs `cl_tokens[:, 0]` → `cl_tokens[:, 1]` (a third
-    column: hard negatives) + `clm_weight` · causal LM on the packed rows. `accuracy` is the CLM's."""
+    column: hard negatives) + `clm_weight` · causal LM on the packed rows. `accuracy` is the CLM's.
+
+    `reference_ranks=W` > 1 gives the gradient of AFP's code on W data-parallel ranks, each holding
+    batch/W rows: each rank's contrastive loss is the global one but its gradient reaches only its
+    own rows (the all-gather puts back only the local embeddings), and DDP averages the ranks'
+    gradients, so the contrastive gradient is 1/W of the global loss's; each rank's CLM loss is
+    the token mean over its own rows (clm_groups=W builds them rank by rank), averaged over ranks.
+    """
     cl_rng, clm_rng = jax.random.split(rng)
     z = sentence_embeddings(model, params, batch["cl_tokens"], batch["cl_masks"], config.pooler, cl_rng,
                             deterministic)
     hard = z[:, 2] if z.shape[1] > 2 else None
     cl, cl_accuracy = contrastive_loss(z[:, 0], z[:, 1], config.temperature, hard, config.hard_negative_weight)
-    clm, clm_metrics = clm_loss(model, params, batch, clm_rng, deterministic, config, objective="afp")
+    ranks = config.reference_ranks
+    if ranks != 1:
+        cl = scale_gradient(cl, 1.0 / ranks)
+    clm, clm_metrics = clm_loss(model, params, batch, clm_rng, deterministic, config, objective="afp", groups=ranks)
     loss = config.cl_weight * cl + config.clm_weight * clm
     return loss, {"loss": loss, "accuracy": clm_metrics["accuracy"], "cl_loss": cl, "cl_accuracy": cl_accuracy,
                   "clm_loss": clm, "clm_accuracy": clm_metrics["accuracy"], "loss_tokens": clm_metrics["loss_tokens"]}

@@ -11,6 +11,12 @@ same arithmetic as `optax.chain(optax.clip_by_global_norm, optax.adamw)` (tested
 then updates the moments in their donated buffers instead of materialising a clipped copy of
 every gradient first, one parameter-sized tree less at the peak (3.1 GiB per device for the
 seed's 7B command; docs/PERFORMANCE.md). `fused=False` runs the optax chain itself.
+
+`variant` picks where ε goes. `adamw_torch` (the default; `torch.optim.AdamW`, optax):
+`lr·m̂/(√v̂ + ε)` with decay `lr·wd·p`. `adamw_hf` (Hugging Face's own `AdamW`, the Trainer's
+default `--optim` up to transformers 4.x, which AFP ran): ε is added to √v before the bias
+correction, `lr·√(1−β₂ᵗ)/(1−β₁ᵗ) · m/(√v + ε)`, and the decay `lr·wd·p` is taken from the weights
+after that step. Early in training, while √v is near ε, the two differ visibly.
 """
 
 from __future__ import annotations
@@ -48,7 +54,10 @@ def default_config() -> ConfigDict:
             weight_decay_exclude="",
             bf16_momentum=False,
             fused=True,
+            variant="adamw_torch",  # or "adamw_hf" (ε before the bias correction; module docstring)
         )),
+        # Zero the gradient of the input embedding's EOS row, as AFP's `padding_idx` (= EOS) does.
+        freeze_eos_embedding=False,
     ))
 
 
@@ -84,8 +93,15 @@ def build(config: ConfigDict) -> tuple[optax.GradientTransformation, Callable[[A
     schedule = lr_schedule(config)
     mu_dtype = jnp.bfloat16 if c.bf16_momentum else None
     mask = decay_mask(c.weight_decay_exclude)
+    if c.variant not in VARIANTS:
+        raise ConfigError(f"--optimizer.adamw_optimizer.variant={c.variant!r}: use one of {VARIANTS}")
     if c.fused:
-        tx = clipped_adamw(schedule, c.b1, c.b2, c.eps, c.weight_decay, c.clip_gradient, mu_dtype, mask)
+        tx = clipped_adamw(schedule, c.b1, c.b2, c.eps, c.weight_decay, c.clip_gradient, mu_dtype, c.variant, mask)
+    elif c.variant == "adamw_hf":  # optax has no such AdamW: its clip, then ours unclipped
+        tx = optax.chain(
+            optax.clip_by_global_norm(c.clip_gradient) if c.clip_gradient > 0 else optax.identity(),
+            clipped_adamw(schedule, c.b1, c.b2, c.eps, c.weight_decay, 0.0, mu_dtype, c.variant, mask),
+        )
     else:
         tx = optax.chain(
             optax.clip_by_global_norm(c.clip_gradient) if c.clip_gradient > 0 else optax.identity(),
@@ -104,6 +120,17 @@ def build(config: ConfigDict) -> tuple[optax.GradientTransformation, Callable[[A
     return tx, current_lr
 
 
+VARIANTS = ("adamw_torch", "adamw_hf")
+
+
+def zero_embedding_row(grads: Any, row: int) -> Any:
+    """`grads` with the input embedding's row `row` zeroed (torch's `padding_idx`): that row keeps
+    its value under AdamW (zero moments, zero step); weight decay, if any, still applies, as there."""
+    def leaf(path, g):
+        return g.at[row].set(0) if path_str(path) == "embed_tokens/embedding" else g
+    return jax.tree_util.tree_map_with_path(leaf, grads)
+
+
 class ClippedAdamWState(NamedTuple):
     count: jnp.ndarray  # weight updates so far (the schedule's step)
     mu: Any
@@ -112,12 +139,14 @@ class ClippedAdamWState(NamedTuple):
 
 def clipped_adamw(schedule: optax.Schedule, b1: float, b2: float, eps: float, weight_decay: float,
                   clip_gradient: float, mu_dtype: Any = None,
+                  variant: str = "adamw_torch",
                   mask: Callable[[Any], Any] = decay_mask("")) -> optax.GradientTransformation:
     """Global-norm clipping then AdamW (decoupled decay where `mask(params)` is True) in one pass per leaf.
 
     Matches optax's definitions: clip scales by max/norm only when norm >= max; the moments are
     bias-corrected; the step uses the fp32 first moment before it is stored in `mu_dtype`; the
-    learning rate is `schedule(count)` before the count is incremented.
+    learning rate is `schedule(count)` before the count is incremented. `variant="adamw_hf"` places
+    ε and the decay as Hugging Face's AdamW (module docstring).
     """
     def init(params: Any) -> ClippedAdamWState:
         mu = jax.tree_util.tree_map(lambda p: jnp.zeros_like(p, dtype=mu_dtype or p.dtype), params)
@@ -136,6 +165,11 @@ def clipped_adamw(schedule: optax.Schedule, b1: float, b2: float, eps: float, we
             g = g * scale.astype(g.dtype)
             mu = (1 - b1) * g + b1 * mu  # as optax: b1·mu rounds in mu's dtype, the sum is fp32
             nu = (1 - b2) * jnp.square(g) + b2 * nu
+            if variant == "adamw_hf":
+                update = -(lr * jnp.sqrt(nu_correction) / mu_correction) * (mu / (jnp.sqrt(nu) + eps))
+                if decay and weight_decay:  # from the stepped weights, p + update
+                    update = update - lr * weight_decay * (p + update)
+                return update, mu.astype(mu_dtype or mu.dtype), nu
             step = (mu / mu_correction) / (jnp.sqrt(nu / nu_correction) + eps)
             if decay and weight_decay:
                 step = step + weight_decay * p

@@ -85,6 +85,7 @@ class Trainer:
             raise ConfigError(f"--llama.attention / --update_llama_config: {e}") from None
         self.loss_kernel = objectives.resolve_loss_kernel(cfg.objectives.loss_kernel)
         objectives.resolve_loss_average(cfg.objectives.loss_average, cfg.objective)  # a bad value fails here
+        _check_reference_ranks(cfg)
         if cfg.dry_run:  # shapes come from the config; no data is opened
             self.train_data = self.eval_data = None
         else:
@@ -147,6 +148,8 @@ class Trainer:
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
         (_, metrics), grads = jax.value_and_grad(
             lambda p: loss_fn(self.model, p, batch, step_rng, False, self.cfg.objectives), has_aux=True)(params)
+        if self.cfg.optimizer.freeze_eos_embedding:
+            grads = optimizer.zero_embedding_row(grads, self.tokenizer.eos_id)
         updates, opt_state = self.tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         grad_norm, skips = optax.tree.norm(grads), state["nonfinite_skips"]
@@ -301,6 +304,18 @@ class Trainer:
         rows = [eval_step(params, sharding.host_batch_to_global(next(self.eval_data), self.mesh))
                 for _ in range(self.cfg.eval_steps)]
         return {f"eval_{k}": float(np.mean([r[k] for r in rows])) for k in ("loss", "accuracy")}
+
+
+def _check_reference_ranks(cfg: ConfigDict) -> None:
+    """AFP's W-rank emulation needs the CLM rows grouped by the same W (objectives.afp_loss)."""
+    if cfg.objective != "afp" or cfg.train_dataset.type not in pipeline.SOURCES:  # the pipeline names a bad type
+        return
+    group_key = pipeline.SOURCES[cfg.train_dataset.type].config_key
+    groups = cfg.train_dataset[group_key].get("clm_groups", 1)
+    if groups != cfg.objectives.reference_ranks:
+        raise ConfigError(f"--objectives.reference_ranks={cfg.objectives.reference_ranks} and "
+                          f"--train_dataset.{group_key}.clm_groups={groups} must be equal: a W-rank AFP run "
+                          "groups each rank's CLM texts alone")
 
 
 def _warn_new_skips(step: int, skips: int, seen: int) -> int:

@@ -130,6 +130,71 @@ def test_negatives_are_global_on_a_sharded_mesh(tiny):
                                                   rel=1e-6)
 
 
+def test_reference_ranks_give_a_data_parallel_reference_runs_gradient(tmp_path, tok, tiny):
+    """`reference_ranks=2` against DDP written out in the test: rank r's loss is the global InfoNCE
+    with gradient through its own rows only (the all-gather with local rows put back) plus 1.5 x the
+    token mean of its own CLM rows; the ranks' gradients are averaged."""
+    llama, params = tiny
+    rows = [dict(sent0=f"sentence {i}", sent1=f"satz {i}", clm_text=f"Q{i}? A: answer " + "more " * i,
+                 clm_prompt_len=len(f"Q{i}? A: ")) for i in range(8)]
+    data = pipeline.DatasetIterator(afp_config(write_jsonl(tmp_path / "a.jsonl", rows), batch_size=8,
+                                               seq_length=16, clm_groups=2), tok)
+    batch = jax.tree_util.tree_map(jnp.asarray, next(data))
+    cfg = objectives_config(reference_ranks=2)
+    ours = jax.grad(lambda p: objectives.afp_loss(llama, p, batch, jax.random.PRNGKey(0), True, cfg)[0])(params)
+
+    def rank_loss(p, rank):
+        local = (jnp.arange(8) // 4 == rank)[:, None, None]
+        z = objectives.sentence_embeddings(llama, p, batch["cl_tokens"], batch["cl_masks"], "last-1",
+                                           jax.random.PRNGKey(0), True)
+        z = jnp.where(local, z, jax.lax.stop_gradient(z))
+        cl, _ = objectives.contrastive_loss(z[:, 0], z[:, 1], 0.05)
+        hidden = llama.apply({"params": p}, batch["input_tokens"], positions=batch["positions"],
+                             segment_ids=batch["segment_ids"], deterministic=True).logits
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(hidden.astype(jnp.float32)),
+                                   batch["target_tokens"][..., None], -1)[..., 0]
+        mask = batch["loss_masks"] * local[:, :, 0]
+        return cl + 1.5 * (nll * mask).sum() / mask.sum()
+    ddp = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, *[jax.grad(rank_loss)(params, r) for r in range(2)])
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-6), ours, ddp)
+
+    # With the CLM off the contrastive gradient is exactly half the global loss's; the loss is the same.
+    cl_only = objectives_config(clm_weight=0.0)
+    global_grad = jax.grad(lambda p: objectives.afp_loss(llama, p, batch, jax.random.PRNGKey(0), True, cl_only)[0])
+    half = jax.grad(lambda p: objectives.afp_loss(llama, p, batch, jax.random.PRNGKey(0), True,
+                                                  objectives_config(clm_weight=0.0, reference_ranks=2))[0])
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, 0.5 * b, rtol=1e-6, atol=1e-9),
+                           half(params), global_grad(params))
+
+
+def test_eos_embedding_row_stays_frozen(tmp_path, tok):
+    """--optimizer.freeze_eos_embedding (AFP's padding_idx = EOS): after train steps in which EOS is an
+    input (it ends each packed text), its embedding row is bit-identical to the initial one, while
+    the row of BOS, another input, moves."""
+    from easylm_align import checkpoint, train
+    rows = [dict(sent0=f"s {i}", sent1=f"t {i}", clm_text=f"Q{i}? A: yes", clm_prompt_len=len(f"Q{i}? A: "))
+            for i in range(8)]
+    cfg = train.default_config()
+    cfg.update_from_flattened_dict({
+        "update_llama_config": TINY, "objective": "afp", "train_dataset.type": "afp", "mesh_dim": "1,1,-1",
+        "logger.output_dir": str(tmp_path / "out"), "train_dataset.afp_dataset.path": str(
+            write_jsonl(tmp_path / "a.jsonl", rows)),
+        "train_dataset.afp_dataset.clm_layout": "rows", "train_dataset.afp_dataset.batch_size": 4,
+        "train_dataset.afp_dataset.seq_length": 32, "train_dataset.afp_dataset.pair_length": 8,
+        "optimizer.freeze_eos_embedding": True, "optimizer.adamw_optimizer.weight_decay": 0.0})
+    t = train.Trainer(cfg)
+    params, state = t._build_state(checkpoint.TrainCheckpointer(tmp_path / "ckpt", 0, 0))
+    initial = np.asarray(params["embed_tokens"]["embedding"])[[tok.eos_id, tok.bos_id]]
+    step = jax.jit(t._train_step)
+    for _ in range(3):
+        batch = next(t.train_data)
+        assert (batch["input_tokens"][batch["segment_ids"] > 0] == tok.eos_id).any()
+        params, state, _ = step(params, state, batch)
+    eos, bos = np.asarray(params["embed_tokens"]["embedding"])[[tok.eos_id, tok.bos_id]]
+    assert eos.tobytes() == initial[0].tobytes()
+    assert (bos != initial[1]).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # Poolers
 
@@ -183,7 +248,7 @@ def test_clm_loss_mask_covers_exactly_the_output(vocab, request, test_data, tok)
         shared = request.getfixturevalue("shared_data")
         tokenizer = Tokenizer(str(shared / "tokenizers" / "llama2" / "tokenizer.model"))
     cfg = pipeline.default_config("afp").text_processor
-    processor = pairs.AfpProcessor(cfg, tokenizer, pair_length=16)
+    processor = pairs.AfpProcessor(cfg, tokenizer, pair_length=16, clm_layout="rows")
     prompt, output = "Write a letter. Answer in English: ", "Dear Sir, thanks."
     example = {"sent0": "a b", "sent1": "c d", "clm_text": prompt + output, "clm_prompt_len": len(prompt)}
     result = processor(example, 0)
@@ -204,7 +269,7 @@ def test_batches_pack_this_steps_clm_texts(tmp_path, tok):
     rows = [{"sent0": f"sentence {i}", "sent1": f"satz {i}", "clm_text": f"Q{i}? A: answer number {i}",
              "clm_prompt_len": len(f"Q{i}? A: ")} for i in range(10)]
     path = write_jsonl(tmp_path / "afp.jsonl", rows)
-    data = pipeline.DatasetIterator(afp_config(path), tok)
+    data = pipeline.DatasetIterator(afp_config(path, clm_layout="rows"), tok)
     assert isinstance(data.batcher, pairs.PairBatcher)
     batch = next(data)
     assert {k: v.shape for k, v in batch.items()} == {
@@ -225,7 +290,7 @@ def test_batches_pack_this_steps_clm_texts(tmp_path, tok):
     # Resuming from the saved position gives the same next batches, across the epoch boundary.
     state = json.loads(json.dumps(data.state_dict()))
     expected_next = [next(data) for _ in range(3)]
-    resumed = pipeline.DatasetIterator(afp_config(path), tok)
+    resumed = pipeline.DatasetIterator(afp_config(path, clm_layout="rows"), tok)
     resumed.load_state_dict(state)
     for want in expected_next:
         got = next(resumed)
@@ -233,9 +298,156 @@ def test_batches_pack_this_steps_clm_texts(tmp_path, tok):
     assert resumed.epoch == 1
 
 
+def reference_clm_blocks(tok, rows, block):
+    """AFP's `prepare_features` + `clm_tokens_block`, written from train.py's rule: BOS + tokens
+    cut to `block`, prompt = common prefix with the prompt's tokens, texts concatenated and cut
+    into blocks (remainder dropped once a block is full), BOS/EOS ids always labels, a fake last
+    label in a block without any. Returns (inputs, labels with -100) per block."""
+    ids, labels = [], []
+    for r in rows:
+        text = ([tok.bos_id] + tok.encode(r["clm_text"]))[:block]
+        prompt = ([tok.bos_id] + tok.encode(r["clm_text"][:r["clm_prompt_len"]]))[:block]
+        same = 0
+        if r["clm_prompt_len"]:
+            same = min(len(text), len(prompt))
+            for j in range(same):
+                if text[j] != prompt[j]:
+                    same = j
+                    break
+        ids += text
+        labels += [0] * same + [1] * (len(text) - same)
+    total = len(ids) if len(ids) < block else len(ids) // block * block
+    out = []
+    for i in range(0, total, block):
+        x = ids[i:i + block]
+        y = [t if (l or t in (tok.bos_id, tok.eos_id)) else -100 for t, l in zip(x, labels[i:i + block])]
+        if all(v == -100 for v in y[1:]):
+            y[-1] = x[-1]
+        out.append((x, y))
+    return out
+
+
+def check_blocks(batch, blocks, first_row, rows):
+    """Our rows first_row.. hold the blocks; Hugging Face's shift: position t predicts labels[t+1]."""
+    for b in range(rows):
+        row = first_row + b
+        if b >= len(blocks):
+            assert batch["loss_masks"][row].sum() == 0 and (batch["segment_ids"][row] == 0).all()
+            continue
+        x, y = blocks[b]
+        n = len(x)
+        assert batch["input_tokens"][row, :n].tolist() == x
+        assert (batch["segment_ids"][row, :n] == 1).all() and (batch["segment_ids"][row, n:] == 0).all()
+        assert batch["positions"][row, :n].tolist() == list(range(n))
+        want = [t != -100 for t in y[1:]] + [False] * (batch["loss_masks"].shape[1] - n + 1)
+        assert (batch["loss_masks"][row] > 0).tolist() == want
+        assert batch["target_tokens"][row, :n - 1][np.array(want[:n - 1])].tolist() == [t for t in y[1:] if t != -100]
+
+
+def test_clm_blocks_are_afps(tmp_path, tok):
+    """The default CLM layout against AFP's block grouping written in the test: later texts' BOS
+    are targets, a block whose tokens are all prompt gets a fake target, the remainder is dropped."""
+    words = " ".join(f"w{i}" for i in range(40))
+    rows = [dict(sent0="a", sent1="b", clm_text=words, clm_prompt_len=len(words)),  # all prompt, cut to 16
+            dict(sent0="c", sent1="d", clm_text="Q: one? A: two", clm_prompt_len=len("Q: one? A: ")),
+            dict(sent0="e", sent1="f", clm_text="Q: three four? A: five six seven", clm_prompt_len=0),
+            dict(sent0="g", sent1="h", clm_text="Q: eight nine? A: ten eleven", clm_prompt_len=len("Q: eight nine? A: "))]
+    rows += [dict(r, clm_text=r["clm_text"].upper()) for r in rows]
+    data = pipeline.DatasetIterator(afp_config(write_jsonl(tmp_path / "a.jsonl", rows), seq_length=16), tok)
+    batch = first = next(data)
+    blocks = reference_clm_blocks(tok, rows[:4], 16)
+    assert len(blocks) >= 2 and all(v == -100 for v in blocks[0][1][1:-1])  # the first block's target is fake
+    assert any(x[t] == tok.bos_id and y[t] != -100 for x, y in blocks for t in range(1, len(x)))  # a BOS target
+    assert data.stats["clm_tokens_dropped"] > 0
+    check_blocks(batch, blocks, 0, 4)
+
+    # Two groups (a 2-rank AFP run): each half of the step is grouped alone, into its half of the rows.
+    groups = pipeline.DatasetIterator(afp_config(write_jsonl(tmp_path / "b.jsonl", rows), seq_length=16,
+                                                 clm_groups=2, batch_size=8), tok)
+    batch = next(groups)
+    for g, part in enumerate((rows[:4], rows[4:])):
+        check_blocks(batch, reference_clm_blocks(tok, part, 16), 4 * g, 4)
+
+    # separate_segments: the same blocks, each text its own segment with positions from 0, and no
+    # target crosses into the next text (so no BOS is a target).
+    cfg = afp_config(write_jsonl(tmp_path / "c.jsonl", rows), seq_length=16)
+    cfg.separate_segments = True
+    apart = next(pipeline.DatasetIterator(cfg, tok))
+    assert (apart["input_tokens"] == first["input_tokens"]).all()
+    bos = apart["input_tokens"] == tok.bos_id
+    starts = bos & (np.arange(16) > 0)
+    assert ((np.diff(apart["segment_ids"], axis=1) == 1) == starts[:, 1:]).all()
+    assert (apart["positions"][bos] == 0).all()
+    assert not (apart["target_tokens"][apart["loss_masks"] > 0] == tok.bos_id).any()
+
+
+def test_flagfile_trains_as_afps_step_written_in_torch(tmp_path, tok):
+    """configs/afp_en_zh.flags (fp32, 4 steps, lr 1e-3 so that the optimizer's details show) against
+    AFP's step written out with transformers' LlamaForCausalLM on the same random model and data:
+    pooler last-1 with right padding (pad = EOS, so EOS is padding_idx), InfoNCE at 0.05, AFP's CLM
+    blocks, cl + 1.5 clm, clip 1.0, Hugging Face's adamw_hf, the cosine schedule with warmup."""
+    import math
+    import torch
+    import transformers
+    from easylm_align import config, train
+    from easylm_align.convert_from_hf import import_hf
+    steps, lr = 4, 1e-3
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=tok.eos_id))
+    with torch.no_grad():
+        for name, w in hf.named_parameters():
+            w.normal_(1.0, 0.1) if name.endswith("norm.weight") else None
+    hf.save_pretrained(tmp_path / "hf")
+    ckpt, preset, updates = import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"))
+    cfg = config.parse_config(train.default_config(), [
+        "train", f"--flagfile={REPO_ROOT / 'configs' / 'afp_en_zh.flags'}", f"--load_checkpoint=params::{ckpt}",
+        f"--load_llama_config={preset}", f"--update_llama_config={json.dumps(updates)}",
+        f"--tokenizer.vocab_file={DEMO_TOKENIZER}", f"--train_dataset.afp_dataset.path={pairs.AFP_SAMPLE}",
+        "--train_dataset.shuffle_buffer=0", f"--total_steps={steps}", f"--optimizer.adamw_optimizer.lr={lr}",
+        "--optimizer.adamw_optimizer.lr_warmup_steps=1", f"--optimizer.adamw_optimizer.lr_decay_steps={steps}",
+        "--dtype=fp32", "--log_freq=1", "--save_model_freq=0", "--save_milestone_freq=0", "--mesh_dim=1,1,-1",
+        f"--logger.output_dir={tmp_path / 'ours'}", "--logger.tensorboard=False"])
+    train.Trainer(cfg).run()
+    ours = [m["loss"] for m in map(json.loads, (tmp_path / "ours" / "metrics.jsonl").read_text().splitlines())
+            if "loss" in m]
+
+    rows = [json.loads(line) for line in pairs.AFP_SAMPLE.read_text(encoding="utf-8").splitlines()]
+    params = list(hf.parameters())
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    theirs = []
+    for step in range(steps):
+        batch = rows[2 * step:2 * step + 2]
+        sents = [[tok.bos_id] + tok.encode(r[k]) for k in ("sent0", "sent1") for r in batch]
+        n = max(map(len, sents))
+        x = torch.tensor([s + [tok.eos_id] * (n - len(s)) for s in sents])
+        mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in sents])
+        h = hf.model(input_ids=x, attention_mask=mask, output_hidden_states=True).hidden_states[1]
+        z = h[torch.arange(4), mask.sum(-1) - 1]
+        sim = torch.nn.functional.cosine_similarity(z[:2, None], z[None, 2:], dim=-1) / 0.05
+        cl = torch.nn.functional.cross_entropy(sim, torch.arange(2))
+        blocks = reference_clm_blocks(tok, batch, 512)
+        logits = hf(input_ids=torch.tensor([b[0] for b in blocks])).logits[:, :-1]
+        labels = torch.tensor([b[1] for b in blocks])[:, 1:]
+        clm = torch.nn.functional.cross_entropy(logits.reshape(-1, 4096), labels.reshape(-1), ignore_index=-100)
+        loss = cl + 1.5 * clm
+        hf.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        t, rate = step + 1, lr * (step if step < 1 else 0.5 * (1 + math.cos(math.pi * (step - 1) / (steps - 1))))
+        with torch.no_grad():
+            for p, (m, v) in zip(params, moments):  # transformers' AdamW (adamw_hf), no weight decay
+                m.mul_(0.9).add_(p.grad, alpha=0.1)
+                v.mul_(0.999).addcmul_(p.grad, p.grad, value=0.001)
+                p.addcdiv_(m, v.sqrt().add_(1e-8), value=-rate * math.sqrt(1 - 0.999 ** t) / (1 - 0.9 ** t))
+        theirs.append(loss.item())
+    assert ours == pytest.approx(theirs, rel=1e-5)
+
+
 def test_long_clm_text_is_cut_to_the_step(tmp_path, tok):
     long = {"sent0": "x", "sent1": "y", "clm_text": "word " * 300, "clm_prompt_len": 0}
-    data = pipeline.DatasetIterator(afp_config(write_jsonl(tmp_path / "a.jsonl", [long] * 4)), tok)
+    data = pipeline.DatasetIterator(afp_config(write_jsonl(tmp_path / "a.jsonl", [long] * 4), clm_layout="rows"), tok)
     batch, dropped = next(data), data.stats["clm_tokens_dropped"]
     assert (batch["segment_ids"] > 0).all() and dropped == 4 * (len(tok.encode(long["clm_text"])) + 2) - 4 * 64 - 1
     assert data.state_dict()["packer"]["tokens"] == []  # nothing carried into the next step
@@ -248,11 +460,11 @@ def test_tsv_pairs_and_hard_negatives(tmp_path, tok, tiny):
     assert batch["cl_tokens"].shape == (4, 3, 16)
     n = batch["cl_masks"][2, 2].sum()
     assert batch["cl_tokens"][2, 2, :n].tolist() == [tok.bos_id] + tok.encode("bye 2")
-    expected = []  # AFP's fallback CLM text "{sent0} = {sent1}", trained on sent1
+    expected = []  # AFP's fallback CLM text "{sent0} = {sent1}", trained on sent1 and the next text's BOS
     for i in range(4):
         ids, n = pairs.split_tokens(tok, f"hello {i} = nihao {i}", len(f"hello {i} = "))
         assert tok.decode(ids[n:]) == f"nihao {i}"
-        expected += ids[n:] + [tok.eos_id]
+        expected += ids[n:] + [tok.bos_id] * (i < 3)
     assert batch["target_tokens"][batch["loss_masks"] > 0].tolist() == expected
 
     llama, params = tiny  # the third column enters the loss as hard negatives
@@ -285,6 +497,22 @@ def test_bad_input_names_file_and_line(tmp_path, tok):
     cfg = pipeline.default_config("codemix_pairs")
     with pytest.raises(pipeline.DataError, match="codemix_dict_path"):
         pipeline.DatasetIterator(cfg, tok)
+    path = write_jsonl(tmp_path / "good.jsonl", [good] * 4)
+    for group, message in ((dict(clm_layout="packed"), r"afp_dataset\.clm_layout='packed': use one of"),
+                           (dict(clm_groups=3), r"afp_dataset\.clm_groups=3 must be positive and divide batch_size=4"),
+                           (dict(clm_groups=2, clm_layout="rows"), r"clm_groups=2 needs clm_layout='blocks'")):
+        with pytest.raises(pipeline.DataError, match=message):
+            pipeline.DatasetIterator(afp_config(path, **group), tok)
+
+
+def test_reference_ranks_must_match_clm_groups(tmp_path):
+    from easylm_align import train
+    from easylm_align.errors import ConfigError
+    cfg = train.default_config()
+    cfg.update_from_flattened_dict({"objective": "afp", "train_dataset.type": "afp", "objectives.reference_ranks": 2,
+                                    "logger.output_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"reference_ranks=2 and --train_dataset\.afp_dataset\.clm_groups=1 must be"):
+        train.Trainer(cfg)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,11 +18,24 @@ Every step takes `batch_size` examples and yields, with that leading dimension:
   tokenizer flags say, never EOS (as AFP's Hugging Face tokenizers encode them), truncated and
   right-padded to `pair_length`; the mask is 1 on real tokens;
 * `input_tokens`, `target_tokens`, `loss_masks`, `segment_ids`, `positions` (batch, seq_length):
-  the same examples' CLM texts packed by `packing.Packer` into `batch` rows (AFP's
-  `clm_block_size` is `seq_length`). As in AFP, the CLM rows hold exactly this step's examples:
-  what does not fit is dropped (`data/clm_tokens_dropped`), and a short step is padded with
-  segment 0. As in AFP, packed examples attend to each other by default
-  (`--*.separate_segments=True` keeps them apart); unlike AFP, only output tokens and EOS are targets.
+  the same examples' CLM texts (AFP's `clm_block_size` is `seq_length`), laid out by
+  `--*.clm_layout`:
+
+  - `blocks` (AFP's `clm_tokens_block`, the default of `afp`): each text is BOS + tokens, no EOS,
+    cut to `seq_length` tokens (AFP's `max_seq_length`, which its scripts set to the block size);
+    the step's texts are concatenated and cut into `seq_length`-token blocks, the remainder
+    dropped (`data/clm_tokens_dropped`) unless there is less than one block, which is then one
+    short row. Targets are the output tokens and every BOS or EOS id, so each later text's BOS is
+    predicted from the text before it; a block without any target gets its last token as one
+    (AFP's guard against a NaN loss). The blocks fill the first rows; the other rows are padding.
+    With `clm_groups=W` the step's examples are cut into W equal groups, each grouped into blocks
+    alone and given batch/W rows: the CLM rows of a W-rank data-parallel AFP run (docs/AFP.md).
+  - `rows` (this project's earlier layout): BOS + tokens + EOS as the tokenizer flags say, packed
+    by `packing.Packer` into `batch` rows; what does not fit is dropped, a short step is padded
+    with segment 0; only output tokens and EOS are targets, never BOS.
+
+  Either way the CLM rows hold exactly this step's examples and packed texts attend to each
+  other, as in AFP (`--*.separate_segments=True` keeps them apart).
 
 The position in the stream is the pipeline's (epoch, next record), global as there (every host
 builds the whole batch), so runs resume exactly, on any number of hosts.
@@ -48,6 +61,7 @@ from easylm_align.tokenizer import ASSETS, Tokenizer, split_tokens
 
 AFP_SAMPLE = ASSETS / "afp_sample.jsonl"
 HARD_NEGATIVE = "hard_neg"
+CLM_LAYOUTS = ("blocks", "rows")
 
 
 class PairExample(NamedTuple):
@@ -65,9 +79,13 @@ class PairProcessor(processors.TextProcessor):
     The code-mix settings are the text processor's (`--*.text_processor.codemix_*`).
     """
 
-    def __init__(self, config: ConfigDict, tokenizer: Tokenizer, pair_length: int, num_sentences: int = 2):
+    def __init__(self, config: ConfigDict, tokenizer: Tokenizer, pair_length: int, num_sentences: int = 2,
+                 clm_layout: str = "rows", seq_length: int = 0):
         super().__init__(config, tokenizer)
         self.pair_length, self.num_sentences = pair_length, num_sentences
+        if clm_layout == "blocks" and seq_length < 1:
+            raise DataError(f"clm_layout='blocks' cuts each CLM text to seq_length, got {seq_length}")
+        self.clm_layout, self.seq_length = clm_layout, seq_length
 
     def texts(self, example: dict, index: int) -> tuple[list[str], str, int, MixStats]:
         """(sentences, CLM text, its prompt length in characters, code-mix stats)."""
@@ -79,10 +97,20 @@ class PairProcessor(processors.TextProcessor):
         eos = [self.tokenizer.eos_id] if self.tokenizer.add_eos_token else []
         encoded = [bos + ids for ids in self.tokenizer.encode_batch(sentences)]
         ids, n_prompt = split_tokens(self.tokenizer, clm_text, prompt_chars)
-        tokens = bos + ids + eos
-        mask = [0.0] * (len(bos) + n_prompt) + [1.0] * (len(ids) - n_prompt + len(eos))
+        if self.clm_layout == "blocks":
+            tokens, mask = self._block_text(bos + ids, len(bos) + n_prompt)
+        else:
+            tokens = bos + ids + eos
+            mask = [0.0] * (len(bos) + n_prompt) + [1.0] * (len(ids) - n_prompt + len(eos))
         truncated = sum(len(s) > self.pair_length for s in encoded)
         return PairExample(tokens, mask, stats, [s[:self.pair_length] for s in encoded], truncated)
+
+    def _block_text(self, tokens: list[int], n_prompt: int) -> tuple[list[int], list[float]]:
+        """AFP's CLM text: no EOS, cut to seq_length; the prompt is masked, but any BOS or EOS id is a
+        target ("do not mask bos and eos"), so the text's own BOS is one once it follows another text."""
+        tokens = tokens[:self.seq_length]
+        special = (self.tokenizer.bos_id, self.tokenizer.eos_id)
+        return tokens, [float(i >= n_prompt or t in special) for i, t in enumerate(tokens)]
 
 
 def _sentence(example: dict, name: str) -> str:
@@ -117,8 +145,9 @@ class AfpProcessor(PairProcessor):
 class CodemixPairProcessor(PairProcessor):
     """A sentence and its code-mixed version; the CLM text is the mixed one, all of it a target."""
 
-    def __init__(self, config: ConfigDict, tokenizer: Tokenizer, pair_length: int, text_field: str):
-        super().__init__(config, tokenizer, pair_length)
+    def __init__(self, config: ConfigDict, tokenizer: Tokenizer, pair_length: int, text_field: str,
+                 clm_layout: str = "rows", seq_length: int = 0):
+        super().__init__(config, tokenizer, pair_length, clm_layout=clm_layout, seq_length=seq_length)
         if self.mixer is None:
             raise DataError("codemix_pairs needs a dictionary: set --train_dataset.text_processor.codemix_dict_path "
                             "(and codemix_ratio)")
@@ -146,6 +175,13 @@ class PairSource(JsonSource):
             raise DataError(f"{flag}.pair_length={config.pair_length} must be positive")
         if len({self.is_json(f) for f in self.files}) > 1:
             raise DataError(f"{flag}.path={config.path!r} mixes JSON and other files; use one format")
+        if config.clm_layout not in CLM_LAYOUTS:
+            raise DataError(f"{flag}.clm_layout={config.clm_layout!r}: use one of {CLM_LAYOUTS}")
+        if config.clm_groups < 1 or config.batch_size % config.clm_groups:
+            raise DataError(f"{flag}.clm_groups={config.clm_groups} must be positive and divide "
+                            f"batch_size={config.batch_size}")
+        if config.clm_groups > 1 and config.clm_layout != "blocks":
+            raise DataError(f"{flag}.clm_groups={config.clm_groups} needs clm_layout='blocks'")
 
     def is_json(self, path: str) -> bool:
         raise NotImplementedError
@@ -190,6 +226,7 @@ class PairBatcher:
                  stats: Counter):
         self.packer = Packer(group.seq_length, group.batch_size, separate_segments)
         self.pad_id, self.num_sentences, self.pair_length = pad_id, num_sentences, group.pair_length
+        self.clm_layout, self.clm_groups = group.clm_layout, group.clm_groups
         self.stats = stats
         self._pending: list[PairExample] = []
 
@@ -227,7 +264,56 @@ class PairBatcher:
             for col, ids in enumerate(example.sentences):
                 cl_tokens[row, col, :len(ids)] = ids
                 cl_masks[row, col, :len(ids)] = 1
+        if self.clm_layout == "blocks":
+            clm = self._blocks(examples)
+        else:
+            clm = self._rows(examples)
+        return dict(clm, cl_tokens=cl_tokens, cl_masks=cl_masks)
 
+    def _blocks(self, examples: list[PairExample]) -> dict[str, np.ndarray]:
+        """AFP's block grouping (module docstring), per group of examples, into that group's rows."""
+        length, rows = self.packer.seq_length, len(examples) // self.clm_groups
+        shape = (len(examples), length)
+        batch = {key: np.zeros(shape, np.int32) for key in ("input_tokens", "target_tokens", "segment_ids",
+                                                            "positions")}
+        batch["input_tokens"][:], batch["target_tokens"][:] = self.pad_id, self.pad_id
+        batch["loss_masks"] = np.zeros(shape, np.float32)
+        for group in range(self.clm_groups):
+            chosen = examples[group * rows:(group + 1) * rows]
+            tokens = np.concatenate([np.asarray(e.tokens, np.int64) for e in chosen])
+            labels = np.concatenate([np.asarray(e.loss_mask, np.float32) for e in chosen])
+            starts = np.zeros(len(tokens) + 1, bool)  # one spare slot: a text may be empty
+            starts[np.cumsum([0] + [len(e.tokens) for e in chosen[:-1]])] = True
+            starts = starts[:-1]
+            total = len(tokens) if len(tokens) < length else len(tokens) // length * length
+            self.stats["clm_tokens_dropped"] += len(tokens) - total
+            for block, begin in enumerate(range(0, total, length)):
+                end = min(begin + length, total)
+                self._fill(batch, group * rows + block, tokens[begin:end], labels[begin:end], starts[begin:end])
+        return batch
+
+    def _fill(self, batch: dict, row: int, tokens: np.ndarray, labels: np.ndarray, starts: np.ndarray) -> None:
+        """One block: inputs, the next token as target where its label is set (the block's first
+        label predicts nothing, as Hugging Face's shift drops it), a fake last target if none."""
+        n = len(tokens)
+        targets = labels[1:].copy()
+        if n > 1 and not targets.any():
+            targets[-1] = 1.0
+        batch["input_tokens"][row, :n] = tokens
+        batch["target_tokens"][row, :n - 1] = tokens[1:]
+        batch["loss_masks"][row, :n - 1] = targets
+        if self.packer.separate_segments:  # each text its own segment, positions from its start
+            segments = np.cumsum(starts) + (not starts[0])
+            first = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+            batch["segment_ids"][row, :n] = segments
+            batch["positions"][row, :n] = np.arange(n) - first
+            batch["loss_masks"][row, :n - 1] *= segments[1:] == segments[:-1]
+        else:
+            batch["segment_ids"][row, :n] = 1
+            batch["positions"][row, :n] = np.arange(n)
+
+    def _rows(self, examples: list[PairExample]) -> dict[str, np.ndarray]:
+        """This project's earlier layout: the texts packed into `batch_size` rows by a fresh Packer."""
         real = 0
         for example in examples:
             self.packer.add(example.tokens, example.loss_mask)
@@ -244,7 +330,7 @@ class PairBatcher:
         # A fresh packer: the rest of this step's CLM text is dropped, not carried over (AFP's rule),
         # so the CLM rows stay in step with the pairs and the packer is empty between batches.
         self.packer = Packer(self.packer.seq_length, self.packer.batch_size, self.packer.separate_segments)
-        return dict(batch, cl_tokens=cl_tokens, cl_masks=cl_masks)
+        return batch
 
 
 class AfpSource(PairSource):
@@ -253,8 +339,10 @@ class AfpSource(PairSource):
 
     @staticmethod
     def default_config() -> ConfigDict:
+        # clm_layout: "blocks" (AFP's CLM block grouping) or "rows" (packed rows, BOS never a target);
+        # clm_groups: W groups each grouped alone, as each rank of a W-rank AFP run does.
         return ConfigDict(dict(path=str(AFP_SAMPLE), seq_length=512, batch_size=8, pair_length=128,
-                               on_bad_line="error"))
+                               on_bad_line="error", clm_layout="blocks", clm_groups=1))
 
     def __init__(self, config: ConfigDict, flag: str):
         super().__init__(config, flag)
@@ -279,7 +367,8 @@ class AfpSource(PairSource):
         return dict(example, clm_text=prompt + fields[1], clm_prompt_len=len(prompt))
 
     def processor(self, text_config: ConfigDict, tokenizer: Tokenizer) -> PairProcessor:
-        return AfpProcessor(text_config, tokenizer, self.config.pair_length, self.num_sentences)
+        return AfpProcessor(text_config, tokenizer, self.config.pair_length, self.num_sentences,
+                            self.config.clm_layout, self.config.seq_length)
 
 
 class CodemixPairsSource(PairSource):
@@ -290,7 +379,7 @@ class CodemixPairsSource(PairSource):
     @staticmethod
     def default_config() -> ConfigDict:
         return ConfigDict(dict(path=str(DEMO_CORPUS), text_field="text", seq_length=512, batch_size=8,
-                               pair_length=128, on_bad_line="error"))
+                               pair_length=128, on_bad_line="error", clm_layout="rows", clm_groups=1))
 
     def is_json(self, path: str) -> bool:
         return Path(path).suffix in (".json", ".jsonl")
@@ -299,4 +388,5 @@ class CodemixPairsSource(PairSource):
         return {self.config.text_field: "\t".join(fields)}
 
     def processor(self, text_config: ConfigDict, tokenizer: Tokenizer) -> PairProcessor:
-        return CodemixPairProcessor(text_config, tokenizer, self.config.pair_length, self.config.text_field)
+        return CodemixPairProcessor(text_config, tokenizer, self.config.pair_length, self.config.text_field,
+                                    self.config.clm_layout, self.config.seq_length)

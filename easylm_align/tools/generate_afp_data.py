@@ -26,10 +26,16 @@ Modes (the first of `--languages` is the pivot language):
 * `translation` (exactly 2 languages): pairs from `--translation-file`; with probability
   `--change-probability` the direction is swapped (both in the pair and in the prompt).
 
-`--repeat r` yields `int(r * N)` samples from N records: every record `int(r)` times, plus a
-random distinct subset for the fractional part. (The original draws `int(r*N)+1` samples from
-`ceil`-ish copies, so its per-record counts vary; the counts here are exact.) A single
-`random.Random(seed)` drives everything, so the same seed gives a byte-identical file.
+`--repeat r` is the original's: `int(r) + 1` copies of the N record indices are shuffled together
+and the first `int(r * N) + 1` are used, so with `--repeat 3` records are used 0 to 4 times and
+the file has 3N + 1 lines. `--exact-repeat` (not the original's) uses every record `int(r)` times
+plus a random distinct subset for the fractional part: `int(r * N)` lines.
+
+One `random.Random(seed)` makes the original's draws in the original's order (`random.seed(seed)`
+and the module's functions there), including the draws whose outcome is fixed (the pairs'
+reverse draw with probability 0, a target language picked from one), and the samples are shuffled
+before they are written: with the same arguments and seed the file is the original's, byte for
+byte, on the same Python.
 """
 
 from __future__ import annotations
@@ -170,9 +176,14 @@ def read_translation_file(path: Path | str, src: str, tgt: str) -> list[tuple[st
     return pairs
 
 
-def _sample_indices(num_records: int, repeat: float, rng: random.Random) -> list[int]:
-    """`int(repeat * n)` record indices in random order: each record `int(repeat)` times, plus a
-    distinct random subset for the fractional part."""
+def _sample_indices(num_records: int, repeat: float, rng: random.Random, exact: bool) -> list[int]:
+    """The record indices to visit, in order (module docstring). The original's: `int(repeat) + 1`
+    shuffled copies (argparse makes `repeat` a float), of which it uses `int(repeat * n) + 1`
+    before it stops. Exact: each record `int(repeat)` times plus a distinct random subset."""
+    if not exact:
+        indices = [i % num_records for i in range(num_records * (int(repeat) + 1))]
+        rng.shuffle(indices)
+        return indices[:int(repeat * num_records) + 1]
     total = int(repeat * num_records)
     whole = int(repeat)
     indices = [i for _ in range(whole) for i in range(num_records)]
@@ -181,13 +192,21 @@ def _sample_indices(num_records: int, repeat: float, rng: random.Random) -> list
     return indices
 
 
-def _instruction_pairs(data: dict[str, list[dict]], pivot: str, other: str) -> list[tuple[str, str]]:
-    """(pivot, other) instruction translations; empty or untranslated (identical) ones are skipped."""
-    return [
-        (a["instruction"], b["instruction"])
-        for a, b in zip(data[pivot], data[other])
-        if a["instruction"] and b["instruction"] and a["instruction"] != b["instruction"]
-    ]
+def _pick(items: Sequence, rng: random.Random):
+    """The original's `get_random_item`: `randint` over the indices."""
+    return items[rng.randint(0, len(items) - 1)]
+
+
+def _instruction_pairs(data: dict[str, list[dict]], pivot: str, other: str,
+                       rng: random.Random) -> list[tuple[str, str]]:
+    """(pivot, other) instruction translations; empty or untranslated (identical) ones are skipped.
+    Each kept pair costs one `random()`: the original's swap draw, with probability 0."""
+    pairs = []
+    for a, b in zip(data[pivot], data[other]):
+        if a["instruction"] and b["instruction"] and a["instruction"] != b["instruction"]:
+            rng.random()
+            pairs.append((a["instruction"], b["instruction"]))
+    return pairs
 
 
 def _cif_sample(data: dict[str, list[dict]], index: int, src: str, tgt: str, pair: tuple[str, str]) -> dict:
@@ -207,17 +226,17 @@ def _cif_sample(data: dict[str, list[dict]], index: int, src: str, tgt: str, pai
 
 def _build_bilingual(
     data: dict[str, list[dict]], languages: list[str], cross_probability: float, repeat: float,
-    rng: random.Random, stats: collections.Counter,
+    rng: random.Random, stats: collections.Counter, exact: bool,
 ) -> list[dict]:
     pivot, other = languages
-    pairs = _instruction_pairs(data, pivot, other)
+    pairs = _instruction_pairs(data, pivot, other, rng)
     if not pairs:
         raise ValueError(f"no {pivot}/{other} instruction pairs (all empty or identical)")
     rng.shuffle(pairs)
     samples, cursor = [], 0
-    for index in _sample_indices(len(data[pivot]), repeat, rng):
-        src = rng.choice(languages)
-        tgt = (other if src == pivot else pivot) if rng.random() < cross_probability else src
+    for index in _sample_indices(len(data[pivot]), repeat, rng, exact):
+        src = _pick(languages, rng)
+        tgt = _pick([other if src == pivot else pivot], rng) if rng.random() < cross_probability else src
         stats[f"{src}->{tgt}"] += 1
         samples.append(_cif_sample(data, index, src, tgt, pairs[cursor]))
         cursor += 1
@@ -229,23 +248,23 @@ def _build_bilingual(
 
 def _build_crosslingual(
     data: dict[str, list[dict]], languages: list[str], cross_probability: float, change_probability: float,
-    repeat: float, rng: random.Random, stats: collections.Counter,
+    repeat: float, rng: random.Random, stats: collections.Counter, exact: bool,
 ) -> list[dict]:
     pivot = languages[0]
-    pairs = {lang: _instruction_pairs(data, pivot, lang) for lang in languages[1:]}
+    pairs = {lang: _instruction_pairs(data, pivot, lang, rng) for lang in languages[1:]}
     for lang, lang_pairs in pairs.items():
         if not lang_pairs:
             raise ValueError(f"no {pivot}/{lang} instruction pairs (all empty or identical)")
     samples = []
-    for index in _sample_indices(len(data[pivot]), repeat, rng):
-        other = rng.choice(languages[1:])
-        pair = rng.choice(pairs[other])
+    for index in _sample_indices(len(data[pivot]), repeat, rng, exact):
+        other = _pick(languages[1:], rng)
         if rng.random() >= cross_probability:
-            src = tgt = rng.choice(languages)
+            src = tgt = _pick(languages, rng)
         elif rng.random() < change_probability:
             src, tgt = other, pivot
         else:
             src, tgt = pivot, other
+        pair = _pick(pairs[other], rng)  # drawn after the direction, as the original
         stats[f"{src}->{tgt}"] += 1
         samples.append(_cif_sample(data, index, src, tgt, pair))
     return samples
@@ -253,15 +272,15 @@ def _build_crosslingual(
 
 def _build_translation(
     pairs: list[tuple[str, str]], languages: list[str], change_probability: float, repeat: float,
-    rng: random.Random, stats: collections.Counter,
+    rng: random.Random, stats: collections.Counter, exact: bool,
 ) -> list[dict]:
     samples = []
-    for index in _sample_indices(len(pairs), repeat, rng):
+    for index in _sample_indices(len(pairs), repeat, rng, exact):
         src_lang, tgt_lang = languages
         src, tgt = pairs[index]
         if rng.random() < change_probability:
             src_lang, tgt_lang, src, tgt = tgt_lang, src_lang, tgt, src
-        prompt = rng.choice(TRANSLATION_FORMATS).format(src=src, tgt_lang=language_name(tgt_lang))
+        prompt = _pick(TRANSLATION_FORMATS, rng).format(src=src, tgt_lang=language_name(tgt_lang))
         stats[f"{src_lang}->{tgt_lang}"] += 1
         samples.append({"sent0": src, "sent1": tgt, "clm_text": prompt + tgt, "clm_prompt_len": len(prompt)})
     return samples
@@ -278,10 +297,12 @@ def generate(
     repeat: float = 1.0,
     seed: int = 0,
     stats: collections.Counter | None = None,
+    exact_repeat: bool = False,
 ) -> list[dict]:
     """Build AFP samples (dicts with sent0, sent1, clm_text, clm_prompt_len) in output order.
 
     `stats`, if given, is incremented with the count of each CLM direction (`"en->zh"`, ...).
+    `exact_repeat` uses every record `int(repeat)` times (module docstring).
     """
     languages = list(languages)
     if mode not in MODES:
@@ -305,13 +326,17 @@ def generate(
         if translation_file is None:
             raise ValueError("mode 'translation' needs a translation file")
         pairs = read_translation_file(translation_file, languages[0], languages[1])
-        return _build_translation(pairs, languages, change_probability, repeat, rng, stats)
-    if bactrian_dir is None:
+        samples = _build_translation(pairs, languages, change_probability, repeat, rng, stats, exact_repeat)
+    elif bactrian_dir is None:
         raise ValueError(f"mode {mode!r} needs the Bactrian-X directory")
-    data = load_aligned(bactrian_dir, languages)
-    if mode == "bilingual":
-        return _build_bilingual(data, languages, cross_probability, repeat, rng, stats)
-    return _build_crosslingual(data, languages, cross_probability, change_probability, repeat, rng, stats)
+    elif mode == "bilingual":
+        samples = _build_bilingual(load_aligned(bactrian_dir, languages), languages, cross_probability, repeat,
+                                   rng, stats, exact_repeat)
+    else:
+        samples = _build_crosslingual(load_aligned(bactrian_dir, languages), languages, cross_probability,
+                                      change_probability, repeat, rng, stats, exact_repeat)
+    rng.shuffle(samples)  # the original shuffles the samples before writing them
+    return samples
 
 
 def write_jsonl(samples: Sequence[dict], path: Path | str) -> None:
@@ -339,6 +364,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-b", "--bactrian-dir", help="directory with one {lang}.json per language")
     parser.add_argument("-o", "--output-dir", default=".")
     parser.add_argument("--output-file", help="write here instead of OUTPUT_DIR/<original file name>")
+    parser.add_argument("--exact-repeat", action="store_true",
+                        help="use every record int(REPEAT) times plus a distinct subset for the fraction "
+                             "(the original: int(REPEAT)+1 shuffled copies, stopping after int(REPEAT*N)+1)")
     return parser.parse_args(argv)
 
 
@@ -356,6 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             repeat=args.repeat,
             seed=args.seed,
             stats=stats,
+            exact_repeat=args.exact_repeat,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ each caller decides (resume prefers a sealed checkpoint; `params::` loads it wit
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -44,11 +45,19 @@ def _files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
+def _digests(paths: list[Path]) -> list[str]:
+    """SHA-256 of each file; several files at once (hashlib releases the GIL, and Orbax splits an
+    item's data into several files), so hashing is bound by the disk rather than one core."""
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(_digest, paths))
+
+
 def seal(directory: str | Path) -> None:
     """Records every file's size and SHA-256; written to a temporary name first, so a kill leaves
     no half-written manifest (only an unsealed checkpoint)."""
     directory = Path(directory)
-    files = {str(p.relative_to(directory)): [p.stat().st_size, _digest(p)] for p in _files(directory)}
+    paths = _files(directory)
+    files = {str(p.relative_to(directory)): [p.stat().st_size, digest] for p, digest in zip(paths, _digests(paths))}
     tmp = directory / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1))
     os.replace(tmp, directory / MANIFEST)
@@ -67,15 +76,24 @@ def verify(directory: str | Path) -> None:
         raise Unsealed(f"checkpoint {directory} records no checksums ({MANIFEST}): it cannot be verified")
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        if not all(isinstance(entry, list) and len(entry) == 2 for entry in files.values()):
+            raise ValueError("an entry is not [size, sha256]")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DamagedCheckpoint(f"checkpoint {directory} is damaged: its {MANIFEST} is unreadable ({e})") from None
-    for name, (size, digest) in sorted(files.items()):
-        path = directory / name
+    names = sorted(files)
+    for name in names:  # sizes first: a truncated or missing file is named without reading the rest
         try:
-            actual_size = path.stat().st_size
-            problem = (f"has {actual_size} bytes, {size} when saved" if actual_size != size
-                       else "differs from its checksum when saved" if _digest(path) != digest else "")
+            actual = (directory / name).stat().st_size
         except OSError as e:
-            problem = f"cannot be read ({e.strerror or e})"
-        if problem:
-            raise DamagedCheckpoint(f"checkpoint {directory} is damaged: {name} {problem}")
+            raise DamagedCheckpoint(f"checkpoint {directory} is damaged: {name} cannot be read "
+                                    f"({e.strerror or e})") from None
+        if actual != files[name][0]:
+            raise DamagedCheckpoint(f"checkpoint {directory} is damaged: {name} has {actual} bytes, "
+                                    f"{files[name][0]} when saved")
+    try:
+        digests = _digests([directory / name for name in names])
+    except OSError as e:
+        raise DamagedCheckpoint(f"checkpoint {directory} is damaged: a file cannot be read ({e})") from None
+    for name, digest in zip(names, digests):
+        if digest != files[name][1]:
+            raise DamagedCheckpoint(f"checkpoint {directory} is damaged: {name} differs from its checksum when saved")

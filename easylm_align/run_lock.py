@@ -4,8 +4,10 @@ The lock file is created exclusively (`O_CREAT | O_EXCL`, atomic on local file s
 and records the holder's host, pid and process start time. A second trainer finds it and is
 refused, naming the holder. A lock whose holder is gone does not block a rerun: on the same host
 the holder is gone when its pid no longer runs, or runs another program (its start time differs,
-so a reused pid is not mistaken for the holder). A holder on another host cannot be checked from
-here: the message names it and says to delete the file once that run is known to be over.
+so a reused pid is not mistaken for the holder). A holder's pid on another host cannot be checked
+from here; instead the holder touches the file every `HEARTBEAT_S` seconds (a daemon thread), and
+a lock from another host untouched for `STALE_AFTER_S` is taken as left by a dead run (a job
+requeued on another node after SIGKILL starts without help). A fresher one is refused, naming it.
 
 Several processes of one `jax.distributed` run share the directory: only process 0 takes the lock,
 and every process learns from it whether the run may start.
@@ -17,6 +19,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -28,6 +31,8 @@ from jax.experimental import multihost_utils
 from easylm_align.errors import UserError
 
 LOCK_FILE = "trainer.lock"
+HEARTBEAT_S = 30
+STALE_AFTER_S = 600  # 20 missed heartbeats: a live holder, even under clock skew between hosts, is not this late
 
 
 class DirectoryInUse(UserError):
@@ -59,6 +64,7 @@ class RunLock:
         self.record = {"host": socket.gethostname(), "pid": os.getpid(), "start_time": _start_time(os.getpid()),
                        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         self.held = False
+        self._stop = threading.Event()
 
     def acquire(self) -> None:
         """Takes the lock or raises DirectoryInUse naming its holder; replaces a dead holder's lock."""
@@ -71,13 +77,14 @@ class RunLock:
                     continue  # released this instant
                 if holder is None or not self._stale(holder):
                     raise DirectoryInUse(self._in_use(holder)) from None
-                logging.warning("%s: removing the lock of pid %s on this host, which is no longer running",
-                                self.path, holder.get("pid"))
+                logging.warning("%s: removing the lock of pid %s on host %s, which is no longer running",
+                                self.path, holder.get("pid"), holder.get("host"))
                 self.path.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(self.record, f)
             self.held = True
+            threading.Thread(target=self._heartbeat, name="trainer.lock", daemon=True).start()
             return
         raise DirectoryInUse(self._in_use(self._holder()))
 
@@ -88,9 +95,20 @@ class RunLock:
             return None  # being written this instant, or unreadable: treated as held
         return holder if isinstance(holder, dict) else None
 
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:  # removed by hand, or the file system is gone: the run itself will say
+                return
+
     def _stale(self, holder: dict) -> bool:
-        return (holder.get("host") == self.record["host"] and isinstance(holder.get("pid"), int)
-                and not _alive(holder["pid"], holder.get("start_time")))
+        if holder.get("host") != self.record["host"]:
+            try:
+                return time.time() - self.path.stat().st_mtime > STALE_AFTER_S
+            except OSError:
+                return False
+        return isinstance(holder.get("pid"), int) and not _alive(holder["pid"], holder.get("start_time"))
 
     def _in_use(self, holder: Optional[dict]) -> str:
         directory = self.path.parent
@@ -101,10 +119,12 @@ class RunLock:
         message = (f"--logger.output_dir={directory} is in use by another trainer ({who}); wait for it to "
                    "finish or stop it, or choose another --logger.output_dir")
         if holder.get("host") != self.record["host"]:
-            message += f"; if that run is no longer running, delete {self.path}"
+            message += (f"; if that run is no longer running, delete {self.path} (a lock from another host "
+                        f"counts as left behind once untouched for {STALE_AFTER_S} s)")
         return message
 
     def release(self) -> None:
+        self._stop.set()
         if self.held and self._holder() == self.record:
             self.path.unlink(missing_ok=True)
         self.held = False

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from easylm_align import checkpoint, integrity, run_config, train
+from easylm_align import checkpoint, integrity, run_config, run_lock, train
 from easylm_align.convert_to_hf import export
 from easylm_align.errors import ConfigError
 from easylm_align.evaluation import runtime
@@ -64,13 +64,13 @@ def dead_pid() -> int:
 
 def test_one_trainer_per_directory_a_stale_lock_and_a_changed_flag(tmp_path, compile_cache):
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "easylm_align.train", *train_args(out, 1000, "--save_model_freq=2")],
-                             cwd=REPO_ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env={**os.environ, **compile_cache})
+    first = subprocess.Popen([sys.executable, "-m", "easylm_align.train",
+                              *train_args(out, 100_000, "--save_model_freq=2")], cwd=REPO_ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **compile_cache})
     try:
         wait_for_rows(first, out, 2)
         # A second trainer, with other flags, while the first trains: refused, naming the first.
-        second = run_train(train_args(out, 1000, "--train_dataset.json_dataset.seq_length=16"), compile_cache)
+        second = run_train(train_args(out, 100_000, "--train_dataset.json_dataset.seq_length=16"), compile_cache)
         assert error_line(second).startswith(
             f"error: --logger.output_dir={out} is in use by another trainer (pid {first.pid} on host "
             f"{socket.gethostname()}, started "), second.stderr[-2000:]
@@ -224,3 +224,19 @@ def test_nothing_to_train_is_said_or_refused(tmp_path, capsys):
                       load_checkpoint=f"trainstate::{checkpoint.step_path(tmp_path / 'run', 2)}")
     with pytest.raises(ConfigError, match=r"is at step 2, not below --total_steps=2: nothing would be trained"):
         train.Trainer(cfg).run()
+
+
+def test_a_lock_from_another_host_blocks_until_its_heartbeat_is_old(tmp_path):
+    """A pid on another host cannot be checked: the holder's heartbeat (the file's mtime) decides."""
+    lock_file = tmp_path / run_lock.LOCK_FILE
+    lock_file.write_text(json.dumps({"host": "elsewhere", "pid": 1, "start_time": None, "started": "earlier"}))
+    with pytest.raises(run_lock.DirectoryInUse, match=rf"pid 1 on host elsewhere.*if that run is no longer running, "
+                                                       rf"delete {lock_file}"):
+        run_lock.RunLock(tmp_path).acquire()
+    old = time.time() - run_lock.STALE_AFTER_S - 60
+    os.utime(lock_file, (old, old))
+    lock = run_lock.RunLock(tmp_path)
+    lock.acquire()
+    assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not lock_file.exists()

@@ -93,7 +93,8 @@ def reading(path: Path) -> Iterator[None]:
     except UserError:
         raise
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first.split(" See full TensorStore details")[0][:300]  # the rest is a repr of the spec
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {first}); it may be "
                               "truncated or damaged") from e
 

@@ -12,10 +12,16 @@ seed's `--load_checkpoint=params::$save_path/*/streaming_params_1210` works unch
 reads the `params` item of either kind; `trainstate::PATH` reads all of a train checkpoint.
 `params::PATH` also reads a file written by EasyLM (`streaming_params_*` or the weights of a
 `streaming_train_state_*`), converted to our layout on load (see `easylm_checkpoint`).
+
+Every checkpoint is sealed with the checksums of its files once written (`integrity`), and every
+read verifies them first: a damaged checkpoint is refused in one line naming it and the file. A
+checkpoint without checksums (older, or written elsewhere) is read with a warning, and any error
+Orbax or TensorStore raises while reading it becomes one line naming the checkpoint.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import glob
 import json
@@ -28,9 +34,10 @@ from typing import Any, Iterator, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from easylm_align import easylm_checkpoint, model
+from easylm_align import easylm_checkpoint, integrity, model
 from easylm_align.errors import UserError
 from easylm_align.tree_paths import path_str
 
@@ -67,25 +74,57 @@ def parse_load_checkpoint(value: str) -> tuple[str, str]:
     return kind, path
 
 
+def verify(path: Path) -> None:
+    """Checks `path`'s files against the checksums recorded when it was saved, before anything is read."""
+    try:
+        integrity.verify(path)
+    except integrity.Unsealed as e:
+        logging.warning("%s; reading it unverified", e)
+    except integrity.DamagedCheckpoint as e:
+        raise CheckpointError(f"{e}; it cannot be used") from None
+
+
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """An error Orbax, TensorStore or JSON raises while reading `path` (a truncated or missing file
+    of an unsealed checkpoint) becomes one line naming the checkpoint."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first.split(" See full TensorStore details")[0][:300]  # the rest is a repr of the spec
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {first}); it may be "
+                              "truncated or damaged") from e
+
+
 def read_meta(path: str | Path) -> dict:
     meta = Path(path) / "meta" / "metadata"
     if not meta.exists():
         return {}
-    return json.loads(meta.read_text())
+    with reading(Path(path)):
+        return json.loads(meta.read_text())
 
 
 def save_params(path: str | Path, params: Any, meta: Optional[dict] = None) -> None:
-    """Writes a params-only checkpoint (what `convert_from_hf` produces)."""
+    """Writes a params-only checkpoint (what `convert_from_hf` produces), sealed with its checksums."""
     items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta or {})}
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         ckptr.save(Path(path).absolute(), args=ocp.args.Composite(**items))
+    if jax.process_index() == 0:
+        integrity.seal(Path(path).absolute())
+
+
+def _stored_tree(path: Path) -> Any:
+    """The `params` item's tree of array metadata. Read through the handler: a Checkpointer would
+    look for step metadata inside the item and warn that it is missing, which it always is."""
+    with reading(path):
+        return ocp.PyTreeCheckpointHandler().metadata(path / "params").tree
 
 
 def _stored_shapes(path: Path) -> dict[str, tuple]:
-    stored = ocp.PyTreeCheckpointer().metadata(path / "params")
-    stored_tree = getattr(stored, "item_metadata", stored)
-    stored_tree = getattr(stored_tree, "tree", stored_tree)
-    return {path_str(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(stored_tree)[0]}
+    return {path_str(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(_stored_tree(path))[0]}
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple]:
@@ -123,6 +162,7 @@ def load_params(path: str, target: Any, llama_config: Optional[Any] = None) -> A
         return _load_easylm(ckpt, target, llama_config)
     target = jax.tree_util.tree_map(lambda x: ocp.utils.to_shape_dtype_struct(x) if not isinstance(
         x, jax.ShapeDtypeStruct) else x, target)
+    verify(ckpt)
     stored = _stored_shapes(ckpt)
     other_layout = _other_layer_layout(target)
     if stored != _flat_shapes(target) and stored == _flat_shapes(other_layout):
@@ -136,7 +176,7 @@ def load_params(path: str, target: Any, llama_config: Optional[Any] = None) -> A
 
 
 def _restore_params(ckpt: Path, target: Any) -> Any:
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    with reading(ckpt), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         return ckptr.restore(ckpt, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
 
 
@@ -217,11 +257,11 @@ def load_params_numpy(path: str) -> dict:
     """Restores the `params` item as host NumPy arrays in their stored dtypes (for conversion tools),
     whatever devices wrote it: NumPy targets need none of the saved shardings' devices to exist."""
     ckpt = resolve_path(path)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        stored = ckptr.metadata(ckpt / "params")
-        stored = getattr(getattr(stored, "item_metadata", stored), "tree", stored)
-        as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
-        return ckptr.restore(ckpt / "params", args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+    verify(ckpt)
+    as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), _stored_tree(ckpt))
+    with reading(ckpt), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        return ckptr.restore(ckpt, args=ocp.args.Composite(
+            params=ocp.args.PyTreeRestore(restore_args=as_numpy)))["params"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +271,7 @@ def load_params_numpy(path: str) -> dict:
 def _restore_items(path: Path, params: Any, train_state: Any) -> tuple[Any, Any, dict]:
     abstract = lambda tree: jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
     _check_shapes(path, params)
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    with reading(path), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         restored = ckptr.restore(path, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract(params)),
             train_state=ocp.args.StandardRestore(abstract(train_state)),
@@ -247,6 +287,7 @@ def load_train_state(path: str, params: Any, train_state: Any) -> tuple[Any, Any
                               "restored; start from its weights with params::PATH")
     if not (ckpt / "train_state").is_dir():
         raise CheckpointError(f"{ckpt} holds no train state (a params-only checkpoint? use params::)")
+    verify(ckpt)
     return _restore_items(ckpt, params, train_state)
 
 
@@ -263,6 +304,8 @@ def require_writable(directory: Path, flag: str) -> None:
     except OSError as e:
         raise CheckpointError(f"{flag}={directory}: cannot write there ({e.strerror or e}); "
                          "choose a writable directory") from None
+
+
 def checkpoints_dir(output_dir: str | Path) -> Path:
     """Where a training run writing to `output_dir` keeps its checkpoints."""
     return (Path(output_dir) / "checkpoints").absolute()
@@ -284,6 +327,69 @@ def saved_steps(output_dir: str | Path) -> list[int]:
                   if (m := pattern.fullmatch(p.name)) and (p / "params").is_dir())
 
 
+SET_ASIDE = "checkpoints_set_aside"  # where resume moves a damaged or unverifiable newest checkpoint
+
+
+def _step_dirs(output_dir: Path) -> dict[int, Path]:
+    directory = checkpoints_dir(output_dir)
+    pattern = re.compile(rf"{STEP_PREFIX}_(\d+)")
+    if not directory.is_dir():
+        return {}
+    return {int(m.group(1)): p for p in directory.iterdir() if (m := pattern.fullmatch(p.name)) and p.is_dir()}
+
+
+def _set_aside(path: Path, output_dir: Path) -> Path:
+    """Moves a checkpoint out of the run's way, keeping it for inspection (never deletes it)."""
+    target = Path(output_dir).absolute() / SET_ASIDE / path.name
+    n = 0
+    while target.exists():
+        n += 1
+        target = target.with_name(f"{path.name}.{n}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path.rename(target)
+    return target
+
+
+def choose_resume_step(output_dir: Path) -> Optional[int]:
+    """The newest checkpoint of the run whose checksums verify; newer ones that are damaged or were
+    never sealed (killed between Orbax's commit and the seal) are named and set aside, so the run
+    continues from the intact one. With no sealed checkpoint at all (written before checksums
+    existed), the newest complete one is used, with a warning. Every process verifies; process 0 moves."""
+    steps = _step_dirs(output_dir)
+    problems: dict[int, str] = {}
+    chosen = None
+    for step in sorted(steps, reverse=True):
+        try:
+            integrity.verify(steps[step])
+            chosen = step
+            break
+        except (integrity.Unsealed, integrity.DamagedCheckpoint) as e:
+            problems[step] = str(e)
+    if chosen is None:
+        unsealed = [s for s in sorted(steps, reverse=True) if not integrity.is_sealed(steps[s])
+                    and (steps[s] / "params").is_dir()]
+        damaged = {s: m for s, m in problems.items() if integrity.is_sealed(steps[s])}
+        if unsealed:
+            chosen = unsealed[0]
+            logging.warning("%s; resuming from it unverified", problems[chosen])
+        elif damaged:
+            raise CheckpointError(f"no intact checkpoint in {checkpoints_dir(output_dir)}: "
+                                  + "; ".join(damaged[s] for s in sorted(damaged, reverse=True))
+                                  + ". Nothing was changed: move the damaged checkpoints away to start over, or use "
+                                    "another --logger.output_dir")
+    newer = [s for s in problems if chosen is None or s > chosen]
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("easylm_align:checkpoints_verified")
+    for step in sorted(newer, reverse=True):
+        moved = _set_aside(steps[step], output_dir) if jax.process_index() == 0 else steps[step]
+        fallback = f"resuming from the newest intact checkpoint {steps[chosen]}" if chosen is not None else \
+            "no earlier checkpoint exists; starting from the beginning"
+        logging.warning("%s; moved to %s; %s", problems[step], moved, fallback)
+    if newer and jax.process_count() > 1:
+        multihost_utils.sync_global_devices("easylm_align:checkpoints_set_aside")
+    return chosen
+
+
 class TrainCheckpointer:
     """Keeps the latest checkpoint (every `save_model_freq` steps) and every milestone
     (`save_milestone_freq`) under `output_dir/checkpoints/streaming_params_{step}`.
@@ -291,21 +397,29 @@ class TrainCheckpointer:
     Saves are asynchronous: `save` returns once the arrays are copied to host memory (so the
     caller may donate them to the next step) and Orbax writes them in the background, into a
     temporary directory renamed on commit. A kill mid-write leaves the previous checkpoint as the
-    latest; the temporary directory is removed on the next start. Older checkpoints are deleted
-    only after a newer one is committed.
+    latest; the temporary directory is removed on the next start. Once a checkpoint is committed
+    (`poll`, every step), process 0 seals it with its files' checksums in a background thread; at
+    the next `save` or `wait`, after the seal, the older ones that are no milestone are deleted, so
+    a sealed checkpoint exists at every moment. At start, the newest checkpoint that verifies is the
+    one to resume from (`choose_resume_step`).
     """
 
     def __init__(self, output_dir: Path, save_model_freq: int, save_milestone_freq: int):
         self.save_model_freq, self.save_milestone_freq = save_model_freq, save_milestone_freq
         self.output_dir = Path(output_dir)
         self.directory = checkpoints_dir(output_dir)
-        options = ocp.CheckpointManagerOptions(max_to_keep=1, keep_period=save_milestone_freq or None,
-                                               step_prefix=STEP_PREFIX, create=True,
+        resume_step = choose_resume_step(self.output_dir)
+        options = ocp.CheckpointManagerOptions(max_to_keep=None, step_prefix=STEP_PREFIX, create=True,
                                                enable_async_checkpointing=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, item_names=("params", "train_state", "meta"),
                                              options=options)
         self.committed: Optional[int] = self.manager.latest_step()  # the newest complete checkpoint
+        # The newest checkpoint whose checksums are recorded (and, at start, verified).
+        self.verified: Optional[int] = resume_step if resume_step is not None and integrity.is_sealed(
+            self.step_path(resume_step)) else None
         self._writing: Optional[int] = None
+        self._sealer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="seal")
+        self._sealing: Optional[concurrent.futures.Future] = None
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -316,6 +430,9 @@ class TrainCheckpointer:
     def due(self, step: int) -> bool:
         return any(freq > 0 and step % freq == 0 for freq in (self.save_model_freq, self.save_milestone_freq))
 
+    def _milestone(self, step: int) -> bool:
+        return self.save_milestone_freq > 0 and step % self.save_milestone_freq == 0
+
     def save(self, step: int, params: Any, train_state: Any, meta: dict) -> None:
         """Starts writing `step`; the previous save is finished (or its error raised) first."""
         self.wait()
@@ -325,12 +442,28 @@ class TrainCheckpointer:
                 params=ocp.args.StandardSave(params), train_state=ocp.args.StandardSave(train_state),
                 meta=ocp.args.JsonSave(meta)))
 
+    def poll(self) -> None:
+        """Called after every step: starts sealing the checkpoint being written as soon as Orbax has
+        committed it (its final directory exists), so a kill soon after still leaves it sealed."""
+        if (self._writing is not None and self._sealing is None and jax.process_index() == 0
+                and not self.manager.is_saving_in_progress() and self.step_path(self._writing).is_dir()):
+            self._sealing = self._sealer.submit(integrity.seal, self.step_path(self._writing))
+
     def wait(self) -> None:
-        """Blocks until the save in progress is committed."""
+        """Blocks until the save in progress is committed and sealed; then drops what it supersedes."""
         with self._naming_failure():
             self.manager.wait_until_finished()
-        if self._writing is not None:
-            self.committed, self._writing = self._writing, None
+            if self._writing is None:
+                return
+            self.poll()
+            if self._sealing is not None:
+                self._sealing.result()
+                self._sealing = None
+            self.committed = self.verified = self._writing
+            self._writing = None
+            for old in self.manager.all_steps():
+                if old < self.committed and not self._milestone(old):
+                    self.manager.delete(old)
 
     @contextlib.contextmanager
     def _naming_failure(self) -> Iterator[None]:
@@ -338,13 +471,14 @@ class TrainCheckpointer:
         try:
             yield
         except Exception as e:
-            step, self._writing = self._writing, None
-            kept = (f"the previous checkpoint {self.step_path(self.committed)} is intact" if self.committed
+            step, self._writing, self._sealing = self._writing, None, None
+            kept = (f"the previous checkpoint {self.step_path(self.verified)} is intact" if self.verified
                     is not None else "no earlier checkpoint exists")
             raise CheckpointSaveError(f"writing checkpoint {self.step_path(step)} failed: {e}\n{kept}; free space "
                                       "or fix --logger.output_dir, then rerun the same command to resume") from e
 
     def restore_latest(self, params: Any, train_state: Any) -> tuple[Any, Any, dict]:
+        """The checkpoint chosen at start (verified then), before any save of this run."""
         self.manager.wait_until_finished()
         return _restore_items(self.step_path(self.latest_step()), params, train_state)
 
@@ -353,3 +487,4 @@ class TrainCheckpointer:
             self.wait()
         finally:
             self.manager.close()
+            self._sealer.shutdown()

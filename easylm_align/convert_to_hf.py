@@ -105,9 +105,10 @@ class _ParamsReader(contextlib.AbstractContextManager):
     """Reads a checkpoint's `params` item one array at a time (Orbax partial restore)."""
 
     def __init__(self, ckpt: Path):
-        self.dir = ckpt / "params"
+        self.ckpt, self.dir = ckpt, ckpt / "params"
         handler = ocp.PyTreeCheckpointHandler()
-        tree = handler.metadata(self.dir).tree
+        with checkpoint.reading(ckpt):
+            tree = handler.metadata(self.dir).tree
         self.shapes = {path_str(p): tuple(leaf.shape) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
         self._checkpointer = ocp.Checkpointer(handler)
 
@@ -119,8 +120,9 @@ class _ParamsReader(contextlib.AbstractContextManager):
             node = node.setdefault(key, {})
         node[name] = 0  # placeholder leaf: partial_restore reads only the paths present in `item`
         restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        restored = self._checkpointer.restore(
-            self.dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+        with checkpoint.reading(self.ckpt):
+            restored = self._checkpointer.restore(
+                self.dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
         for key in path.split("/"):
             restored = restored[key]
         return restored
@@ -223,8 +225,16 @@ def export(checkpoint_path: str, output_dir: str, tokenizer_path: str, model_siz
         raise ConversionError("--max_shard_size_mb must be positive")
     try:
         ckpt = checkpoint.resolve_path(checkpoint_path)
+        if not easylm_checkpoint.is_streaming_file(ckpt):
+            checkpoint.verify(ckpt)  # before the meta or any array is read
+        return _export(ckpt, output_dir, tokenizer_path, model_size, update_llama_config, dtype, max_shard_size_mb,
+                       overwrite)
     except checkpoint.CheckpointError as e:
         raise ConversionError(str(e)) from None
+
+
+def _export(ckpt: Path, output_dir: str, tokenizer_path: str, model_size: str, update_llama_config: str,
+            dtype: str, max_shard_size_mb: int, overwrite: bool) -> Path:
     config = resolve_config(ckpt, model_size, update_llama_config)
     tokenizer = _load_tokenizer(tokenizer_path, config)
     source = f"--model_size={model_size}" if model_size else "the config in its meta"

@@ -25,7 +25,7 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from easylm_align import (attention, checkpoint, logger, memory, model, objectives, optimizer, preemption,
-                          run_config, sharding, tokenizer)
+                          run_config, run_identity, run_lock, sharding, tokenizer)
 from easylm_align.config import FLAGS, define_flags_with_default, parse_flags_or_exit, parsed_config
 from easylm_align.data import pipeline
 from easylm_align.errors import ConfigError, exit_on_user_error
@@ -41,6 +41,7 @@ DEFAULTS = dict(
     eval_steps=0,
     dry_run=False,
     nonfinite_policy="stop",
+    resume_despite_changes="",  # FLAG,... whose change from the checkpoint's value a resume accepts (run_identity)
     objective="clm",
     train_dataset=pipeline.default_config(),
     eval_dataset=pipeline.default_config(),
@@ -75,6 +76,8 @@ class Trainer:
         self.tokenizer.check_fits(self.llama_config.vocab_size)
         if cfg.objective not in objectives.OBJECTIVES:
             raise ConfigError(f"--objective={cfg.objective!r}: choose one of {sorted(objectives.OBJECTIVES)}")
+        if cfg.total_steps <= 0:
+            raise ConfigError(f"--total_steps={cfg.total_steps}: nothing would be trained; give a positive number")
         if cfg.nonfinite_policy not in NONFINITE_POLICIES:
             raise ConfigError(f"--nonfinite_policy={cfg.nonfinite_policy!r}: choose one of {NONFINITE_POLICIES}")
         self.model = model.build_model(self.llama_config, cfg.dtype, cfg.param_dtype)
@@ -127,19 +130,34 @@ class Trainer:
         params_t, state_t = self._abstract_state()
         kind, path = checkpoint.parse_load_checkpoint(self.cfg.load_checkpoint)
         if ckpt.latest_step() is not None:  # resume this run: weights, optimizer, step, RNG and data
-            params, state, meta = ckpt.restore_latest(params_t, state_t)
             where = ckpt.step_path(ckpt.latest_step())
+            self._check_resume(where, ckpt.latest_step())
+            params, state, meta = ckpt.restore_latest(params_t, state_t)
             self.train_data.load_state_dict(pipeline.saved_position(meta["dataset"], str(where)))
-            logging.info("resumed from %s", where)
+            if jax.process_index() == 0:
+                print(f"resuming from step {int(state['step'])} of {self.output_dir}", flush=True)
             return params, state
         if kind == "trainstate":
             params, state, _ = checkpoint.load_train_state(path, params_t, state_t)
+            if int(state["step"]) >= self.cfg.total_steps:
+                raise ConfigError(f"--load_checkpoint={self.cfg.load_checkpoint} is at step {int(state['step'])}, "
+                                  f"not below --total_steps={self.cfg.total_steps}: nothing would be trained; "
+                                  "raise --total_steps")
             return params, state
         if kind == "params":
             params = checkpoint.load_params(path, params_t, self.llama_config)
             state = jax.jit(self._fresh_train_state, out_shardings=self.state_sh)(params, rng)
             return params, state
         return jax.jit(self._init_state, out_shardings=(self.param_sh, self.state_sh))(rng)
+
+    def _check_resume(self, where: Path, step: int) -> None:
+        """Refuses to continue a run saved with other results-relevant flags, or past --total_steps."""
+        saved = checkpoint.read_meta(where)
+        if "flags" in saved:
+            run_identity.check_resume(saved["flags"], self.cfg.to_dict(), self.cfg.resume_despite_changes, where)
+        if step > self.cfg.total_steps:
+            raise ConfigError(f"--total_steps={self.cfg.total_steps}: the run in {self.output_dir} is already at "
+                              f"step {step}; give --total_steps={step} or more, or another --logger.output_dir")
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -213,11 +231,31 @@ class Trainer:
             return self._train()
 
     def _train(self) -> Path:
-        cfg = self.cfg
         checkpoint.require_writable(self.output_dir, "--logger.output_dir")
+        lock = run_lock.acquire_for_run(self.output_dir)
+        try:
+            return self._train_locked()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train_locked(self) -> Path:
+        cfg = self.cfg
         ckpt = checkpoint.TrainCheckpointer(self.output_dir, cfg.save_model_freq, cfg.save_milestone_freq)
-        params, state = self._build_state(ckpt)
+        try:
+            params, state = self._build_state(ckpt)
+        except BaseException:
+            ckpt.close()
+            self.train_data.close()
+            raise
         step = int(state["step"])
+        if step >= cfg.total_steps:  # the same command again after the run finished
+            ckpt.close()
+            self.train_data.close()
+            if jax.process_index() == 0:
+                print(f"nothing to train: {self.output_dir} is already at step {step} of --total_steps={cfg.total_steps}"
+                      "; raise --total_steps to train further", flush=True)
+            return self.output_dir
         batch_sh, repl = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
         train_step = self._jit_train_step()
         eval_step = jax.jit(self._eval_step, in_shardings=(self.param_sh, batch_sh), out_shardings=repl)
@@ -226,7 +264,6 @@ class Trainer:
                                            run_config=cfg.to_dict())
         if jax.process_index() == 0:
             (self.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        last_saved = ckpt.latest_step()
         meta = lambda data_state: {"step": step, "dataset": data_state,
                                    "flags": cfg.to_dict(), "llama_config": self.llama_config.to_dict()}
         progress = tqdm(total=cfg.total_steps, initial=step, disable=jax.process_index() != 0, desc="train")
@@ -240,8 +277,9 @@ class Trainer:
                 at, loss = unchecked.pop()
                 value = float(loss)
                 if not np.isfinite(value):
-                    where = f"the last good checkpoint is {ckpt.step_path(last_saved)}" if last_saved else \
-                        "no checkpoint was saved before it"
+                    ckpt.wait()  # a save in flight holds an earlier step, checked finite: it is sealed first
+                    where = f"the last good checkpoint is {ckpt.step_path(ckpt.verified)}" \
+                        if ckpt.verified is not None else "no verified checkpoint was saved before it"
                     raise TrainingDiverged(f"non-finite loss ({value}) at step {at}; stopped; {where}")
 
         try:
@@ -261,6 +299,7 @@ class Trainer:
                 if cfg.nonfinite_policy == "stop":
                     unchecked.append((step, metrics["loss"]))
                 progress.update(1)
+                ckpt.poll()
                 # Every host asks every step: with several hosts this is where they agree on a step.
                 preempted = stop_request.reached(step) and step < cfg.total_steps
                 logging_step = step % cfg.log_freq == 0 or step == cfg.total_steps or self.squad_eval.due(step)
@@ -277,7 +316,6 @@ class Trainer:
                     skips_seen = _warn_new_skips(step, int(row["nonfinite_skips"]), skips_seen)
                 if ckpt.due(step) or step == cfg.total_steps or preempted:
                     ckpt.save(step, params, state, meta(trained_state))  # async: training goes on
-                    last_saved = step
                 if preempted:
                     raise preemption.Preempted(step, ckpt.step_path(step), stop_request.received)
         finally:

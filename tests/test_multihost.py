@@ -28,7 +28,7 @@ import pytest
 import safetensors.numpy
 
 from conftest import REPO_ROOT
-from easylm_align import checkpoint, model, train
+from easylm_align import checkpoint, integrity, model, train
 from easylm_align.data import pipeline
 from easylm_align.convert_to_hf import export
 from easylm_align.hf_mapping import tensor_specs
@@ -137,6 +137,7 @@ def rewrite_position(out_dir, position) -> None:
     meta_file = step_dir(out_dir, SAVED) / "meta" / "metadata"
     meta = json.loads(meta_file.read_text())
     meta_file.write_text(json.dumps(dict(meta, dataset=position(meta["dataset"]))))
+    integrity.seal(step_dir(out_dir, SAVED))  # as that format's trainer would have sealed it
 
 
 def resume_dir(source, parent, name: str):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import REPO_ROOT
-from easylm_align import checkpoint, config, optimizer, sharding, train
+from easylm_align import checkpoint, config, integrity, optimizer, sharding, train
 from easylm_align.data import pipeline
 
 TINY = json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
@@ -281,6 +281,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert "non-finite loss" in message and "at step" in message
     saved = sorted((tmp_path / "checkpoints").iterdir())
     assert saved and "last good checkpoint" in message and saved[-1].name in message
+    integrity.verify(saved[-1])  # "good" is verified: its checksums are recorded and match
     meta = checkpoint.read_meta(saved[-1])
     assert meta["step"] < int(message.split("at step ")[1].split(";")[0])
     rows = read_metrics(tmp_path)

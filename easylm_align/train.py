@@ -124,6 +124,7 @@ class Trainer:
         rng = jax.random.PRNGKey(self.cfg.seed)
         params_t, state_t = self._abstract_state()
         kind, path = checkpoint.parse_load_checkpoint(self.cfg.load_checkpoint)
+        self._check_tokenizer(ckpt, kind, path)
         if ckpt.latest_step() is not None:  # resume this run: weights, optimizer, step, RNG and data
             params, state, meta = ckpt.restore_latest(params_t, state_t)
             where = ckpt.step_path(ckpt.latest_step())
@@ -138,6 +139,18 @@ class Trainer:
             state = jax.jit(self._fresh_train_state, out_shardings=self.state_sh)(params, rng)
             return params, state
         return jax.jit(self._init_state, out_shardings=(self.param_sh, self.state_sh))(rng)
+
+    def _check_tokenizer(self, ckpt: checkpoint.TrainCheckpointer, kind: str, path: str) -> None:
+        """The checkpoint this run starts from must have been trained with this run's tokenizer
+        (its meta records it, `_checkpoint_meta`), unless --tokenizer.allow_mismatch says otherwise."""
+        if ckpt.latest_step() is not None:
+            where = ckpt.step_path(ckpt.latest_step())
+        elif kind:
+            where = checkpoint.resolve_path(path)
+        else:
+            return
+        self.tokenizer.check_recorded(checkpoint.read_meta(where).get("tokenizer"), f"checkpoint {where}",
+                                      self.cfg.tokenizer.allow_mismatch)
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -224,7 +237,8 @@ class Trainer:
             (self.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         last_saved = ckpt.latest_step()
         meta = lambda data_state: {"step": step, "dataset": data_state,
-                                   "flags": cfg.to_dict(), "llama_config": self.llama_config.to_dict()}
+                                   "flags": cfg.to_dict(), "llama_config": self.llama_config.to_dict(),
+                                   "tokenizer": self.tokenizer.identity()}  # checked on every load
         progress = tqdm(total=cfg.total_steps, initial=step, disable=jax.process_index() != 0, desc="train")
         unchecked: list[tuple[int, Any]] = []  # at most one (step, loss) not yet read back from the device
         skips_seen = int(state["nonfinite_skips"])

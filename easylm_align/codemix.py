@@ -138,7 +138,7 @@ class CoverageCheck:
     is below ``min_coverage`` (naming the reversed file when it exists). Counts one process's
     examples (each data worker checks its own)."""
 
-    def __init__(self, path: str | os.PathLike, min_coverage: float, words: int = 2000):
+    def __init__(self, path: str | os.PathLike, min_coverage: float, words: int = 1000):
         if not 0.0 <= float(min_coverage) <= 1.0:
             raise ConfigError(f"--*.text_processor.codemix_min_coverage={min_coverage!r}: must be in [0, 1]")
         self.path, self.min_coverage, self.words = str(path), float(min_coverage), words

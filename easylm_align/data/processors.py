@@ -68,7 +68,7 @@ def default_config() -> ConfigDict:
         codemix_dict_path="",
         codemix_ratio=0.0,
         codemix_seed=0,
-        # Stop when fewer than this share of the data's first 2,000 words are in the dictionary
+        # Stop when fewer than this share of the data's first 1,000 words are in the dictionary
         # (a dictionary in the wrong direction finds none); 0 turns the check off. codemix.CoverageCheck.
         codemix_min_coverage=0.01,
         # True: mix only instruction, input and output, never the Alpaca template (the paper's

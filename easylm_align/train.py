@@ -77,6 +77,9 @@ class Trainer:
             raise ConfigError(f"--objective={cfg.objective!r}: choose one of {sorted(objectives.OBJECTIVES)}")
         if cfg.nonfinite_policy not in NONFINITE_POLICIES:
             raise ConfigError(f"--nonfinite_policy={cfg.nonfinite_policy!r}: choose one of {NONFINITE_POLICIES}")
+        if cfg.log_freq < 1:
+            raise ConfigError(f"--log_freq={cfg.log_freq}: must be at least 1 (log every N steps)")
+        _warn_if_beyond_positions(cfg.train_dataset, self.llama_config.max_position_embeddings)
         self.model = model.build_model(self.llama_config, cfg.dtype, cfg.param_dtype)
         try:  # a backend the run's options rule out is a config error, found before any data is read
             self.attention_backend = attention.resolve(
@@ -314,6 +317,17 @@ class Trainer:
         rows = [eval_step(params, sharding.host_batch_to_global(next(self.eval_data), self.mesh))
                 for _ in range(self.cfg.eval_steps)]
         return {f"eval_{k}": float(np.mean([r[k] for r in rows])) for k in ("loss", "accuracy")}
+
+
+def _warn_if_beyond_positions(data: ConfigDict, max_positions: int) -> None:
+    """A sequence longer than the model's max_position_embeddings trains (rotary positions have no
+    table), but the exported config.json would then claim the shorter maximum."""
+    source = pipeline.SOURCES.get(data.type)
+    seq_length = data[source.config_key].seq_length if source else 0
+    if seq_length > max_positions:
+        logging.warning("--train_dataset.%s.seq_length=%d is longer than the model's max_position_embeddings=%d "
+                        "(which an exported config.json records); set --llama.max_position_embeddings=%d if the "
+                        "longer context is meant", source.config_key, seq_length, max_positions, seq_length)
 
 
 def _warn_new_skips(step: int, skips: int, seen: int) -> int:

@@ -272,3 +272,41 @@ def test_a_flagfile_with_a_local_file_keeps_the_recipes_shape(tmp_path):
     meta = checkpoint.read_meta(checkpoint.step_path(out, 1))
     assert meta["flags"]["train_dataset"]["huggingface_dataset"]["seq_length"] == 48
     assert meta["dataset"]["epoch"] == 0 and meta["dataset"]["next_record"] > 0  # read from the local file
+
+
+# ------------------------------------------------------------------------------------------------
+# Smaller holes (issue 20, section 6)
+# ------------------------------------------------------------------------------------------------
+
+def test_log_freq_zero_is_one_line(tmp_path):
+    line = one_error_line(run_module("easylm_align.train", *TINY_RUN, "--log_freq=0",
+                                     f"--logger.output_dir={tmp_path / 'run'}"))
+    assert line == "error: --log_freq=0: must be at least 1 (log every N steps)"
+
+
+def test_a_sequence_beyond_max_position_embeddings_warns(tmp_path, caplog):
+    cfg = train.default_config()
+    cfg.update_from_flattened_dict({"logger.output_dir": str(tmp_path), "train_dataset.json_dataset.seq_length": 2048})
+    with caplog.at_level(logging.WARNING):
+        train.Trainer(cfg)
+    assert any("seq_length=2048 is longer than the model's max_position_embeddings=1024" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_full_file_system_at_start_names_the_file(trained, tmp_path):
+    """Resuming into a directory where nothing more can be written (a file-size limit of 0 bytes, which
+    fails writes as a full disk does, with EFBIG instead of ENOSPC): one line naming metrics.jsonl."""
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    # The limit is set, and SIGXFSZ ignored (the write fails instead of killing), in the process that
+    # then becomes the trainer (exec keeps both).
+    no_writes = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                 "resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY)); "
+                 "os.execv(sys.executable, [sys.executable, '-m', 'easylm_align.train', *sys.argv[1:]])")
+    result = subprocess.run([sys.executable, "-c", no_writes, *TINY_RUN, "--total_steps=2",
+                             f"--logger.output_dir={run}", f"--tokenizer.vocab_file={trained['tok']}",
+                             f"--update_llama_config={trained['update']}"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    line = one_error_line(result)
+    assert line.startswith(f"error: cannot write {run / 'metrics.jsonl'} (File too large); free space there")
+    assert checkpoint.saved_steps(run) == [1]

@@ -310,3 +310,19 @@ def test_a_full_file_system_at_start_names_the_file(trained, tmp_path):
     line = one_error_line(result)
     assert line.startswith(f"error: cannot write {run / 'metrics.jsonl'} (File too large); free space there")
     assert checkpoint.saved_steps(run) == [1]
+
+
+def test_help_describes_every_flag_the_recipes_set():
+    result = run_module("easylm_align.train", "--help", timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = {line.split("=", 1)[0].strip(): line for line in result.stdout.splitlines() if line.startswith("  --")}
+    assert "--optimizer.adamw_optimizer.lr" in lines and "peak learning rate" in lines["--optimizer.adamw_optimizer.lr"]
+    from easylm_align import config
+    assert set(lines) >= {f"--{name}" for name in config.flag_names(train.default_config())}
+    # Every flag the shipped recipes (configs/*.flags) set has a one-line description.
+    used = {line.split("=", 1)[0] for path in (REPO_ROOT / "configs").glob("*.flags")
+            for line in path.read_text().splitlines() if line.startswith("--")}
+    undescribed = sorted(name for name in used if len(lines[name].strip().split("  ", 1)) < 2)  # "--x=v  what"
+    assert used and not undescribed, undescribed
+    full = run_module("easylm_align.train", "--helpfull", timeout=120)
+    assert full.returncode == 0 and "--flagfile" in full.stdout and "--verbosity" in full.stdout

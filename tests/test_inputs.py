@@ -133,6 +133,27 @@ def test_params_load_with_another_tokenizer_is_refused(trained, tmp_path):
         train.Trainer(cfg).run()
 
 
+def test_a_converted_model_records_its_tokenizer_and_refuses_another(tmp_path, trained):
+    import transformers
+
+    hf_dir = tmp_path / "hf"
+    config = transformers.LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    transformers.LlamaForCausalLM(config).save_pretrained(hf_dir)
+    shutil.copyfile(DEMO_TOKENIZER, hf_dir / "tokenizer.model")  # the model's own tokenizer
+    result = run_module("easylm_align.convert_from_hf", f"--hf_dir={hf_dir}", f"--output={tmp_path / 'ours'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    recorded = checkpoint.read_meta(tmp_path / "ours")["tokenizer"]
+    assert recorded["sha256"] == Tokenizer(str(DEMO_TOKENIZER)).identity()["sha256"]
+    cfg = train.default_config()
+    cfg.update_from_flattened_dict({"total_steps": 1, "logger.output_dir": str(tmp_path / "run"),
+                                    "tokenizer.vocab_file": trained["foreign"], "load_llama_config": "demo",
+                                    "update_llama_config": trained["update"], "load_checkpoint": f"params::{tmp_path / 'ours'}",
+                                    "train_dataset.json_dataset.seq_length": 32})
+    with pytest.raises(ValueError, match=f"checkpoint {tmp_path / 'ours'} was trained with the tokenizer"):
+        train.Trainer(cfg).run()
+
+
 # ------------------------------------------------------------------------------------------------
 # The dictionary's direction
 # ------------------------------------------------------------------------------------------------

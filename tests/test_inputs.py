@@ -269,11 +269,12 @@ def test_a_text_file_trains_one_record_per_line_on_the_json_source(tmp_path):
 
 def test_flags_for_a_source_the_run_does_not_read_are_named(tmp_path, caplog):
     cfg = pipeline.default_config("json")  # a recipe's flagfile set the huggingface group's shape
-    cfg.huggingface_dataset.update(path="tatsu-lab/alpaca", seq_length=512, batch_size=16)
+    cfg.huggingface_dataset.update(path="tatsu-lab/alpaca", seq_length=1024, batch_size=16)
     with caplog.at_level(logging.WARNING):
         pipeline.DatasetIterator(cfg, Tokenizer(str(DEMO_TOKENIZER)))
     message, = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
-    assert "--train_dataset.huggingface_dataset.seq_length=512" in message
+    assert "reads --train_dataset.json_dataset.* (seq_length=128, batch_size=8)" in message
+    assert "--train_dataset.huggingface_dataset.seq_length=1024" in message
     assert "--train_dataset.huggingface_dataset.batch_size=16" in message
     assert "--train_dataset.huggingface_dataset.path=FILE" in message
 

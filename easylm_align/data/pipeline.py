@@ -185,10 +185,11 @@ def warn_unused_source_flags(config: ConfigDict, flag: str = "--train_dataset") 
     unused = unused_source_flags(config, flag)
     if unused:
         group = SOURCES[config.type].config_key
-        logging.warning("%s.type=%s reads %s.%s.*; these flags are for another source and are not used: %s. "
-                        "To read a local file with the huggingface source's settings (a recipe's flagfile), pass "
-                        "%s.huggingface_dataset.path=FILE instead of changing %s.type",
-                        flag, config.type, flag, group, ", ".join(unused), flag, flag)
+        used = config[group]
+        logging.warning("%s.type=%s reads %s.%s.* (seq_length=%d, batch_size=%d); these flags are for another "
+                        "source and are not used: %s. To read a local file with the huggingface source's settings "
+                        "(a recipe's flagfile), pass %s.huggingface_dataset.path=FILE instead of changing %s.type",
+                        flag, config.type, flag, group, used.seq_length, used.batch_size, ", ".join(unused), flag, flag)
 
 
 def abstract_batch(config: ConfigDict, flag: str = "--train_dataset") -> dict[str, tuple[tuple[int, ...], np.dtype]]:

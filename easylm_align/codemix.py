@@ -45,6 +45,7 @@ import string
 import unicodedata
 from collections.abc import Mapping, Sequence
 from itertools import compress
+from pathlib import Path
 from typing import NamedTuple
 
 from easylm_align import records
@@ -53,6 +54,7 @@ from easylm_align.records import DataError
 
 __all__ = [
     "CodeMixer",
+    "CoverageCheck",
     "DictionaryError",
     "MixStats",
     "load_muse_dictionary",
@@ -127,6 +129,49 @@ class MixStats(NamedTuple):
     def replaced_ratio(self) -> float:
         """Replaced / in-dictionary words: the realised code-mixing ratio (0 when none)."""
         return self.words_replaced / self.words_in_dict if self.words_in_dict else 0.0
+
+
+class CoverageCheck:
+    """Catches a dictionary in the wrong direction (``hi-en.txt`` on English text, an easy slip
+    since COMMIT's two stages use opposite directions): once the first ``words`` words of a run's
+    data are mixed, it prints the share found in the dictionary, and raises DictionaryError if it
+    is below ``min_coverage`` (naming the reversed file when it exists). Counts one process's
+    examples (each data worker checks its own)."""
+
+    def __init__(self, path: str | os.PathLike, min_coverage: float, words: int = 1000):
+        if not 0.0 <= float(min_coverage) <= 1.0:
+            raise ConfigError(f"--*.text_processor.codemix_min_coverage={min_coverage!r}: must be in [0, 1]")
+        self.path, self.min_coverage, self.words = str(path), float(min_coverage), words
+        self.seen = self.found = 0
+        self.done = False
+
+    def add(self, stats: MixStats) -> None:
+        if self.done:
+            return
+        self.seen += stats.words_seen
+        self.found += stats.words_in_dict
+        if self.seen < self.words:
+            return
+        self.done = True
+        coverage = self.found / self.seen
+        summary = f"{self.found} of the first {self.seen} words of the data ({coverage:.1%})"
+        if coverage < self.min_coverage:
+            raise DictionaryError(
+                f"--*.text_processor.codemix_dict_path={self.path}: only {summary} are in the dictionary "
+                f"(--*.text_processor.codemix_min_coverage={self.min_coverage:g}); {self._hint()}")
+        print(f"codemix: {summary} are in {self.path}", flush=True)
+
+    def _hint(self) -> str:
+        """The reversed dictionary (`hi-en.txt` for `en-hi.txt`) if it exists."""
+        path = Path(self.path)
+        match = re.fullmatch(r"([^-.]+)-([^-.]+)(\..*)?", path.name)
+        if match:
+            reversed_path = path.with_name(f"{match[2]}-{match[1]}{match[3] or ''}")
+            if reversed_path.is_file():
+                return (f"is it in the wrong direction? {reversed_path} maps {match[2]} to {match[1]} "
+                        "(the source language must be the data's)")
+        return ("is it the dictionary for this data's language (source words on the left)? Set "
+                "--*.text_processor.codemix_min_coverage=0 to train anyway")
 
 
 _WHITESPACE_SPLIT = re.compile(r"(\s+)").split

@@ -18,6 +18,8 @@ from typing import Any, Mapping, Optional, Sequence
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
+from easylm_align import flag_help
+
 from easylm_align.errors import ConfigError
 
 FLAGS = flags.FLAGS
@@ -31,13 +33,13 @@ def _define(fv: flags.FlagValues, name: str, value: Any, argv: Sequence[str]) ->
     if isinstance(value, ConfigDict):
         config_flags.DEFINE_config_dict(name, value, flag_values=fv, sys_argv=list(argv))
     elif isinstance(value, bool):
-        flags.DEFINE_bool(name, value, None, flag_values=fv)
+        flags.DEFINE_bool(name, value, flag_help.description(name) or None, flag_values=fv)
     elif isinstance(value, int):
-        flags.DEFINE_integer(name, value, None, flag_values=fv)
+        flags.DEFINE_integer(name, value, flag_help.description(name) or None, flag_values=fv)
     elif isinstance(value, float):
-        flags.DEFINE_float(name, value, None, flag_values=fv)
+        flags.DEFINE_float(name, value, flag_help.description(name) or None, flag_values=fv)
     elif isinstance(value, str):
-        flags.DEFINE_string(name, value, None, flag_values=fv)
+        flags.DEFINE_string(name, value, flag_help.description(name) or None, flag_values=fv)
     else:
         raise TypeError(f"flag {name}: unsupported default of type {type(value).__name__}")
 
@@ -106,14 +108,50 @@ def _exit_on_unknown(argv: Sequence[str], known: Sequence[str], prefix: str = ""
         sys.exit(2)
 
 
+HELP_FLAGS = ("--help", "-help", "-?", "--helpshort", "--helpfull", "-helpfull")
+
+
 def parse_flags_or_exit(argv: Sequence[str]) -> list[str]:
-    """absl `flags_parser` for app.run: clear one-line errors for misspelt or malformed flags."""
+    """absl `flags_parser` for app.run: clear one-line errors for misspelt or malformed flags; the
+    help flags print every flag with a one-line description (`flag_help`) and exit."""
+    asked = [a for a in argv[1:] if a in HELP_FLAGS]
+    if asked:
+        print(help_text(full=any("full" in a for a in asked)))
+        sys.exit(0)
     _exit_on_unknown(argv, known_flag_names())
     try:
         return FLAGS(argv)
     except FLAG_VALUE_ERRORS as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
+
+
+def help_text(full: bool = False) -> str:
+    """The program's docstring and its flags, one line each (absl would print each group as a dict);
+    `full` adds absl's own flags (--flagfile, --verbosity, ...)."""
+    main = sys.modules.get("__main__")
+    text = flag_help.usage(_DEFINED, getattr(main, "__doc__", "") or "")
+    groups = tuple(f"{name}." for name in _DEFINED)
+    own = []  # flags a program defines with absl directly (the sweep's --param, convert's flags)
+    for name in sorted(set(FLAGS)):
+        flag = FLAGS[name]
+        module = FLAGS.find_module_defining_flag(name, "")
+        if name in _DEFINED or name.startswith(groups) or flag.name != name or not _ours(module):
+            continue
+        own.append(f"  --{name}={flag.default}  {flag.help or ''}".rstrip())
+    if own:
+        text += "\n" + "\n".join(own)
+    if full:
+        others = sorted({FLAGS.find_module_defining_flag(n, "") for n in FLAGS} - {""})
+        text += ("\n\nFlags of absl and the libraries:\n  --flagfile=FILE  read flags from FILE, one per line "
+                 "(flags after it override them)\n" + "\n".join(FLAGS.module_help(m) for m in others if not _ours(m)))
+    else:
+        text += "\n\n--helpfull also lists the flags of absl (--flagfile, --verbosity, ...) and the libraries."
+    return text
+
+
+def _ours(module: str) -> bool:
+    return module == "__main__" or module.startswith("easylm_align")
 
 
 def parsed_config() -> ConfigDict:

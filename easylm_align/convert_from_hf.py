@@ -10,7 +10,8 @@ permutation because our rotary embedding uses Hugging Face's half-split layout. 
 `--scan_layers` the layers are stacked into the scanned layout as they are read.
 
 PATH is written with `checkpoint.save_params` and records the resolved LLaMA config in its meta
-(so `convert_to_hf` needs no --model_size for it). The tool prints the trainer flags to start
+(so `convert_to_hf` needs no --model_size for it), and the identity of DIR/tokenizer.model when
+there is one (so a run or tool given another tokenizer is refused). The tool prints the trainer flags to start
 from it: `--load_checkpoint=params::PATH --load_llama_config=NAME --update_llama_config='{...}'`,
 NAME being a preset with the same layer shapes (or 'debug' when none has them) and the JSON the
 fields that differ from it. Peak memory is one copy of the model: each tensor is read lazily and
@@ -34,6 +35,7 @@ from ml_collections import ConfigDict
 from easylm_align import checkpoint, model
 from easylm_align.hf_mapping import (DTYPES, ConversionError, expected_shapes, llama_fields_from_hf, quiet_orbax_logs,
                                      read_hf_config, staged_output, suggest_flags, tensor_specs)
+from easylm_align.tokenizer import Tokenizer, TokenizerError
 
 FLAGS = flags.FLAGS
 
@@ -157,8 +159,21 @@ def import_hf(hf_dir: str, output: str, dtype: str = "fp32", scan_layers: bool =
     with staged_output(dest, overwrite) as stage, _HFWeights(source) as weights:
         params = read_params(weights, config, DTYPES[dtype])
         checkpoint.save_params(stage, params, meta={"llama_config": config.to_dict(),
-                                                    "converted_from": str(source.absolute())})
+                                                    "converted_from": str(source.absolute()),
+                                                    **_tokenizer_meta(source)})
     return dest.absolute(), preset, updates
+
+
+def _tokenizer_meta(source: Path) -> dict:
+    """The identity of the model's SentencePiece tokenizer.model, when DIR has one: runs and tools
+    that load the checkpoint then refuse another tokenizer (`Tokenizer.check_recorded`)."""
+    path = source / "tokenizer.model"
+    if not path.is_file():
+        return {}
+    try:
+        return {"tokenizer": Tokenizer(str(path)).identity()}
+    except TokenizerError:  # not a SentencePiece model (a tokenizer.json-only model): nothing to record
+        return {}
 
 
 def main(argv: list[str]) -> None:

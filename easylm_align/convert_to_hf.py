@@ -72,6 +72,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_shard_size_mb", 2000, "largest safetensors shard, in MB (10^6 bytes); "
                          "a whole shard is held in memory before it is written")
     flags.DEFINE_bool("overwrite", False, "replace --output_dir if it exists and is not empty")
+    flags.DEFINE_bool("allow_tokenizer_mismatch", False, "export with a --tokenizer_path other than the one "
+                      "the checkpoint records (refused by default)")
     for name in ("load_checkpoint", "tokenizer_path", "output_dir"):
         flags.mark_flag_as_required(name)
 
@@ -219,7 +221,7 @@ def _load_tokenizer(path: str, config: ConfigDict) -> Tokenizer:
 
 def export(checkpoint_path: str, output_dir: str, tokenizer_path: str, model_size: str = "",
            update_llama_config: str = "", dtype: str = "fp16", max_shard_size_mb: int = 2000,
-           overwrite: bool = False) -> Path:
+           overwrite: bool = False, allow_tokenizer_mismatch: bool = False) -> Path:
     """Writes the Hugging Face directory; returns its path. Input problems raise ConversionError."""
     if max_shard_size_mb <= 0:
         raise ConversionError("--max_shard_size_mb must be positive")
@@ -228,15 +230,20 @@ def export(checkpoint_path: str, output_dir: str, tokenizer_path: str, model_siz
         if not easylm_checkpoint.is_streaming_file(ckpt):
             checkpoint.verify(ckpt)  # before the meta or any array is read
         return _export(ckpt, output_dir, tokenizer_path, model_size, update_llama_config, dtype, max_shard_size_mb,
-                       overwrite)
+                       overwrite, allow_tokenizer_mismatch)
     except checkpoint.CheckpointError as e:
         raise ConversionError(str(e)) from None
 
 
 def _export(ckpt: Path, output_dir: str, tokenizer_path: str, model_size: str, update_llama_config: str,
-            dtype: str, max_shard_size_mb: int, overwrite: bool) -> Path:
+            dtype: str, max_shard_size_mb: int, overwrite: bool, allow_tokenizer_mismatch: bool) -> Path:
     config = resolve_config(ckpt, model_size, update_llama_config)
     tokenizer = _load_tokenizer(tokenizer_path, config)
+    try:
+        tokenizer.check_recorded(checkpoint.read_meta(ckpt).get("tokenizer"), f"checkpoint {ckpt}",
+                                 allow_tokenizer_mismatch, "--tokenizer_path", "--allow_tokenizer_mismatch")
+    except TokenizerError as e:
+        raise ConversionError(str(e)) from None
     source = f"--model_size={model_size}" if model_size else "the config in its meta"
     dest = Path(output_dir)
     with _reader(ckpt, config) as reader:
@@ -269,7 +276,7 @@ def main(argv: list[str]) -> None:
     path = _checkpoint_path(FLAGS.load_checkpoint)
     try:
         out = export(path, FLAGS.output_dir, FLAGS.tokenizer_path, FLAGS.model_size, FLAGS.update_llama_config,
-                     FLAGS.dtype, FLAGS.max_shard_size_mb, FLAGS.overwrite)
+                     FLAGS.dtype, FLAGS.max_shard_size_mb, FLAGS.overwrite, FLAGS.allow_tokenizer_mismatch)
     except ConversionError as e:
         raise SystemExit(f"convert_to_hf: error: {e}") from None
     print(f"wrote Hugging Face LlamaForCausalLM ({FLAGS.dtype}) to {out}")

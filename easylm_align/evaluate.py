@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from easylm_align import model, run_config, tokenizer
+from easylm_align import model, tokenizer
 from easylm_align.errors import ConfigError
 from easylm_align.evaluation import runtime, squad
 from easylm_align.generation import GreedyDecoder
@@ -52,7 +52,7 @@ def default_eval_config() -> ConfigDict:
 def default_flags() -> ConfigDict:
     """The run configuration: the model flags every program shares and `--eval.*`. Defined as
     absl flags only when run as a program, so importing `evaluate_squad` defines no flag."""
-    return run_config.default_config(eval=default_eval_config())
+    return runtime.evaluator_flags(eval=default_eval_config())
 
 
 def task_name(config: ConfigDict) -> str:
@@ -152,7 +152,7 @@ def run(cfg: Any) -> dict:
     if not ev.squad_file:
         raise ConfigError("--eval.squad_file is required")
     examples = squad.load_squad(ev.squad_file)  # before loading the model: a bad file fails fast
-    params, llama, tok, mesh = runtime.load_model(cfg)
+    params, llama, tok, mesh = runtime.load_model(cfg, decodes=True)
     report = evaluate_squad(params, llama, tok, examples, ev, mesh)
     report["config"] = dict(report["config"], **runtime.model_description(cfg))
     runtime.write_report(report, ev.output)

@@ -23,7 +23,6 @@ import jax
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from easylm_align import run_config
 from easylm_align.errors import ConfigError
 from easylm_align.evaluation import icl_tasks, runtime
 from easylm_align.evaluation.loglik import LoglikScorer
@@ -48,7 +47,7 @@ def default_icl_config() -> ConfigDict:
 
 def default_flags() -> ConfigDict:
     """The run configuration: the model flags and `--icl.*` (see `evaluate.default_flags`)."""
-    return run_config.default_config(icl=default_icl_config())
+    return runtime.evaluator_flags(icl=default_icl_config())
 
 
 def _split(value: str, flag: str, cast: Callable = str) -> list:

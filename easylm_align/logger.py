@@ -12,16 +12,17 @@ environment applies (`WANDB_MODE=offline` keeps everything local; `wandb sync` u
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 from ml_collections import ConfigDict
 
-from easylm_align.errors import ConfigError
+from easylm_align.errors import ConfigError, UserError
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix (vendors' figures).
 PEAK_FLOPS = {
@@ -32,6 +33,21 @@ PEAK_FLOPS = {
 
 
 METRICS_FILE = "metrics.jsonl"
+
+
+class LogWriteError(UserError):
+    """The run's metrics cannot be written (a full file system, a quota, permissions)."""
+
+
+@contextlib.contextmanager
+def naming_failed_writes(path: Path) -> Iterator[None]:
+    """An OSError while writing the run's logs becomes one line naming the file and what to do."""
+    try:
+        yield
+    except OSError as e:
+        where = e.filename or path
+        raise LogWriteError(f"cannot write {where} ({e.strerror or e}); free space there or choose another "
+                            "--logger.output_dir, then rerun the same command") from None
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
@@ -88,13 +104,14 @@ class MetricsLogger:
         self.writer = self.wandb_run = None
         if not self.is_main:
             return
-        output_dir.mkdir(parents=True, exist_ok=True)
-        self._truncate_after(resume_step)
-        if config.tensorboard:
-            from tensorboardX import SummaryWriter
-            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
-        if config.online:
-            self.wandb_run = _start_wandb(config, output_dir, run_config)
+        with naming_failed_writes(self.path):
+            output_dir.mkdir(parents=True, exist_ok=True)
+            self._truncate_after(resume_step)
+            if config.tensorboard:
+                from tensorboardX import SummaryWriter
+                self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+            if config.online:
+                self.wandb_run = _start_wandb(config, output_dir, run_config)
 
     def _truncate_after(self, step: int) -> None:
         """A run killed after its last checkpoint logged steps that the resumed run will log again."""
@@ -112,7 +129,7 @@ class MetricsLogger:
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}, "tokens_per_s": tokens_per_s,
                "mfu": (tokens_per_s * self.flops_per_token / (self.num_devices * self.peak)) if self.peak else None}
         if self.is_main:
-            with open(self.path, "a") as f:
+            with naming_failed_writes(self.path), open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             if self.writer is not None:
                 for k, v in row.items():

@@ -274,3 +274,28 @@ def tsv_rows(path: str | Path, policy: BadLines, num_fields: Optional[Collection
             counts = " or ".join(map(str, sorted(num_fields)))
             problem = f"expected {counts} tab-separated fields{f' ({names})' if names else ''}, got {len(fields)}"
         yield policy.reject(str(path), number, problem) if problem else Row(str(path), number, fields)
+
+
+def text_lines(path: str | Path, policy: BadLines, first: int = 0, keep_blank: bool = False) -> Iterator[Row]:
+    """Plain text, one record per line: `{"text": line}` (the field the `datasets` text loader
+    names). Blank lines and lines before line `first + 1` as in `json_lines`."""
+    for number, line in lines(path):
+        if number <= first or not line.strip():
+            if keep_blank or number <= first:
+                yield Row(str(path), number, None)
+            continue
+        problem = not_utf8(line)
+        yield policy.reject(str(path), number, problem) if problem else Row(str(path), number, {"text": line})
+
+
+# File suffixes read as plain text (one record per line); every other file is JSON.
+TEXT_SUFFIXES = (".txt",)
+
+
+def file_records(path: str | Path, policy: BadLines, first: int = 0, keep_blank: bool = False,
+                 kind: str = "") -> Iterator[Row]:
+    """The records of a data file: `kind` 'text' (`text_lines`), 'json' (`json_records`), or by the
+    file's suffix when '' (`.txt` is text)."""
+    if kind == "text" or (not kind and str(path).endswith(TEXT_SUFFIXES)):
+        return text_lines(path, policy, first, keep_blank)
+    return json_records(path, policy, first, keep_blank)

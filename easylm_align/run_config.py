@@ -12,9 +12,9 @@ the mesh and dtypes, `jax.distributed`) and adds its own groups:
 * the sweep parses the trainer's tree in-process and hands `model_part` of each run's config to
   the evaluator.
 
-So a model flag has one meaning and one default everywhere. `--load_llama_config` defaults to
-`demo`, the tiny model the trainer builds with no flags: evaluating that run needs no model flag,
-and evaluating any other model names its preset, as the paper's commands do (`--load_llama_config=7b`).
+So a model flag has one meaning and one default everywhere, with one exception: the trainer's
+`--load_llama_config` defaults to `demo`, the tiny model it builds with no flags, while the
+evaluators' defaults to '' = the config the checkpoint's meta records (`runtime.llama_config_for`).
 A checkpoint of another shape is refused with a message naming `--load_llama_config`.
 """
 

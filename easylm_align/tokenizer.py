@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import sentencepiece as spm
 from ml_collections import ConfigDict
@@ -20,7 +22,14 @@ class TokenizerError(UserError):
 
 def default_config() -> ConfigDict:
     """`--tokenizer.*`. The default vocabulary is the small demo model shipped with the package."""
-    return ConfigDict(dict(vocab_file=str(DEMO_TOKENIZER), add_bos_token=True, add_eos_token=True))
+    # allow_mismatch: load a checkpoint recorded with another tokenizer (refused by default: the
+    # embedding rows would mean other pieces); for a deliberate vocabulary change.
+    return ConfigDict(dict(vocab_file=str(DEMO_TOKENIZER), add_bos_token=True, add_eos_token=True,
+                           allow_mismatch=False))
+
+
+# What makes two tokenizers the same for a checkpoint: the file's bytes, and what a reader sees of them.
+IDENTITY_KEYS = ("sha256", "vocab_size", "bos_id", "eos_id", "unk_id", "pad_id")
 
 
 class Tokenizer:
@@ -38,6 +47,7 @@ class Tokenizer:
             raise TokenizerError(f"--tokenizer.vocab_file={vocab_file!r} is not a SentencePiece model: {e}") from None
         self.add_bos_token = add_bos_token
         self.add_eos_token = add_eos_token
+        self._identity: Optional[dict] = None
 
     @classmethod
     def from_config(cls, config: ConfigDict) -> "Tokenizer":
@@ -72,6 +82,34 @@ class Tokenizer:
             raise TokenizerError(f"--tokenizer.vocab_file has {self.vocab_size} pieces but the model's "
                                  f"vocab_size is {model_vocab_size}")
 
+    def identity(self) -> dict:
+        """What a checkpoint records of its tokenizer: the file's SHA-256, size and special ids (and
+        the file name, for messages only)."""
+        if self._identity is None:
+            digest = hashlib.sha256(Path(self.vocab_file).read_bytes()).hexdigest()
+            self._identity = dict(file=self.vocab_file, sha256=digest, vocab_size=self.vocab_size,
+                                  bos_id=self.bos_id, eos_id=self.eos_id, unk_id=self.sp.unk_id(),
+                                  pad_id=self.sp.pad_id())
+        return self._identity
+
+    def check_recorded(self, recorded: Optional[dict], where: str, allow: bool = False,
+                       flag: str = "--tokenizer.vocab_file", allow_flag: str = "--tokenizer.allow_mismatch") -> None:
+        """Refuses (TokenizerError) to use this tokenizer with `where` (a checkpoint) if the checkpoint
+        recorded another one; `allow` turns the refusal into a warning. Checkpoints that recorded
+        none (older ones, conversions) pass."""
+        if not recorded:
+            return
+        mine = self.identity()
+        if all(recorded.get(k) == mine[k] for k in IDENTITY_KEYS):
+            return
+        message = (f"{where} was trained with the tokenizer {describe_identity(recorded)}, but {flag} is "
+                   f"{describe_identity(mine)}")
+        if allow:
+            logging.warning("%s; going on because %s=True", message, allow_flag)
+            return
+        raise TokenizerError(f"{message}; use the tokenizer the checkpoint was trained with, or pass "
+                             f"{allow_flag}=True if the change is meant")
+
     def encode(self, text: str) -> list[int]:
         return self.sp.EncodeAsIds(text)
 
@@ -80,6 +118,13 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.Decode([int(i) for i in ids])
+
+
+def describe_identity(identity: dict) -> str:
+    """One line: `FILE (sha256 0123456789ab, 32000 pieces, bos 1, eos 2, unk 0, pad -1)`."""
+    return (f"{identity.get('file', '?')} (sha256 {str(identity.get('sha256', '?'))[:12]}, "
+            f"{identity.get('vocab_size', '?')} pieces, bos {identity.get('bos_id', '?')}, "
+            f"eos {identity.get('eos_id', '?')}, unk {identity.get('unk_id', '?')}, pad {identity.get('pad_id', '?')})")
 
 
 def split_tokens(tokenizer: Tokenizer, text: str, prefix_chars: int) -> tuple[list[int], int]:

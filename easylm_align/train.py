@@ -80,6 +80,9 @@ class Trainer:
             raise ConfigError(f"--total_steps={cfg.total_steps}: nothing would be trained; give a positive number")
         if cfg.nonfinite_policy not in NONFINITE_POLICIES:
             raise ConfigError(f"--nonfinite_policy={cfg.nonfinite_policy!r}: choose one of {NONFINITE_POLICIES}")
+        if cfg.log_freq < 1:
+            raise ConfigError(f"--log_freq={cfg.log_freq}: must be at least 1 (log every N steps)")
+        _warn_if_beyond_positions(cfg.train_dataset, self.llama_config.max_position_embeddings)
         self.model = model.build_model(self.llama_config, cfg.dtype, cfg.param_dtype)
         try:  # a backend the run's options rule out is a config error, found before any data is read
             self.attention_backend = attention.resolve(
@@ -129,6 +132,7 @@ class Trainer:
         rng = jax.random.PRNGKey(self.cfg.seed)
         params_t, state_t = self._abstract_state()
         kind, path = checkpoint.parse_load_checkpoint(self.cfg.load_checkpoint)
+        self._check_tokenizer(ckpt, kind, path)
         if ckpt.latest_step() is not None:  # resume this run: weights, optimizer, step, RNG and data
             where = ckpt.step_path(ckpt.latest_step())
             self._check_resume(where, ckpt.latest_step())
@@ -158,6 +162,17 @@ class Trainer:
         if step > self.cfg.total_steps:
             raise ConfigError(f"--total_steps={self.cfg.total_steps}: the run in {self.output_dir} is already at "
                               f"step {step}; give --total_steps={step} or more, or another --logger.output_dir")
+    def _check_tokenizer(self, ckpt: checkpoint.TrainCheckpointer, kind: str, path: str) -> None:
+        """The checkpoint this run starts from must have been trained with this run's tokenizer
+        (its meta records it, `_checkpoint_meta`), unless --tokenizer.allow_mismatch says otherwise."""
+        if ckpt.latest_step() is not None:
+            where = ckpt.step_path(ckpt.latest_step())
+        elif kind:
+            where = checkpoint.resolve_path(path)
+        else:
+            return
+        self.tokenizer.check_recorded(checkpoint.read_meta(where).get("tokenizer"), f"checkpoint {where}",
+                                      self.cfg.tokenizer.allow_mismatch)
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -265,7 +280,8 @@ class Trainer:
         if jax.process_index() == 0:
             (self.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         meta = lambda data_state: {"step": step, "dataset": data_state,
-                                   "flags": cfg.to_dict(), "llama_config": self.llama_config.to_dict()}
+                                   "flags": cfg.to_dict(), "llama_config": self.llama_config.to_dict(),
+                                   "tokenizer": self.tokenizer.identity()}  # checked on every load
         progress = tqdm(total=cfg.total_steps, initial=step, disable=jax.process_index() != 0, desc="train")
         unchecked: list[tuple[int, Any]] = []  # at most one (step, loss) not yet read back from the device
         skips_seen = int(state["nonfinite_skips"])
@@ -354,6 +370,15 @@ def _check_reference_ranks(cfg: ConfigDict) -> None:
         raise ConfigError(f"--objectives.reference_ranks={cfg.objectives.reference_ranks} and "
                           f"--train_dataset.{group_key}.clm_groups={groups} must be equal: a W-rank AFP run "
                           "groups each rank's CLM texts alone")
+def _warn_if_beyond_positions(data: ConfigDict, max_positions: int) -> None:
+    """A sequence longer than the model's max_position_embeddings trains (rotary positions have no
+    table), but the exported config.json would then claim the shorter maximum."""
+    source = pipeline.SOURCES.get(data.type)
+    seq_length = data[source.config_key].seq_length if source else 0
+    if seq_length > max_positions:
+        logging.warning("--train_dataset.%s.seq_length=%d is longer than the model's max_position_embeddings=%d "
+                        "(which an exported config.json records); set --llama.max_position_embeddings=%d if the "
+                        "longer context is meant", source.config_key, seq_length, max_positions, seq_length)
 
 
 def _warn_new_skips(step: int, skips: int, seen: int) -> int:

@@ -227,7 +227,8 @@ def test_codemix_pairs_text(tok, tmp_dir, dictionary, data):
     path = write(tmp_dir, ".txt", data)
     cfg = pipeline.default_config("codemix_pairs")
     cfg.codemix_pairs_dataset.update(path=str(path), batch_size=2, seq_length=64, pair_length=16)
-    cfg.text_processor.update(codemix_dict_path=str(dictionary), codemix_ratio=0.5)
+    cfg.text_processor.update(codemix_dict_path=str(dictionary), codemix_ratio=0.5,
+                              codemix_min_coverage=0.0)  # random text: a two-word dictionary finds nothing
     expect_epoch_or_own_error(cfg, tok, path)
 
 

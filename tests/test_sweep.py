@@ -168,3 +168,49 @@ def test_each_value_gets_the_config_the_trainer_would_parse(tmp_path):
     assert [c.optimizer.adamw_optimizer.lr for c in p.configs.values()] == [1e-4, 3e-4]
     assert all(c.total_steps == 7 and c.llama.scan_layers is True for c in p.configs.values())
     assert p.run_dir("3e-4") == tmp_path / "s" / "lr=3e-4" and p.task == ""
+
+
+def test_sigterm_is_passed_to_the_trainer_which_saves_and_a_rerun_resumes(tmp_path):
+    """A scheduler's SIGTERM to the sweep: the trainer saves (exit 75), the sweep exits 75, nothing is
+    left running, and the same sweep resumes the value; then a rerun with a changed flag is refused
+    and leaves the summary as it was."""
+    import signal
+    import time
+
+    sweep_dir = tmp_path / "sweep"
+    flags = [f for f in TRAIN_FLAGS if not f.startswith("--total_steps")] + ["--log_freq=1"]
+    args = ["--param=seed", "--values=1", f"--sweep_dir={sweep_dir}", "--"]
+    proc = subprocess.Popen([sys.executable, "-m", "easylm_align.tools.sweep", *args, *flags, "--total_steps=100000"],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = sweep_dir / "seed=1" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)  # to the sweep alone, as a scheduler does
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stdout + stderr
+    assert "interrupted: SIGTERM received; passed on to easylm_align.train, which exited with status 75" in stderr
+    log = (sweep_dir / "seed=1" / "train.log").read_text()
+    assert "preempted: SIGTERM received" in log
+    from easylm_align import checkpoint
+    steps = checkpoint.saved_steps(sweep_dir / "seed=1")
+    assert len(steps) == 1
+    rows = len(metrics.read_text().splitlines())
+    time.sleep(2)  # no orphaned trainer goes on writing
+    assert len(metrics.read_text().splitlines()) == rows
+
+    # The same sweep (here told to stop one step later) resumes the value from the saved step.
+    done = run_sweep(*args, *flags, f"--total_steps={steps[0] + 1}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resumes from step {steps[0]}" in done.stdout
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()][-1] == steps[0] + 1
+    summary = {name: (sweep_dir / name).read_bytes() for name in ("sweep.csv", "sweep.md", "sweep.png")}
+    assert read_csv(sweep_dir / "sweep.csv")[0]["final_loss"]
+
+    # A changed flag: refused in one line, nothing trained or rewritten.
+    changed = run_sweep(*args, *flags, f"--total_steps={steps[0] + 1}", "--train_dataset.json_dataset.seq_length=48")
+    assert changed.returncode == 2
+    error, = [line for line in changed.stderr.splitlines() if line.startswith("error: ")]
+    assert "seed=1:" in error and "was trained with other flags" in error and "seq_length" in error
+    assert {name: (sweep_dir / name).read_bytes() for name in summary} == summary

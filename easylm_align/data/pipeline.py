@@ -14,6 +14,7 @@ and a run resumed on any number of hosts sees exactly the batches an uninterrupt
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 from collections import Counter
 from typing import Iterator, Optional
@@ -89,6 +90,7 @@ class DatasetIterator:
 
     def __init__(self, config: ConfigDict, tokenizer: Tokenizer, flag: str = "--train_dataset"):
         source_cls = _source_class(config, flag)
+        warn_unused_source_flags(config, flag)
         group = config[source_cls.config_key]
         self.seq_length, self.batch_size = group.seq_length, group.batch_size
         self.flag = flag
@@ -185,6 +187,29 @@ def _source_class(config: ConfigDict, flag: str) -> type[Source]:
     if config.type not in SOURCES:
         raise DataError(f"{flag}.type={config.type!r}: choose one of {sorted(SOURCES)}")
     return SOURCES[config.type]
+
+
+def unused_source_flags(config: ConfigDict, flag: str = "--train_dataset") -> list[str]:
+    """`--flag.group.key=value` for each value set in a source group that `config.type` does not read
+    (a flagfile's `huggingface_dataset.*` under `--train_dataset.type=json`)."""
+    used = _source_class(config, flag).config_key
+    unused = []
+    for cls in SOURCES.values():
+        if cls.config_key != used:
+            defaults, group = cls.default_config(), config[cls.config_key]
+            unused += [f"{flag}.{cls.config_key}.{k}={group[k]}" for k in defaults if group[k] != defaults[k]]
+    return unused
+
+
+def warn_unused_source_flags(config: ConfigDict, flag: str = "--train_dataset") -> None:
+    unused = unused_source_flags(config, flag)
+    if unused:
+        group = SOURCES[config.type].config_key
+        used = config[group]
+        logging.warning("%s.type=%s reads %s.%s.* (seq_length=%d, batch_size=%d); these flags are for another "
+                        "source and are not used: %s. To read a local file with the huggingface source's settings "
+                        "(a recipe's flagfile), pass %s.huggingface_dataset.path=FILE instead of changing %s.type",
+                        flag, config.type, flag, group, used.seq_length, used.batch_size, ", ".join(unused), flag, flag)
 
 
 def abstract_batch(config: ConfigDict, flag: str = "--train_dataset") -> dict[str, tuple[tuple[int, ...], np.dtype]]:

@@ -35,7 +35,7 @@ from typing import NamedTuple, Optional, Sequence
 from ml_collections import ConfigDict
 
 from easylm_align.alpaca_templates import get_alpaca_template
-from easylm_align.codemix import CodeMixer, MixStats
+from easylm_align.codemix import CodeMixer, CoverageCheck, MixStats
 from easylm_align.errors import ConfigError, UserError
 from easylm_align.tokenizer import Tokenizer
 
@@ -68,6 +68,9 @@ def default_config() -> ConfigDict:
         codemix_dict_path="",
         codemix_ratio=0.0,
         codemix_seed=0,
+        # Stop when fewer than this share of the data's first 1,000 words are in the dictionary
+        # (a dictionary in the wrong direction finds none); 0 turns the check off. codemix.CoverageCheck.
+        codemix_min_coverage=0.01,
         # True: mix only instruction, input and output, never the Alpaca template (the paper's
         # COMMIT); False (EasyLM/COMMIT's default): mix the whole prompt, template included.
         block_codemix_in_template=False,
@@ -104,6 +107,7 @@ class TextProcessor:
                 config.codemix_dict_path, config.codemix_ratio, config.codemix_seed,
                 lowercase_fallback=config.codemix_lowercase_fallback,
                 whitespace_split=config.codemix_whitespace_split)
+            self.coverage = CoverageCheck(config.codemix_dict_path, config.codemix_min_coverage)
 
     def segments(self, example: dict, index: int) -> tuple[list[Segment], MixStats]:
         """The processor's own logic: the example as text segments (code-mixing done where wanted)."""
@@ -140,7 +144,9 @@ class TextProcessor:
     def mix(self, texts: Sequence[str], index: int) -> tuple[list[str], MixStats]:
         if self.mixer is None:
             return list(texts), MixStats(0, 0, 0)
-        return self.mixer.mix_fields(texts, index)
+        mixed, stats = self.mixer.mix_fields(texts, index)
+        self.coverage.add(stats)
+        return mixed, stats
 
 
 def get_field(example: dict, name: str, required: bool = True) -> str:

@@ -9,6 +9,7 @@ EasyLM's `seq_length` and `batch_size`.
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import ClassVar, Iterator, NamedTuple, Optional
 
 import numpy as np
@@ -73,10 +74,20 @@ class Source:
         return PackedBatcher.batch_spec(group)
 
 
+def file_records(files: list[str], bad_lines: records.BadLines, start: int, kind: str = "") -> Iterator[Record]:
+    """The records of local files, numbered across them, from record number `start` (`records.file_records`)."""
+    number = 0
+    for path in files:
+        for row in records.file_records(path, bad_lines, first=max(start - number, 0), keep_blank=True, kind=kind):
+            if number >= start:
+                yield Record(row.value, row.location, row.bad)
+            number += 1
+
+
 class JsonSource(Source):
-    """Local JSON-lines files (one example per line) or JSON files holding a list (Alpaca's), read by
-    `records` under the `on_bad_line` policy; every line of a JSON-lines file and every list element
-    is one record."""
+    """Local JSON-lines files (one example per line), JSON files holding a list (Alpaca's) or plain
+    text files (`.txt`, one `text` record per line), read by `records` under the `on_bad_line`
+    policy; every line of a JSON-lines or text file and every list element is one record."""
     name, config_key = "json", "json_dataset"
 
     @staticmethod
@@ -91,12 +102,7 @@ class JsonSource(Source):
             raise DataError(f"{flag}.path={config.path!r} matches no file")
 
     def records(self, start: int) -> Iterator[Record]:
-        number = 0
-        for path in self.files:
-            for row in records.json_records(path, self.bad_lines, first=max(start - number, 0), keep_blank=True):
-                if number >= start:
-                    yield Record(row.value, row.location, row.bad)
-                number += 1
+        return file_records(self.files, self.bad_lines, start)
 
     def reject(self, record: Record, problem: str) -> Record:
         self.bad_lines.check(record.location, problem)
@@ -104,25 +110,36 @@ class JsonSource(Source):
 
 
 class HuggingfaceSource(Source):
-    """`datasets.load_dataset(path, name, split=…, streaming=…, data_files=…)`: hub data sets, the
-    local cache, or local files (`path=json`, `data_files=…/alpaca_data.json`)."""
+    """`datasets.load_dataset(path, name, split=…, streaming=…, data_files=…)`: hub data sets and the
+    local cache. Local JSON and text files (`path=FILE` or `DIR`, or `path=json`/`text` with
+    `data_files=…`, the seed's route) are read as `JsonSource` reads them, so their records are
+    checked the same way and errors name the file and line (the `datasets` loader would turn a
+    missing field into null and a number into a string)."""
     name, config_key = "huggingface", "huggingface_dataset"
     epoch_tail = "drop"
 
     @staticmethod
     def default_config() -> ConfigDict:
         return ConfigDict(dict(path="", name="", split="train", streaming=True, data_files="",
-                               seq_length=512, batch_size=8))
+                               seq_length=512, batch_size=8, on_bad_line="error"))
 
     def __init__(self, config: ConfigDict, flag: str):
         super().__init__(config, flag)
-        import datasets as hf_datasets  # heavy import, only when used
-
         if not config.path:
             raise DataError(f"{flag}.path is empty")
         data_files = config.data_files or None
         if data_files and not records.matching_files(data_files):
             raise DataError(f"{flag}.data_files={data_files!r} matches no file")
+        self.files, self.kind = _local_files(config, flag)
+        if Path(config.path).is_dir() and not self.files and not any(Path(config.path).iterdir()):
+            raise DataError(f"{flag}.path={config.path!r}: the directory is empty")
+        if self.files:
+            if config.split != "train":
+                raise DataError(f"{flag}.split={config.split!r}: local files have only the 'train' split")
+            self.bad_lines = records.BadLines(config.on_bad_line, flag)
+            return
+        import datasets as hf_datasets  # heavy import, only when used
+
         try:
             self.dataset = hf_datasets.load_dataset(config.path, config.name or None, split=config.split,
                                                     streaming=config.streaming, data_files=data_files)
@@ -131,9 +148,37 @@ class HuggingfaceSource(Source):
                             f"split={config.split!r}: {type(e).__name__}: {e}") from None
 
     def records(self, start: int) -> Iterator[Record]:
+        if self.files:
+            yield from file_records(self.files, self.bad_lines, start, self.kind)
+            return
         if self.config.streaming:
             data = self.dataset.skip(start) if start else self.dataset
         else:
             data = (self.dataset[i] for i in range(start, len(self.dataset)))
         for i, example in enumerate(data, start):
             yield Record(dict(example), f"{self.config.path}[{i}]")
+
+    def reject(self, record: Record, problem: str) -> Record:
+        if not self.files:
+            return super().reject(record, problem)
+        self.bad_lines.check(record.location, problem)
+        return Record(None, record.location, bad=True)
+
+
+# What the `datasets` library's `json` and `text` loaders read; other local files (CSV, Parquet, a
+# saved data set) are left to it.
+LOCAL_SUFFIXES = (".json", ".jsonl", ".txt")
+
+
+def _local_files(config: ConfigDict, flag: str) -> tuple[list[str], str]:
+    """(files, kind) when the source is local JSON or text files, else ([], '')."""
+    if config.path in ("json", "text") and config.data_files:
+        return records.matching_files(config.data_files), config.path
+    path = Path(config.path)
+    if path.is_file():
+        return ([str(path)], "") if path.suffix in LOCAL_SUFFIXES else ([], "")
+    if path.is_dir():
+        return sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix in LOCAL_SUFFIXES), ""
+    if path.suffix in LOCAL_SUFFIXES:  # meant as a file; the hub would answer with a puzzling error
+        raise DataError(f"{flag}.path={config.path!r}: no such file")
+    return [], ""

@@ -21,7 +21,13 @@ the value; final train loss against the value). They are rewritten after every v
 Resuming: run the same command again. A value whose final checkpoint exists is not retrained.
 A report that exists for the same checkpoint and eval settings is not recomputed. An interrupted
 run is restarted in its own directory, so the trainer resumes from its latest checkpoint. A
-directory trained with different flags is not touched; that value is reported as `changed_flags`.
+directory trained with different flags refuses the sweep before anything runs: nothing is trained,
+evaluated or rewritten (exit status 2).
+
+Signals: SIGTERM or SIGINT (Ctrl-C) to the sweep is passed on to the running trainer or evaluator
+(once; the children run in their own session, so a terminal's Ctrl-C reaches them only this way).
+The sweep waits for it to exit (a trainer saves a checkpoint first, exit 75) and exits with status
+75; running the same command again resumes that value.
 
 Before anything runs, each value's train config is derived in this process, as the trainer would
 parse its command line (`config.parse_config` on `train.default_config()`): a misspelt train flag,

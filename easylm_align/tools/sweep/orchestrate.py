@@ -1,12 +1,16 @@
 """Running a sweep: for each value, train (or resume) in a subprocess, then evaluate in another.
 
 Each run is its own process because the trainer and the evaluator own the devices while they run.
+The sweep supervises them (`Supervisor`): SIGTERM or SIGINT to the sweep is passed on to the
+running child, the sweep waits for it (a trainer saves a checkpoint and exits 75) and then exits 75
+itself, so rerunning the same command resumes that value.
 """
 
 from __future__ import annotations
 
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -15,10 +19,10 @@ from typing import Optional, Sequence, TextIO
 
 from ml_collections import ConfigDict
 
-from easylm_align import config, run_config
+from easylm_align import config, preemption, run_config
 from easylm_align.evaluate import default_eval_config
 from easylm_align.tools.sweep import state
-from easylm_align.tools.sweep.plan import Plan
+from easylm_align.tools.sweep.plan import Plan, SweepError
 from easylm_align.tools.sweep.report import Result, write_summary
 
 
@@ -35,13 +39,63 @@ def eval_command(cfg: ConfigDict, ckpt: Path, eval_cfg: ConfigDict, report: Path
             *config.to_flags({"eval": eval_cfg}, {"eval": default_eval_config()}), f"--eval.output={report}"]
 
 
-def _run_logged(cmd: Sequence[str], log: Path) -> int:
+class Interrupted(Exception):
+    """The sweep received SIGTERM or SIGINT; the child it was running has exited."""
+
+
+class Supervisor:
+    """While active (a context manager), SIGTERM and SIGINT to the sweep are recorded and passed on to
+    the running child, once each; `run` waits for the child to exit either way, then raises
+    Interrupted. Children run in their own session, so Ctrl-C in a terminal reaches a trainer only
+    through the sweep (once: a second SIGINT would make it stop without saving)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.child: Optional[subprocess.Popen] = None
+        self.received: Optional[int] = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "Supervisor":
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = signum
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signum)
+
+    def check(self) -> None:
+        if self.received is not None:
+            raise Interrupted(signal.Signals(self.received).name)
+
+    def run(self, cmd: Sequence[str], stdout: TextIO) -> int:
+        """Runs `cmd` to its end; its exit status, or Interrupted if a signal came meanwhile."""
+        self.check()
+        self.child = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True)
+        if self.received is not None:  # arrived between the check and the start
+            self.child.send_signal(self.received)
+        try:
+            code = self.child.wait()
+        finally:
+            self.child = None
+        if self.received is not None:
+            raise Interrupted(f"{signal.Signals(self.received).name} received; passed on to "
+                              f"{cmd[2]}, which exited with status {code}")
+        return code
+
+
+def _run_logged(cmd: Sequence[str], log: Path, supervisor: Supervisor) -> int:
     """Runs `cmd`, appending its output to `log` (one header line per attempt); returns its exit status."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a", encoding="utf-8") as f:
         f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
         f.flush()
-        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+        return supervisor.run(cmd, f)
 
 
 def _log_tail(log: Path, n: int = 15) -> tuple[str, str]:
@@ -60,26 +114,43 @@ def _report_failure(r: Result, status: str, note: str, log: Path, out: TextIO) -
 
 
 def run_sweep(plan: Plan, dry_run: bool = False, out: Optional[TextIO] = None) -> int:
-    """Trains and evaluates every value; returns the exit status (0 all ok, 1 some value failed).
-    Progress goes to `out` (stdout)."""
+    """Trains and evaluates every value; returns the exit status (0 all ok, 1 some value failed,
+    75 interrupted by SIGTERM/SIGINT: rerun to resume). Progress goes to `out` (stdout).
+    A value whose directory was trained with other flags refuses the whole sweep (SweepError)
+    before anything runs or is written."""
     out = out or sys.stdout
     results = [Result(v, plan.run_dir(v)) for v in plan.values]
     if dry_run:
         _print_dry_run(plan, results, out)
         return 0
+    _refuse_changed_runs(plan)
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     if not plan.task:
         print("note: no --eval.squad_file; runs are trained but not evaluated", file=out)
-    for i, result in enumerate(results, 1):
-        print(f"[{i}/{len(results)}] {plan.param}={result.value}: {result.run_dir}", file=out, flush=True)
-        _run_one(plan, result, out)
-        write_summary(plan.sweep_dir, plan.param, results, plan.task)
+    with Supervisor() as supervisor:
+        for i, result in enumerate(results, 1):
+            print(f"[{i}/{len(results)}] {plan.param}={result.value}: {result.run_dir}", file=out, flush=True)
+            try:
+                _run_one(plan, result, out, supervisor)
+            except Interrupted as e:
+                print(f"interrupted: {e}; {plan.param}={result.value} resumes when the same command is run "
+                      f"again (exit code {preemption.EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+                return preemption.EXIT_PREEMPTED
+            write_summary(plan.sweep_dir, plan.param, results, plan.task)
     failed = [r for r in results if r.status != "ok"]
     print(f"sweep: {len(results) - len(failed)}/{len(results)} ok; results in {plan.sweep_dir / 'sweep.csv'}, "
           f"{plan.sweep_dir / 'sweep.md'}, {plan.sweep_dir / 'sweep.png'}", file=out)
     for r in failed:
         print(f"error: {plan.param}={r.value}: {r.status}: {r.note}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _refuse_changed_runs(plan: Plan) -> None:
+    """A rerun with other flags changes nothing: no run, and no summary rewritten with blanks."""
+    changed = [f"{plan.param}={v}: {description}" for v in plan.values
+               for kind, description in [state.run_state(plan.run_dir(v), plan.configs[v])] if kind == "changed"]
+    if changed:
+        raise SweepError("; ".join(changed))
 
 
 def _print_dry_run(plan: Plan, results: list[Result], out: TextIO) -> None:
@@ -99,12 +170,12 @@ def _print_dry_run(plan: Plan, results: list[Result], out: TextIO) -> None:
             print("# not evaluated: no --eval.squad_file", file=out)
 
 
-def _train(plan: Plan, r: Result, out: TextIO) -> bool:
+def _train(plan: Plan, r: Result, out: TextIO, supervisor: Supervisor) -> bool:
     """Trains (or resumes) one value unless it is finished; False when it failed or cannot run."""
     cfg = plan.configs[r.value]
     kind, description = state.run_state(r.run_dir, cfg)
-    if kind in ("changed", "ahead"):
-        r.status, r.note = ("changed_flags" if kind == "changed" else "train_failed"), description
+    if kind == "ahead":
+        r.status, r.note = "train_failed", description
         print(f"  skipped: {description}", file=out)
         return False
     if kind == "finished":
@@ -113,7 +184,7 @@ def _train(plan: Plan, r: Result, out: TextIO) -> bool:
     log = r.run_dir / "train.log"
     print(f"  training{f' ({description})' if kind == 'partial' else ''}; log: {log}", file=out, flush=True)
     start = time.time()
-    code = _run_logged(train_command(plan, r.value), log)
+    code = _run_logged(train_command(plan, r.value), log, supervisor)
     ckpt = state.final_checkpoint(r.run_dir, cfg)
     if code != 0 or not (ckpt / "params").is_dir():
         r.final_step, r.final_loss = state.final_loss(r.run_dir)
@@ -124,7 +195,7 @@ def _train(plan: Plan, r: Result, out: TextIO) -> bool:
     return True
 
 
-def _evaluate(plan: Plan, r: Result, out: TextIO, retrained: bool) -> None:
+def _evaluate(plan: Plan, r: Result, out: TextIO, retrained: bool, supervisor: Supervisor) -> None:
     cfg = plan.configs[r.value]
     ckpt = state.final_checkpoint(r.run_dir, cfg)
     report = r.run_dir / f"eval_{plan.task}.json"
@@ -134,7 +205,7 @@ def _evaluate(plan: Plan, r: Result, out: TextIO, retrained: bool) -> None:
         log = r.run_dir / f"eval_{plan.task}.log"
         print(f"  evaluating {plan.task}; log: {log}", file=out, flush=True)
         start = time.time()
-        code = _run_logged(eval_command(cfg, ckpt, plan.eval_cfg, report), log)
+        code = _run_logged(eval_command(cfg, ckpt, plan.eval_cfg, report), log, supervisor)
         if code != 0 or not state.report_is_current(report, plan.eval_cfg, ckpt):
             _report_failure(r, "eval_failed", f"exit {code}: {_log_tail(log)[1]}" if code else
                             f"no report {report.name}", log, out)
@@ -146,9 +217,9 @@ def _evaluate(plan: Plan, r: Result, out: TextIO, retrained: bool) -> None:
           f"{r.aggregate['multilingual_exact_match']:.2f}  F1 {r.aggregate['multilingual_f1']:.2f})", file=out)
 
 
-def _run_one(plan: Plan, r: Result, out: TextIO) -> None:
+def _run_one(plan: Plan, r: Result, out: TextIO, supervisor: Supervisor) -> None:
     finished_before = state.run_state(r.run_dir, plan.configs[r.value])[0] == "finished"
-    if not _train(plan, r, out):
+    if not _train(plan, r, out, supervisor):
         return
     r.final_step, r.final_loss = state.final_loss(r.run_dir)
     if r.final_loss is not None:
@@ -156,4 +227,4 @@ def _run_one(plan: Plan, r: Result, out: TextIO) -> None:
     if not plan.task:
         r.status, r.note = "ok", "not evaluated: no --eval.squad_file"
         return
-    _evaluate(plan, r, out, retrained=not finished_before)
+    _evaluate(plan, r, out, retrained=not finished_before, supervisor=supervisor)

@@ -16,7 +16,7 @@ CSV_COLUMNS = ("param", "value", "status", "final_step", "final_loss", "task", "
 
 @dataclass
 class Result:
-    """What became of one value: status is pending, ok, train_failed, eval_failed or changed_flags."""
+    """What became of one value: status is pending, ok, train_failed or eval_failed."""
     value: str
     run_dir: Path
     status: str = "pending"

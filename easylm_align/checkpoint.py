@@ -100,9 +100,17 @@ def reading(path: Path) -> Iterator[None]:
 
 
 def read_meta(path: str | Path) -> dict:
+    """The checkpoint's meta item; verified against the checksums first (it is small), since the
+    config, tokenizer and data position it records decide how the rest is read."""
     meta = Path(path) / "meta" / "metadata"
     if not meta.exists():
         return {}
+    try:
+        integrity.verify(path, only=("meta/",))
+    except integrity.Unsealed:
+        pass  # reading the params says so
+    except integrity.DamagedCheckpoint as e:
+        raise CheckpointError(f"{e}; it cannot be used") from None
     with reading(Path(path)):
         return json.loads(meta.read_text())
 

@@ -145,7 +145,8 @@ class Trainer:
         loss_fn = objectives.OBJECTIVES[self.cfg.objective]
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
         (_, metrics), grads = jax.value_and_grad(
-            lambda p: loss_fn(self.model, p, batch, step_rng, False, self.cfg.objectives), has_aux=True)(params)
+            lambda p: loss_fn(self.model, optimizer.stop_frozen_gradients(p, self.cfg.optimizer.trainable), batch,
+                              step_rng, False, self.cfg.objectives), has_aux=True)(params)
         updates, opt_state = self.tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         grad_norm, skips = optax.tree.norm(grads), state["nonfinite_skips"]

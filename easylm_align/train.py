@@ -25,7 +25,7 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from easylm_align import (attention, checkpoint, logger, memory, model, objectives, optimizer, preemption,
-                          run_config, sharding, tokenizer)
+                          resize, run_config, sharding, tokenizer)
 from easylm_align.config import FLAGS, define_flags_with_default, parse_flags_or_exit, parsed_config
 from easylm_align.data import pipeline
 from easylm_align.errors import ConfigError, exit_on_user_error
@@ -45,6 +45,7 @@ DEFAULTS = dict(
     train_dataset=pipeline.default_config(),
     eval_dataset=pipeline.default_config(),
     optimizer=optimizer.default_config(),
+    resize=resize.default_config(),
     objectives=objectives.default_config(),
     logger=logger.default_config(),
     squad_eval=during_training.default_config(),
@@ -72,6 +73,8 @@ class Trainer:
         self.llama_config = model.get_llama_config(cfg.load_llama_config, cfg.update_llama_config,
                                                    cfg.llama.to_dict())
         self.tokenizer = tokenizer.Tokenizer.from_config(cfg.tokenizer)
+        self.llama_config.vocab_size = resize.padded_vocab_size(
+            self.tokenizer.vocab_size, self.llama_config.vocab_size, cfg.resize.pad_vocab_to_multiple)
         self.tokenizer.check_fits(self.llama_config.vocab_size)
         if cfg.objective not in objectives.OBJECTIVES:
             raise ConfigError(f"--objective={cfg.objective!r}: choose one of {sorted(objectives.OBJECTIVES)}")
@@ -134,7 +137,9 @@ class Trainer:
             params, state, _ = checkpoint.load_train_state(path, params_t, state_t)
             return params, state
         if kind == "params":
-            params = checkpoint.load_params(path, params_t, self.llama_config)
+            # A smaller vocabulary (an extended tokenizer) grows to the model's: resize.py.
+            params = resize.load_params(path, params_t, self.llama_config, self.cfg.resize,
+                                        self.cfg.tokenizer.vocab_file)
             state = jax.jit(self._fresh_train_state, out_shardings=self.state_sh)(params, rng)
             return params, state
         return jax.jit(self._init_state, out_shardings=(self.param_sh, self.state_sh))(rng)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from easylm_align import (attention, checkpoint, logger, memory, model, objectives, optimizer, preemption,
                           resize, run_config, sharding, tokenizer)
 from easylm_align.config import FLAGS, define_flags_with_default, parse_flags_or_exit, parsed_config
-from easylm_align.data import pipeline
+from easylm_align.data import mixture, pipeline
 from easylm_align.errors import ConfigError, exit_on_user_error
 from easylm_align.evaluation import during_training
 
@@ -297,6 +297,7 @@ class Trainer:
         for key in ("skipped_lines", "truncated_sentences", "clm_tokens_dropped"):  # the last two: data/pairs.py
             if s[key]:
                 out[f"data/{key}"] = s[key]
+        out.update(mixture.component_metrics(s))  # per-component examples and tokens of a mixture
         if s["words_seen"]:
             out.update({f"codemix/{k}": s[k] for k in ("words_seen", "words_in_dict", "words_replaced")})
             out["codemix/replaced_fraction"] = s["words_replaced"] / max(s["words_in_dict"], 1)

@@ -190,3 +190,27 @@ def load_params(path: str, target: Any, llama_config: Any, config: ConfigDict, n
     flat = {path_str(k): v for k, v in jax.tree_util.tree_leaves_with_path(params)}
     return jax.tree_util.tree_map_with_path(
         lambda k, t: jax.device_put(flat[path_str(k)].astype(t.dtype), getattr(t, "sharding", None)), target)
+
+
+def resize_checkpoint(path: str, output: str, new_tokenizer_file: str, config: ConfigDict) -> tuple[int, int]:
+    """Writes a params checkpoint of `path` grown to the new tokenizer's size (rounded up to
+    `config.pad_vocab_to_multiple`), with its meta's llama_config updated; for `convert_to_hf` and any
+    program that reads params. Returns (old, new) vocabulary sizes."""
+    ckpt = checkpoint.resolve_path(path)
+    meta = checkpoint.read_meta(ckpt)
+    params = checkpoint.load_params_numpy(str(ckpt))
+    old_vocab = params["embed_tokens"]["embedding"].shape[0]
+    new_tok = _load_tokenizer(new_tokenizer_file)
+    new_vocab = padded_vocab_size(_tokenizer_size(new_tok), old_vocab, config.pad_vocab_to_multiple or 1)
+    if new_vocab <= old_vocab:
+        raise ConfigError(f"{new_tokenizer_file} has {_tokenizer_size(new_tok)} pieces: the checkpoint's vocabulary "
+                          f"({old_vocab}) needs no resizing")
+    sources: Sequence[list[int]] = [[]] * (new_vocab - old_vocab)
+    if config.init == "subword_mean":
+        sources = new_row_sources(_load_tokenizer(old_tokenizer_path(config, path)), new_tok, old_vocab, new_vocab)
+    llama = dict(meta.get("llama_config", {}))
+    resized = resize_params(params, new_vocab, sources, config.init, llama.get("initializer_range", 0.02), config.seed)
+    if llama:
+        llama["vocab_size"] = new_vocab
+    checkpoint.save_params(output, resized, meta=dict(meta, llama_config=llama) if llama else meta)
+    return old_vocab, new_vocab

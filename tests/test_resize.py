@@ -87,3 +87,51 @@ def test_equal_vocabulary_loads_unchanged_and_bad_init_is_one_line(tmp_path):
         resize.resize_params(params, 6, [[], []], "zero", 0.02)
     assert resize.padded_vocab_size(4100, 4096, 0) == 4096
     assert resize.padded_vocab_size(4100, 4096, 128) == 4224
+
+
+def test_extended_model_exports_to_transformers(tmp_path):
+    """extend_vocab -> resize_vocab -> convert_to_hf: transformers' logits equal ours and its tokenizer
+    encodes as ours, Hindi (new pieces) and English alike."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+    import transformers
+    from conftest import REPO_ROOT, TEST_DATA
+    from easylm_align.convert_to_hf import export
+    from easylm_align.tokenizer import Tokenizer
+    from easylm_align.tools import extend_vocab
+    from test_convert import VOCAB, forward_fn, our_config, random_checkpoint, train_llama_tokenizer
+
+    base = train_llama_tokenizer(tmp_path / "base.model")
+    hindi = tmp_path / "hi.txt"
+    hindi.write_text("\n".join((TEST_DATA / "mono/hi.ud_pud.txt").read_text(encoding="utf-8").splitlines()[:150]))
+    extended = tmp_path / "extended.model"
+    added, _ = extend_vocab.extend(str(base), str(hindi), VOCAB + 200, str(extended))
+    config = our_config(num_key_value_heads=2)
+    old_params = random_checkpoint(tmp_path / "old", config, seed=2)
+    result = subprocess.run([sys.executable, "-m", "easylm_align.tools.resize_vocab",
+                             f"--load_checkpoint=params::{tmp_path / 'old'}", f"--tokenizer={extended}",
+                             f"--old_tokenizer={base}", f"--output={tmp_path / 'resized'}",
+                             "--pad_vocab_to_multiple=64"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    new_vocab = -(-(VOCAB + added) // 64) * 64
+    params = checkpoint.load_params_numpy(str(tmp_path / "resized"))
+    assert params["embed_tokens"]["embedding"].shape[0] == new_vocab
+    np.testing.assert_array_equal(params["lm_head"]["kernel"][:, :VOCAB], old_params["lm_head"]["kernel"])
+
+    out = export(str(tmp_path / "resized"), str(tmp_path / "hf"), str(extended), dtype="fp32")
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == new_vocab
+    hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ours_tok, theirs_tok = Tokenizer(str(extended)), transformers.AutoTokenizer.from_pretrained(out)
+    texts = ["भारत की राजधानी नई दिल्ली है।", "The three primary colors are red, blue, and yellow."]
+    for text in texts:
+        assert theirs_tok.encode(text, add_special_tokens=False) == ours_tok.encode(text), text
+    ids = np.asarray([[1] + ours_tok.encode(texts[0])[:15]])
+    assert ids.max() >= VOCAB  # the Hindi sentence uses new pieces
+    resized_config = our_config(num_key_value_heads=2, vocab_size=new_vocab)
+    ours = np.asarray(forward_fn(resized_config)(params, jnp.asarray(ids)))
+    with torch.no_grad():
+        theirs = hf(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)

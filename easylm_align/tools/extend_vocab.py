@@ -105,6 +105,17 @@ def base_kind(path: str) -> str:
     return "sentencepiece"
 
 
+def base_size(path: str) -> int:
+    """Entries in the base's vocabulary: SentencePiece pieces, or a tokenizer.json's distinct ids."""
+    if base_kind(path) == "sentencepiece":
+        from sentencepiece import sentencepiece_model_pb2
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(Path(path).read_bytes())
+        return len(proto.pieces)
+    spec = json.loads(Path(path).read_text(encoding="utf-8"))
+    return len(set(spec["model"]["vocab"].values()) | {t["id"] for t in spec.get("added_tokens", [])})
+
+
 def _wanted(base_size: int, vocab_size: int) -> int:
     if vocab_size <= base_size:
         raise VocabError(f"--vocab_size={vocab_size} leaves nothing to add: the base already has {base_size} pieces")
@@ -221,8 +232,10 @@ def extend_bpe_json(base: str, lines: Sequence[str], vocab_size: int, keep_ascii
     learner = tokenizers.Tokenizer(models.BPE())
     learner.pre_tokenizer = base_tok.pre_tokenizer
     learner.normalizer = base_tok.normalizer
+    # Four times the tokens wanted (the trainer stops early on a small corpus): a base like Llama 3's
+    # already holds many of them; the first `wanted` new ones in merge order are kept.
     learner.train_from_iterator(map(_letters_only, lines), trainers.BpeTrainer(
-        vocab_size=256 + wanted + 64, show_progress=False, initial_alphabet=sorted(_byte_chars())))
+        vocab_size=256 + 4 * wanted, show_progress=False, initial_alphabet=sorted(_byte_chars())))
     trained = json.loads(learner.to_str())["model"]["merges"]
     pairs = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained]
     ascii_bytes = {c for c, b in _byte_chars().items() if b < 128}

@@ -21,9 +21,8 @@ clipping sees the trainable gradients only.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
-
 import re
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp

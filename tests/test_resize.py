@@ -135,3 +135,17 @@ def test_extended_model_exports_to_transformers(tmp_path):
     with torch.no_grad():
         theirs = hf(torch.from_numpy(ids)).logits.numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_subword_mean_without_a_known_old_tokenizer_is_one_line(tmp_path):
+    params = {"embed_tokens": {"embedding": np.ones((4, 2), np.float32)}}
+    checkpoint.save_params(tmp_path / "ckpt", params, meta={})  # records no tokenizer
+    target = {"embed_tokens": {"embedding": jax.ShapeDtypeStruct((6, 2), jnp.float32)}}
+    assert resize.vocab_growth(str(tmp_path / "ckpt"), target) == (4, 6)
+    with pytest.raises(resize.ConfigError, match="--resize.old_tokenizer"):
+        resize.load_params(str(tmp_path / "ckpt"), target, None, resize.default_config(), str(DEMO_TOKENIZER))
+    config = resize.default_config()
+    config.init = "mean"  # needs no tokenizer
+    grown = resize.load_params(str(tmp_path / "ckpt"), target, model.get_llama_config("demo"), config,
+                               str(DEMO_TOKENIZER))
+    np.testing.assert_array_equal(np.asarray(grown["embed_tokens"]["embedding"]), np.ones((6, 2)))

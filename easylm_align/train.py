@@ -128,12 +128,14 @@ class Trainer:
         params_t, state_t = self._abstract_state()
         kind, path = checkpoint.parse_load_checkpoint(self.cfg.load_checkpoint)
         if ckpt.latest_step() is not None:  # resume this run: weights, optimizer, step, RNG and data
+            self._check_optimizer_layout(ckpt.step_path(ckpt.latest_step()))
             params, state, meta = ckpt.restore_latest(params_t, state_t)
             where = ckpt.step_path(ckpt.latest_step())
             self.train_data.load_state_dict(pipeline.saved_position(meta["dataset"], str(where)))
             logging.info("resumed from %s", where)
             return params, state
         if kind == "trainstate":
+            self._check_optimizer_layout(checkpoint.resolve_path(path))
             params, state, _ = checkpoint.load_train_state(path, params_t, state_t)
             return params, state
         if kind == "params":
@@ -143,6 +145,16 @@ class Trainer:
             state = jax.jit(self._fresh_train_state, out_shardings=self.state_sh)(params, rng)
             return params, state
         return jax.jit(self._init_state, out_shardings=(self.param_sh, self.state_sh))(rng)
+
+    def _check_optimizer_layout(self, path: Path) -> None:
+        """An optimizer state holds moments for the trained parameters only (--optimizer.trainable), so
+        one written under another choice cannot be restored: say so before Orbax fails deep inside."""
+        saved = checkpoint.read_meta(path).get("flags", {}).get("optimizer", {}).get("trainable", "")
+        if saved != self.cfg.optimizer.trainable:
+            raise checkpoint.CheckpointError(
+                f"{path} was written with --optimizer.trainable={saved!r}, this run has "
+                f"{self.cfg.optimizer.trainable!r}: its optimizer state does not fit; start from its weights "
+                "with --load_checkpoint=params::PATH (and a new --logger.output_dir)")
 
     # -- steps ---------------------------------------------------------------------------------
 

@@ -98,3 +98,8 @@ def test_embeddings_stage_freezes_resumes_and_loads_into_a_full_run(tmp_path):
                                      load_checkpoint=f"params::{tmp_path}/full/checkpoints/streaming_params_4"))
     full.run()
     assert read_metrics(tmp_path / "next")[0]["step"] == 1
+    # Its optimizer state (embeddings only) cannot continue a full run: one line naming params::.
+    cfg = make_config(tmp_path / "wrong", total_steps=5, mesh_dim="1,2,4",
+                      load_checkpoint=f"trainstate::{tmp_path}/full/checkpoints/streaming_params_4")
+    with pytest.raises(checkpoint.CheckpointError, match=r"--optimizer.trainable='embeddings'.*params::PATH"):
+        train.Trainer(cfg).run()

@@ -17,6 +17,11 @@ seed's 7B command; docs/PERFORMANCE.md). `fused=False` runs the optax chain itse
 default `--optim` up to transformers 4.x, which AFP ran): ε is added to √v before the bias
 correction, `lr·√(1−β₂ᵗ)/(1−β₁ᵗ) · m/(√v + ε)`, and the decay `lr·wd·p` is taken from the weights
 after that step. Early in training, while √v is near ε, the two differ visibly.
+`trainable` (a regular expression searched in each parameter's path, or a shortcut from
+TRAINABLE_SHORTCUTS) trains only the parameters it matches. The others are frozen: they get no
+update and no weight decay, and the optimizer holds no moments (nor accumulated gradients) for
+them, so an embeddings-only stage keeps a fraction of a full run's optimizer memory. Gradient
+clipping sees the trainable gradients only.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ def default_config() -> ConfigDict:
     return ConfigDict(dict(
         type="adamw",
         accumulate_gradient_steps=1,
+        trainable="",  # '' trains everything; else a regex over parameter paths or a TRAINABLE_SHORTCUTS name
         adamw_optimizer=ConfigDict(dict(
             init_lr=0.0,
             lr=2e-3,
@@ -111,11 +117,14 @@ def build(config: ConfigDict) -> tuple[optax.GradientTransformation, Callable[[A
     k = config.accumulate_gradient_steps
     if k > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=k)
+    if config.trainable:
+        # Frozen leaves are MaskedNodes inside the trained branch: no moments, no accumulators.
+        tx = optax.multi_transform({TRAIN: tx, FROZEN: optax.set_to_zero()}, trainable_labels(config.trainable))
 
     def current_lr(opt_state: Any) -> jnp.ndarray:
-        inner = opt_state.inner_opt_state if k > 1 else opt_state
-        # Adam's and the schedule's counters both count weight updates; either will do.
-        return schedule(optax.tree_utils.tree_get_all_with_path(inner, "count")[0][1])
+        # Adam's and the schedule's counters both count weight updates; either will do. (MultiSteps'
+        # own counters are named mini_step and gradient_step.)
+        return schedule(optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1])
 
     return tx, current_lr
 
@@ -129,6 +138,51 @@ def zero_embedding_row(grads: Any, row: int) -> Any:
     def leaf(path, g):
         return g.at[row].set(0) if path_str(path) == "embed_tokens/embedding" else g
     return jax.tree_util.tree_map_with_path(leaf, grads)
+# Named parameter sets for --optimizer.trainable (regexes over tree_paths.path_str names).
+TRAINABLE_SHORTCUTS = {
+    "embeddings": r"^(embed_tokens/embedding|lm_head/kernel)$",  # input embeddings and LM head
+    "embed_tokens": r"^embed_tokens/embedding$",
+    "lm_head": r"^lm_head/kernel$",
+    "norms": r"norm/scale$",
+}
+TRAIN, FROZEN = "train", "frozen"
+
+
+def trainable_pattern(trainable: str) -> re.Pattern:
+    """The regex `--optimizer.trainable` names; a shortcut, or several joined by ',', expands."""
+    names = [n.strip() for n in trainable.split(",")]
+    if all(n in TRAINABLE_SHORTCUTS for n in names):
+        trainable = "|".join(f"(?:{TRAINABLE_SHORTCUTS[n]})" for n in names)
+    try:
+        return re.compile(trainable)
+    except re.error as e:
+        raise ConfigError(f"--optimizer.trainable={trainable!r} is not a regular expression ({e}) nor one of "
+                          f"the shortcuts {sorted(TRAINABLE_SHORTCUTS)}") from None
+
+
+def trainable_mask(params: Any, trainable: str) -> Any:
+    """True for each leaf `--optimizer.trainable` trains ('' trains all); an error if it matches none."""
+    if not trainable:
+        return jax.tree_util.tree_map(lambda _: True, params)
+    pattern = trainable_pattern(trainable)
+    mask = jax.tree_util.tree_map_with_path(lambda path, _: bool(pattern.search(path_str(path))), params)
+    if not any(jax.tree_util.tree_leaves(mask)):
+        names = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+        raise ConfigError(f"--optimizer.trainable={trainable!r} matches no parameter (paths look like "
+                          f"{names[0]!r}; shortcuts: {sorted(TRAINABLE_SHORTCUTS)})")
+    return mask
+
+
+def stop_frozen_gradients(params: Any, trainable: str) -> Any:
+    """`params` with frozen leaves behind stop_gradient, so their weight gradients are never computed."""
+    if not trainable:
+        return params
+    return jax.tree_util.tree_map(lambda p, t: p if t else jax.lax.stop_gradient(p), params,
+                                  trainable_mask(params, trainable))
+
+
+def trainable_labels(trainable: str) -> Callable[[Any], Any]:
+    return lambda params: jax.tree_util.tree_map(lambda t: TRAIN if t else FROZEN, trainable_mask(params, trainable))
 
 
 class ClippedAdamWState(NamedTuple):

@@ -25,9 +25,9 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from easylm_align import (attention, checkpoint, logger, memory, model, objectives, optimizer, preemption,
-                          run_config, run_identity, run_lock, sharding, tokenizer)
+                          resize, run_config, run_identity, run_lock, sharding, tokenizer)
 from easylm_align.config import FLAGS, define_flags_with_default, parse_flags_or_exit, parsed_config
-from easylm_align.data import pipeline
+from easylm_align.data import mixture, pipeline
 from easylm_align.errors import ConfigError, exit_on_user_error
 from easylm_align.evaluation import during_training
 
@@ -46,6 +46,7 @@ DEFAULTS = dict(
     train_dataset=pipeline.default_config(),
     eval_dataset=pipeline.default_config(),
     optimizer=optimizer.default_config(),
+    resize=resize.default_config(),
     objectives=objectives.default_config(),
     logger=logger.default_config(),
     squad_eval=during_training.default_config(),
@@ -73,6 +74,8 @@ class Trainer:
         self.llama_config = model.get_llama_config(cfg.load_llama_config, cfg.update_llama_config,
                                                    cfg.llama.to_dict())
         self.tokenizer = tokenizer.Tokenizer.from_config(cfg.tokenizer)
+        self.llama_config.vocab_size = resize.padded_vocab_size(
+            self.tokenizer.vocab_size, self.llama_config.vocab_size, cfg.resize.pad_vocab_to_multiple)
         self.tokenizer.check_fits(self.llama_config.vocab_size)
         if cfg.objective not in objectives.OBJECTIVES:
             raise ConfigError(f"--objective={cfg.objective!r}: choose one of {sorted(objectives.OBJECTIVES)}")
@@ -136,12 +139,14 @@ class Trainer:
         if ckpt.latest_step() is not None:  # resume this run: weights, optimizer, step, RNG and data
             where = ckpt.step_path(ckpt.latest_step())
             self._check_resume(where, ckpt.latest_step())
+            self._check_optimizer_layout(where)
             params, state, meta = ckpt.restore_latest(params_t, state_t)
             self.train_data.load_state_dict(pipeline.saved_position(meta["dataset"], str(where)))
             if jax.process_index() == 0:
                 print(f"resuming from step {int(state['step'])} of {self.output_dir}", flush=True)
             return params, state
         if kind == "trainstate":
+            self._check_optimizer_layout(checkpoint.resolve_path(path))
             params, state, _ = checkpoint.load_train_state(path, params_t, state_t)
             if int(state["step"]) >= self.cfg.total_steps:
                 raise ConfigError(f"--load_checkpoint={self.cfg.load_checkpoint} is at step {int(state['step'])}, "
@@ -149,7 +154,9 @@ class Trainer:
                                   "raise --total_steps")
             return params, state
         if kind == "params":
-            params = checkpoint.load_params(path, params_t, self.llama_config)
+            # A smaller vocabulary (an extended tokenizer) grows to the model's: resize.py.
+            params = resize.load_params(path, params_t, self.llama_config, self.cfg.resize,
+                                        self.cfg.tokenizer.vocab_file)
             state = jax.jit(self._fresh_train_state, out_shardings=self.state_sh)(params, rng)
             return params, state
         return jax.jit(self._init_state, out_shardings=(self.param_sh, self.state_sh))(rng)
@@ -162,17 +169,31 @@ class Trainer:
         if step > self.cfg.total_steps:
             raise ConfigError(f"--total_steps={self.cfg.total_steps}: the run in {self.output_dir} is already at "
                               f"step {step}; give --total_steps={step} or more, or another --logger.output_dir")
+
     def _check_tokenizer(self, ckpt: checkpoint.TrainCheckpointer, kind: str, path: str) -> None:
         """The checkpoint this run starts from must have been trained with this run's tokenizer
         (its meta records it, `_checkpoint_meta`), unless --tokenizer.allow_mismatch says otherwise."""
-        if ckpt.latest_step() is not None:
+        resuming = ckpt.latest_step() is not None
+        if resuming:
             where = ckpt.step_path(ckpt.latest_step())
         elif kind:
             where = checkpoint.resolve_path(path)
         else:
             return
-        self.tokenizer.check_recorded(checkpoint.read_meta(where).get("tokenizer"), f"checkpoint {where}",
-                                      self.cfg.tokenizer.allow_mismatch)
+        recorded = checkpoint.read_meta(where).get("tokenizer")
+        if not resuming and kind == "params" and recorded and recorded.get("vocab_size", 0) < self.tokenizer.vocab_size:
+            return  # an extended tokenizer: resize.load_params grows the vocabulary from the old one's pieces
+        self.tokenizer.check_recorded(recorded, f"checkpoint {where}", self.cfg.tokenizer.allow_mismatch)
+
+    def _check_optimizer_layout(self, path: Path) -> None:
+        """An optimizer state holds moments for the trained parameters only (--optimizer.trainable), so
+        one written under another choice cannot be restored: say so before Orbax fails deep inside."""
+        saved = checkpoint.read_meta(path).get("flags", {}).get("optimizer", {}).get("trainable", "")
+        if saved != self.cfg.optimizer.trainable:
+            raise checkpoint.CheckpointError(
+                f"{path} was written with --optimizer.trainable={saved!r}, this run has "
+                f"{self.cfg.optimizer.trainable!r}: its optimizer state does not fit; start from its weights "
+                "with --load_checkpoint=params::PATH (and a new --logger.output_dir)")
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -180,7 +201,8 @@ class Trainer:
         loss_fn = objectives.OBJECTIVES[self.cfg.objective]
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
         (_, metrics), grads = jax.value_and_grad(
-            lambda p: loss_fn(self.model, p, batch, step_rng, False, self.cfg.objectives), has_aux=True)(params)
+            lambda p: loss_fn(self.model, optimizer.stop_frozen_gradients(p, self.cfg.optimizer.trainable), batch,
+                              step_rng, False, self.cfg.objectives), has_aux=True)(params)
         if self.cfg.optimizer.freeze_eos_embedding:
             grads = optimizer.zero_embedding_row(grads, self.tokenizer.eos_id)
         updates, opt_state = self.tx.update(grads, state["opt_state"], params)
@@ -349,6 +371,7 @@ class Trainer:
         for key in ("skipped_lines", "truncated_sentences", "clm_tokens_dropped"):  # the last two: data/pairs.py
             if s[key]:
                 out[f"data/{key}"] = s[key]
+        out.update(mixture.component_metrics(s))  # per-component examples and tokens of a mixture
         if s["words_seen"]:
             out.update({f"codemix/{k}": s[k] for k in ("words_seen", "words_in_dict", "words_replaced")})
             out["codemix/replaced_fraction"] = s["words_replaced"] / max(s["words_in_dict"], 1)

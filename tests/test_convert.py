@@ -115,8 +115,7 @@ def greedy(forward, params, prompt: np.ndarray, new_tokens: int, eos: int, pad: 
     return tokens
 
 
-@pytest.fixture(scope="module")
-def llama_tokenizer(tmp_path_factory) -> Path:
+def train_llama_tokenizer(path: Path) -> Path:
     """A 512-piece BPE trained with LLaMA's SentencePiece settings: identity normalization, spaces
     kept, digits split, byte fallback (the settings Hugging Face's LlamaTokenizer reproduces)."""
     texts = [json.loads(line)["text"] for line in (ASSETS / "demo_corpus.jsonl").open(encoding="utf-8")]
@@ -126,9 +125,13 @@ def llama_tokenizer(tmp_path_factory) -> Path:
         character_coverage=0.98, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
         remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
         max_sentence_length=100000, minloglevel=2)
-    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
     path.write_bytes(buffer.getvalue())
     return path
+
+
+@pytest.fixture(scope="module")
+def llama_tokenizer(tmp_path_factory) -> Path:
+    return train_llama_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.model")
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from ml_collections import ConfigDict
 
 from easylm_align import shuffling
 from easylm_align.data import processors
+from easylm_align.data.mixture import MixtureSource
 from easylm_align.data.pairs import AfpSource, CodemixPairsSource
 from easylm_align.data.sources import HuggingfaceSource, JsonSource, Record, Source
 from easylm_align.records import DataError
@@ -31,6 +32,7 @@ from easylm_align.tokenizer import Tokenizer
 
 SOURCES: dict[str, type[Source]] = {cls.name: cls for cls in (JsonSource, HuggingfaceSource, AfpSource,
                                                                CodemixPairsSource)}
+SOURCES[MixtureSource.name] = MixtureSource  # several text sources drawn by weight (mixture.py)
 
 
 def default_config(dataset_type: str = "json") -> ConfigDict:

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from easylm_align import logger
 from easylm_align.errors import UserError
 
 LOCK_FILE = "trainer.lock"
@@ -81,8 +82,12 @@ class RunLock:
                                 self.path, holder.get("pid"), holder.get("host"))
                 self.path.unlink(missing_ok=True)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.record, f)
+            try:
+                with logger.naming_failed_writes(self.path), os.fdopen(fd, "w") as f:
+                    json.dump(self.record, f)
+            except logger.LogWriteError:
+                self.path.unlink(missing_ok=True)  # an empty lock would look held to the next run
+                raise
             self.held = True
             threading.Thread(target=self._heartbeat, name="trainer.lock", daemon=True).start()
             return

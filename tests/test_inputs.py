@@ -317,7 +317,8 @@ def test_a_sequence_beyond_max_position_embeddings_warns(tmp_path, caplog):
 
 def test_a_full_file_system_at_start_names_the_file(trained, tmp_path):
     """Resuming into a directory where nothing more can be written (a file-size limit of 0 bytes, which
-    fails writes as a full disk does, with EFBIG instead of ENOSPC): one line naming metrics.jsonl."""
+    fails writes as a full disk does, with EFBIG instead of ENOSPC): one line naming the first file
+    the run writes, its lock, which is not left behind to block the next run."""
     run = tmp_path / "run"
     shutil.copytree(trained["run"], run)
     # The limit is set, and SIGXFSZ ignored (the write fails instead of killing), in the process that
@@ -330,8 +331,8 @@ def test_a_full_file_system_at_start_names_the_file(trained, tmp_path):
                              f"--update_llama_config={trained['update']}"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     line = one_error_line(result)
-    assert line.startswith(f"error: cannot write {run / 'metrics.jsonl'} (File too large); free space there")
-    assert checkpoint.saved_steps(run) == [1]
+    assert line.startswith(f"error: cannot write {run / 'trainer.lock'} (File too large); free space there")
+    assert checkpoint.saved_steps(run) == [1] and not (run / "trainer.lock").exists()
 
 
 def test_help_describes_every_flag_the_recipes_set():

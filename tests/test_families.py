@@ -1,0 +1,225 @@
+"""Llama 3.x, Qwen2 and Mistral: one decoder, three configs, checked against `transformers`.
+
+Each family is a random tiny model built here from a `transformers` config (nothing is
+downloaded): Llama with Llama 3.1's `llama3` rope scaling and tied embeddings, Qwen2 with its q/k/v
+biases, Mistral with a sliding window shorter than the test sequence. The test sequence (24) is
+longer than the Llama model's original_max_position_embeddings (16), so the scaled frequencies matter.
+"""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+import transformers
+
+from easylm_align import checkpoint, model
+from easylm_align.convert_from_hf import import_hf
+from easylm_align.convert_to_hf import export
+from easylm_align.errors import ConfigError
+from easylm_align.hf_mapping import ConversionError, llama_fields_from_hf, suggest_flags
+from easylm_align.tokenizer import DEMO_TOKENIZER
+
+VOCAB, SEQ, WINDOW, ORIGINAL_POSITIONS = 4096, 24, 8, 16
+SHAPES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": ORIGINAL_POSITIONS}
+FAMILIES = {
+    "llama3": lambda: transformers.LlamaConfig(**SHAPES, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE,
+                                               tie_word_embeddings=True, rms_norm_eps=1e-5),
+    "llama_linear": lambda: transformers.LlamaConfig(**SHAPES, rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    "qwen2": lambda: transformers.Qwen2Config(**SHAPES, rope_theta=1000000.0, tie_word_embeddings=True),
+    "mistral": lambda: transformers.MistralConfig(**SHAPES, sliding_window=WINDOW, rope_theta=1000000.0),
+}
+CLASSES = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+           "mistral": transformers.MistralForCausalLM}
+
+
+def hf_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    config = FAMILIES[family]()
+    hf = CLASSES[config.model_type](config).eval()
+    with torch.no_grad():  # norms start at 1 and biases at 0: make every tensor tell itself apart
+        for name, weight in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                weight.normal_(1.0, 0.1)
+            elif name.endswith(".bias"):
+                weight.normal_(0.0, 0.1)
+    return hf
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def imported(request, tmp_path_factory):
+    """(family, HF model, its directory, our config, our params) after convert_from_hf."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    hf = hf_model(request.param)
+    hf.save_pretrained(tmp / "hf")
+    path, preset, updates = import_hf(str(tmp / "hf"), str(tmp / "ours"))
+    config = model.get_llama_config(preset, json.dumps(updates))
+    target = jax.eval_shape(lambda: model.init_params(model.build_model(config), jax.random.PRNGKey(0)))
+    return request.param, hf, tmp, path, config, checkpoint.load_params(str(path), target)
+
+
+def padded_batch():
+    """Two rows, the second left-padded by 5: tokens, 0/1 mask and positions counted from the first real token."""
+    tokens = np.random.RandomState(0).randint(3, VOCAB, (2, SEQ))
+    mask = np.ones((2, SEQ), np.int32)
+    mask[1, :5] = 0
+    tokens[1, :5] = 0
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    return tokens, mask, positions
+
+
+def our_logits(config, params, tokens, mask, positions, backend="auto"):
+    config = model.get_llama_config("debug", json.dumps(dict(config.to_dict(), attention=backend)))
+    out = model.build_model(config).apply({"params": params}, jnp.asarray(tokens), positions=jnp.asarray(positions),
+                                          segment_ids=jnp.asarray(mask))
+    return np.asarray(out.logits)
+
+
+def hf_logits(hf, tokens, mask, positions):
+    with torch.no_grad():
+        return hf(torch.from_numpy(tokens), attention_mask=torch.from_numpy(mask),
+                  position_ids=torch.from_numpy(positions)).logits.numpy()
+
+
+def test_import_reads_the_family_fields(imported):
+    family, hf, _, _, config, _ = imported
+    assert config.model_type == hf.config.model_type
+    assert config.attention_bias == (family == "qwen2")
+    assert config.sliding_window == (WINDOW if family == "mistral" else 0)
+    assert config.rope_scaling_type == {"llama3": "llama3", "llama_linear": "linear"}.get(family, "none")
+    assert config.tie_word_embeddings == hf.config.tie_word_embeddings
+
+
+def test_logits_match_transformers_on_a_padded_batch(imported):
+    _, hf, _, _, config, params = imported
+    tokens, mask, positions = padded_batch()
+    real = mask.astype(bool)
+    np.testing.assert_allclose(our_logits(config, params, tokens, mask, positions)[real],
+                               hf_logits(hf, tokens, mask, positions)[real], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["einsum", "xla", "chunked", "blockwise"])
+def test_sliding_window_in_every_backend_that_has_it(imported, backend):
+    family, hf, _, _, config, params = imported
+    if family != "mistral":
+        pytest.skip("the window is Mistral's")
+    tokens, mask, positions = padded_batch()
+    real = mask.astype(bool)
+    config = model.get_llama_config("debug", json.dumps(dict(config.to_dict(), attention_block_size=8)))
+    np.testing.assert_allclose(our_logits(config, params, tokens, mask, positions, backend)[real],
+                               hf_logits(hf, tokens, mask, positions)[real], atol=1e-4, rtol=0)
+
+
+def test_a_backend_without_the_window_refuses_a_longer_sequence(imported):
+    family, _, _, _, config, params = imported
+    if family != "mistral":
+        pytest.skip("the window is Mistral's")
+    tokens, mask, positions = padded_batch()
+    with pytest.raises(ConfigError, match="sliding window"):
+        our_logits(config, params, tokens, mask, positions, "splash")
+    # auto never picks a backend that lacks the window, and one at most as long as the window needs none
+    options = model.run_options(config, True, jnp.float32, SEQ)
+    assert model.attention.resolve("auto", options, "cpu") in ("chunked", "blockwise")
+    assert not model.run_options(config, True, jnp.float32, WINDOW).window
+
+
+def test_greedy_generation_matches_transformers(imported):
+    _, hf, _, _, config, params = imported
+    prompt = np.random.RandomState(3).randint(3, VOCAB, (2, 6))
+    with torch.no_grad():
+        theirs = hf.generate(torch.from_numpy(prompt), do_sample=False, max_new_tokens=SEQ - 6,
+                             eos_token_id=None, pad_token_id=0).numpy()
+    forward = jax.jit(lambda p, t: model.build_model(config).apply({"params": p}, t).logits)
+    tokens = np.zeros((2, SEQ), np.int32)
+    tokens[:, :6] = prompt
+    for t in range(6, SEQ):  # full forward over a fixed buffer: causal, so later slots cannot matter
+        tokens[:, t] = np.asarray(forward(params, jnp.asarray(tokens))[:, t - 1].argmax(-1))
+    np.testing.assert_array_equal(tokens, theirs)
+
+
+def test_hf_to_ours_to_hf_is_bitwise_and_loads_as_the_right_class(imported):
+    _, hf, tmp, path, config, _ = imported
+    out = export(str(path), str(tmp / "back"), str(DEMO_TOKENIZER), dtype="fp32", overwrite=True)
+    exported = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        exported.update(safetensors.numpy.load_file(shard))
+    original = {name: t.numpy() for name, t in hf.state_dict().items()
+                if not (name == "lm_head.weight" and hf.config.tie_word_embeddings)}
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        assert np.array_equal(exported[name], tensor), name
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(reloaded) is type(hf)
+    for key in ("rope_parameters", "sliding_window", "tie_word_embeddings"):
+        assert getattr(reloaded.config, key, None) == getattr(hf.config, key, None), key
+    tokens, mask, positions = padded_batch()
+    np.testing.assert_array_equal(hf_logits(reloaded, tokens, mask, positions), hf_logits(hf, tokens, mask, positions))
+
+
+def test_loss_and_gradients_past_the_original_context_are_finite(imported):
+    family, _, _, _, config, params = imported
+    if family != "llama3":
+        pytest.skip("rope scaling is Llama 3.1's")
+    length = 3 * ORIGINAL_POSITIONS
+    tokens = jnp.asarray(np.random.RandomState(4).randint(3, VOCAB, (1, length)))
+    flax_model = model.build_model(config)
+
+    def loss(p):
+        logits = flax_model.apply({"params": p}, tokens).logits[:, :-1]
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+
+    value, grads = jax.value_and_grad(loss)(params)
+    assert np.isfinite(float(value))
+    assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_llama3_frequencies_follow_metas_rule():
+    """Meta's `apply_scaling` (llama/model.py of Llama 3.1), written out per frequency here."""
+    dim, theta = 128, 500000.0
+    rope = model.Rope(theta, "llama3", 8.0, 1.0, 4.0, 8192)
+    base = [1.0 / theta ** (i / dim) for i in range(0, dim, 2)]
+    expected = []
+    for freq in base:
+        wavelength = 2 * np.pi / freq
+        if wavelength < 8192 / 4.0:
+            expected.append(freq)
+        elif wavelength > 8192 / 1.0:
+            expected.append(freq / 8.0)
+        else:
+            smooth = (8192 / wavelength - 1.0) / (4.0 - 1.0)
+            expected.append((1 - smooth) * freq / 8.0 + smooth * freq)
+    np.testing.assert_allclose(model.inverse_frequencies(rope, dim), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("model_type", "gemma", "model_type"),
+    ("num_local_experts", 8, "num_local_experts"),
+    ("use_qk_norm", True, "use_qk_norm"),
+    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}, "yarn"),
+    ("attention_bias", True, "attention_bias"),
+])
+def test_unsupported_checkpoint_fields_are_refused_by_name(tmp_path, field, value, named):
+    config = dict(FAMILIES["llama3"]().to_dict(), **{field: value})
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match=named):
+        import_hf(str(tmp_path / "hf"), str(tmp_path / "out"))
+
+
+def test_presets_resolve_with_the_large_model_defaults():
+    for name in ("llama3_1_8b", "llama3_2_1b", "llama3_2_3b", "llama3_1_70b", "qwen2_5_0_5b", "qwen2_5_1_5b",
+                 "qwen2_5_7b", "mistral_7b_v0_3"):
+        config = model.get_llama_config(name)
+        assert config.scan_layers and config.remat_policy == "nothing_saveable", name
+    hf_like = dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                   num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+                   rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001,
+                   rope_theta=500000.0, rope_scaling=dict(LLAMA3_ROPE, factor=32.0, original_max_position_embeddings=8192))
+    assert suggest_flags(llama_fields_from_hf(hf_like)) == ("llama3_2_1b", {})

@@ -223,3 +223,30 @@ def test_presets_resolve_with_the_large_model_defaults():
                    rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001,
                    rope_theta=500000.0, rope_scaling=dict(LLAMA3_ROPE, factor=32.0, original_max_position_embeddings=8192))
     assert suggest_flags(llama_fields_from_hf(hf_like)) == ("llama3_2_1b", {})
+
+
+@pytest.mark.parametrize("tokenizer", ["tiny_bpe", "llama3"])
+def test_seed_commit_command_runs_a_llama3_shaped_model(tokenizer, tmp_path, test_data, request):
+    """The seed's COMMIT command (code-mixing on) for 3 steps: Llama 3.2's preset shrunk to 2 narrow
+    layers (rope scaling, tied embeddings, scan and remat kept) with a Hugging Face or tiktoken tokenizer."""
+    from test_train import SEED_COMMIT, SEED_COMMON, run_train
+
+    if tokenizer == "llama3":
+        tok, vocab = request.getfixturevalue("shared_data") / "tokenizers/llama3/tokenizer.tiktoken", 128256
+    else:
+        tok, vocab = test_data / "tokenizers/tiny-bpe", 1000
+    out = tmp_path / "out"
+    args = (SEED_COMMON + "\n" + SEED_COMMIT).format(steps=3, out=out, tok=tok, warmup=1,
+                                                     data=test_data / "instruct_x/en.json").split()
+    args = [a.replace("--load_llama_config=debug", "--load_llama_config=llama3_2_1b") for a in args]
+    args += ["--update_llama_config=" + json.dumps(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                                                        bos_token_id=0 if vocab == 1000 else 128000,
+                                                        eos_token_id=1 if vocab == 1000 else 128001)),
+             "--log_freq=5000"]
+    result = run_train(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = checkpoint.read_meta(out / "checkpoints/streaming_params_3")
+    assert meta["llama_config"]["rope_scaling_type"] == "llama3" and meta["llama_config"]["scan_layers"]
+    row = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert row["step"] == 3 and row["codemix/words_replaced"] > 0 and np.isfinite(row["loss"])

@@ -250,3 +250,26 @@ def test_seed_commit_command_runs_a_llama3_shaped_model(tokenizer, tmp_path, tes
     assert meta["llama_config"]["rope_scaling_type"] == "llama3" and meta["llama_config"]["scan_layers"]
     row = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert row["step"] == 3 and row["codemix/words_replaced"] > 0 and np.isfinite(row["loss"])
+
+
+def test_kv_cache_decoding_of_left_padded_prompts_matches_transformers(imported):
+    """The evaluators' decoder (KV cache, prompts left-padded to a 64-slot bucket, longer than
+    Mistral's window) against `generate` on the same prompts padded to their longest."""
+    from easylm_align.generation import GreedyDecoder
+    from easylm_align.tokenizer import Tokenizer
+
+    _, hf, _, _, config, params = imported
+    tok = Tokenizer(str(Path(__file__).resolve().parent / "data/tokenizers/tiny-bpe"))
+    rng = np.random.RandomState(5)
+    prompts = [list(rng.randint(3, VOCAB, 5)), list(rng.randint(3, VOCAB, 11))]
+    ours = GreedyDecoder(model.build_model(config), tok, max_new_tokens=12, stop_at_newline=False).generate(
+        params, prompts).token_ids
+    longest = max(map(len, prompts))
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        theirs = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=12, eos_token_id=tok.eos_id,
+                             pad_token_id=0).numpy()[:, longest:]
+    for row, generated in enumerate(theirs.tolist()):
+        end = generated.index(tok.eos_id) + 1 if tok.eos_id in generated else len(generated)
+        assert ours[row] == generated[:end], row

@@ -1,7 +1,11 @@
 """The LLaMA decoder in Flax linen.
 
 LLaMA-1/2 (Touvron et al., 2023): RMSNorm, rotary position embedding, multi-head or grouped-query
-attention, SwiGLU MLP, untied (or optionally tied) LM head. On top of that, what the recipes need:
+attention, SwiGLU MLP, untied (or optionally tied) LM head. Today's LLaMA-family checkpoints are
+the same decoder with other config fields, never another copy of it: Llama 3.x (rope_theta 500000,
+Llama 3.1's `llama3` rotary scaling, tied embeddings), Qwen2/2.5 (`attention_bias`: q/k/v biases)
+and Mistral (`sliding_window`); `model_type` only says which Hugging Face class an export is.
+On top of that, what the recipes need:
 
 * segment ids, so examples packed into one row do not attend to each other;
 * forgetful causal masking (FCM, Liu et al., 2022), used by COMMIT's training runs;

@@ -67,6 +67,8 @@ class Tokenizer:
         if not path.exists():
             raise TokenizerError(f"--tokenizer.vocab_file={vocab_file!r}: no such file")
         self.vocab_file = str(path)
+        if path.is_dir() and not (path / "tokenizer.json").is_file() and (path / "tokenizer.model").is_file():
+            path = path / "tokenizer.model"  # a Hugging Face directory of a SentencePiece (or tiktoken) model
         self.add_bos_token = add_bos_token
         self.add_eos_token = add_eos_token
         self.pad_token: Optional[str] = None  # the pad token's name where a tokenizer.json has one
@@ -158,7 +160,8 @@ def recognise(path: Path) -> str:
     if path.is_dir():
         if (path / "tokenizer.json").is_file():
             return "hf_dir"
-        raise TokenizerError(f"--tokenizer.vocab_file={str(path)!r} is a directory without tokenizer.json; "
+        raise TokenizerError(f"--tokenizer.vocab_file={str(path)!r} is a directory without tokenizer.json "
+                             "or tokenizer.model; "
                              f"expected {_EXPECTED}")
     with open(path, "rb") as f:
         head = f.read(4096)

@@ -52,6 +52,9 @@ def test_kinds_are_recognised_from_the_content(tmp_path):
     assert Tokenizer(str(copy)).kind == "tokenizer.json"
     assert Tokenizer(str(TINY)).kind == "hf_dir"
     assert Tokenizer(str(DEMO_TOKENIZER)).kind == "sentencepiece"
+    (tmp_path / "hf_sentencepiece").mkdir()  # a Hugging Face directory of LLaMA-2's kind
+    shutil.copy(DEMO_TOKENIZER, tmp_path / "hf_sentencepiece" / "tokenizer.model")
+    assert Tokenizer(str(tmp_path / "hf_sentencepiece")).kind == "sentencepiece"
 
 
 @pytest.mark.parametrize("form", ["tokenizer.json", "directory"])

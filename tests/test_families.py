@@ -7,6 +7,8 @@ longer than the Llama model's original_max_position_embeddings (16), so the scal
 """
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -250,6 +252,22 @@ def test_seed_commit_command_runs_a_llama3_shaped_model(tokenizer, tmp_path, tes
     assert meta["llama_config"]["rope_scaling_type"] == "llama3" and meta["llama_config"]["scan_layers"]
     row = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert row["step"] == 3 and row["codemix/words_replaced"] > 0 and np.isfinite(row["loss"])
+
+    # The evaluators run on its checkpoint with the same model flags and tokenizer.
+    model_flags = [f"--load_checkpoint=params::{out}/checkpoints/streaming_params_3", "--load_llama_config=llama3_2_1b",
+                   args[-2], f"--tokenizer.vocab_file={tok}"]
+    squad = subprocess.run([sys.executable, "-m", "easylm_align.evaluate", *model_flags,
+                            f"--eval.squad_file={test_data / 'xquad/xquad.hi.json'}", "--eval.lang=hi",
+                            "--eval.max_examples=2", "--eval.max_new_tokens=4", f"--eval.output={tmp_path / 'squad.json'}"],
+                           capture_output=True, text=True, timeout=600)
+    assert squad.returncode == 0, squad.stderr[-3000:]
+    assert len(json.loads((tmp_path / "squad.json").read_text())["examples"]) == 2
+    icl = subprocess.run([sys.executable, "-m", "easylm_align.evaluate_icl", *model_flags, "--icl.tasks=pawsx",
+                          "--icl.prompt_langs=en", "--icl.sample_langs=zh", "--icl.shots=0", f"--icl.data_dir={test_data}",
+                          "--icl.limit=4", f"--icl.output={tmp_path / 'icl.json'}"],
+                         capture_output=True, text=True, timeout=600)
+    assert icl.returncode == 0, icl.stderr[-3000:]
+    assert json.loads((tmp_path / "icl.json").read_text())["results"]["pawsx_zh_s0_i0"]["n"] == 4
 
 
 def test_kv_cache_decoding_of_left_padded_prompts_matches_transformers(imported):

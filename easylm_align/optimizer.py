@@ -58,8 +58,9 @@ def lr_schedule(config: ConfigDict) -> optax.Schedule:
 
 
 def decay_mask(params: Any) -> Any:
-    """Weight decay applies to weight matrices and embeddings, never to RMSNorm scales."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: not path_str(path).endswith("norm/scale"), params)
+    """Weight decay applies to weight matrices and embeddings, never to RMSNorm scales nor biases (Qwen2's)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not path_str(path).endswith(("norm/scale", "/bias")), params)
 
 
 def build(config: ConfigDict) -> tuple[optax.GradientTransformation, Callable[[Any], jnp.ndarray]]:

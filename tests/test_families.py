@@ -291,3 +291,10 @@ def test_kv_cache_decoding_of_left_padded_prompts_matches_transformers(imported)
     for row, generated in enumerate(theirs.tolist()):
         end = generated.index(tok.eos_id) + 1 if tok.eos_id in generated else len(generated)
         assert ours[row] == generated[:end], row
+
+
+def test_weight_decay_skips_qwen2_biases():
+    from easylm_align import optimizer
+
+    mask = optimizer.decay_mask({"attention": {"wq": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}}})
+    assert mask["attention"]["wq"] == {"kernel": True, "bias": False}

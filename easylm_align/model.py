@@ -465,7 +465,9 @@ class LlamaForCausalLM(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                          embedding_init=nn.initializers.normal(cfg.initializer_range), name="embed_tokens")
         h = nn.Dropout(cfg.embd_pdrop)(embed(input_ids), deterministic=deterministic)
-        longest = max(cfg.max_position_embeddings, seq, 0 if cache is None else cache.segment_ids.shape[1])
+        # Positions count within a row (or the cache), so the tables need no more rows than that: a
+        # table of max_position_embeddings rows would be 128 MiB of constants for Llama 3's 131,072.
+        longest = seq if cache is None else max(seq, cache.segment_ids.shape[1])
         cos, sin = rotary_cos_sin(positions, head_dim(cfg), Rope.of(cfg), longest)
 
         q_slots = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))

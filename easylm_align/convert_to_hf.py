@@ -1,4 +1,5 @@
-"""Exports a params checkpoint as a Hugging Face `LlamaForCausalLM` directory.
+"""Exports a params checkpoint as a Hugging Face `LlamaForCausalLM`, `Qwen2ForCausalLM` or
+`MistralForCausalLM` directory, as the config's `model_type` says.
 
     python -m easylm_align.convert_to_hf --load_checkpoint=params::PATH \\
         --tokenizer_path=tokenizer.model --model_size=7b --output_dir=DIR [--dtype=bf16|fp32|fp16]
@@ -21,8 +22,10 @@ are read one at a time too, renamed and with q/k reordered to the half-split lay
 (`easylm_align.easylm_checkpoint`); such a file records no config, so `--model_size` is needed.
 
 DIR gets config.json, generation_config.json, model-0000K-of-0000N.safetensors with
-model.safetensors.index.json, and tokenizer.model with tokenizer_config.json and
-special_tokens_map.json for `LlamaTokenizer` (loading it needs `sentencepiece` and `protobuf`).
+model.safetensors.index.json, and, for a SentencePiece tokenizer, tokenizer.model with
+tokenizer_config.json and special_tokens_map.json for `LlamaTokenizer` (loading it needs
+`sentencepiece` and `protobuf`); for any other kind tokenizer.json with the same two JSON files
+for `PreTrainedTokenizerFast`.
 Everything is written into a hidden sibling directory that is renamed to DIR at the end.
 """
 

@@ -1,8 +1,9 @@
 """Attention backends behind one function, chosen by the LLaMA config field `attention`.
 
 Every backend computes, per query, softmax(q·k / sqrt(d)) over the keys it may see, times v:
-a key is visible when it is at an earlier or equal slot, in the same non-zero segment, and kept
-by forgetful causal masking (FCM). `MaskInfo` carries those facts as per-token vectors, so a
+a key is visible when it is at an earlier or equal slot, in the same non-zero segment, kept
+by forgetful causal masking (FCM) and, with a sliding window W > 0 (Mistral), fewer than W slots
+back (q_slot - k_slot < W, Hugging Face's rule). `MaskInfo` carries those facts as per-token vectors, so a
 backend that never materialises the (query, key) mask does not have to.
 
 * `einsum`: the plain path. fp32 scores of shape (batch, kv_heads, group, T, S) and a full mask;
@@ -12,7 +13,8 @@ backend that never materialises the (query, key) mask does not have to.
 * `cudnn`: the same call with `implementation="cudnn"` (fused flash attention on NVIDIA GPUs,
   bf16/fp16 only). No attention dropout.
 * `splash`: the Pallas splash-attention kernel on TPU (causal mask and segment ids inside the
-  kernel; interpreted elsewhere, which is only useful for tests). No dropout, no FCM.
+  kernel; interpreted elsewhere, which is only useful for tests). No dropout, no FCM, no sliding
+  window (refused when the sequence is longer than the window).
 * `chunked`: exact attention with the queries cut into blocks of `attention_block_size`; each
   block's softmax runs over the keys up to the block's end only (the causal mask hides the
   rest), in a head-major layout where every product is a plain batched matmul, with a custom
@@ -28,7 +30,8 @@ backend that never materialises the (query, key) mask does not have to.
   built by `easylm_align/cpu_kernels.py`):
   each (row, kv head) in one pass over its keys, no head-major copies, exact per-block softmax
   and a recomputing backward pass. fp32 on the CPU; segment ids and FCM; no attention dropout.
-  Built with the machine's C++ compiler on first use.
+  Built with the machine's C++ compiler on first use. No sliding window: a windowed model whose
+  sequence is longer than its window is refused (a shorter one never reaches the window).
 * `auto`: `splash` on TPU and `cudnn` on GPU where the run's options allow, else `xla` there;
   on the CPU `cpu_fused` (fp32, a compiler at hand), else `chunked`; `blockwise` when attention
   dropout is on; the pick, and why faster backends were passed over, is logged once.
@@ -66,13 +69,16 @@ class MaskInfo(NamedTuple):
         """The (batch, S) FCM keep-mask, all True when FCM is off."""
         return self.key_keep if self.key_keep is not None else jnp.ones(self.k_segments.shape, bool)
 
-    def dense(self) -> jnp.ndarray:
-        """The (batch, T, S) boolean mask."""
-        return block_mask(self.q_slots, self.k_slots, self.q_segments, self.k_segments, self.key_keep)
+    def dense(self, window: int = 0) -> jnp.ndarray:
+        """The (batch, T, S) boolean mask; `window` > 0 limits each query to that many slots back."""
+        return block_mask(self.q_slots, self.k_slots, self.q_segments, self.k_segments, self.key_keep, window)
 
 
-def block_mask(q_slots, k_slots, q_segments, k_segments, key_keep=None) -> jnp.ndarray:
-    causal = q_slots[:, :, None] >= k_slots[:, None, :]
+def block_mask(q_slots, k_slots, q_segments, k_segments, key_keep=None, window: int = 0) -> jnp.ndarray:
+    distance = q_slots[:, :, None] - k_slots[:, None, :]
+    causal = distance >= 0
+    if window > 0:  # slots, not positions: a packed segment or a left-padded row is contiguous in slots
+        causal = causal & (distance < window)
     same = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
     mask = causal & same
     return mask if key_keep is None else mask & key_keep[:, None, :]
@@ -83,6 +89,7 @@ class Options(NamedTuple):
     dropout_rate: float
     fcm: bool
     dtype: Any
+    window: bool = False  # a sliding window hides keys in this run (sequence longer than the window)
 
 
 def supported(backend: str, options: Options, platform: str) -> Optional[str]:
@@ -99,6 +106,8 @@ def supported(backend: str, options: Options, platform: str) -> Optional[str]:
         if jnp.dtype(options.dtype) not in (jnp.bfloat16, jnp.float16):
             return "attention=cudnn needs bf16 or fp16 compute (--dtype)"
         return None
+    if backend in ("splash", "cpu_fused") and options.window:
+        return f"attention={backend} has no sliding window (sliding_window shorter than the sequence)"
     if backend == "splash":
         if options.fcm:
             return "attention=splash has no forgetful causal masking (fcm_max_ratio > 0)"
@@ -141,25 +150,30 @@ def resolve(backend: str, options: Options, platform: Optional[str] = None) -> s
 
 def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: MaskInfo, *, backend: str,
            dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None,
-           block_size: int = 512) -> jnp.ndarray:
+           block_size: int = 512, window: int = 0) -> jnp.ndarray:
     """q (batch, T, heads, d), k/v (batch, S, kv_heads, d) → (batch, T, heads, d) in q's dtype.
 
     `backend` is a concrete one (see `resolve`). Dropout applies to the attention probabilities
-    when `dropout_rng` is given and `dropout_rate > 0`.
+    when `dropout_rng` is given and `dropout_rate > 0`. `window` > 0: sliding-window attention.
     """
     rate = dropout_rate if dropout_rng is not None else 0.0
+    if window > 0 and window >= q.shape[1] and backend in ("splash", "cpu_fused"):
+        window = 0  # no query reaches the window's edge: plain causal attention is the same
+    if window > 0 and backend in ("splash", "cpu_fused"):
+        raise ConfigError(f"attention={backend} has no sliding window: sliding_window={window} is shorter "
+                          f"than the sequence ({q.shape[1]}); use attention=chunked, blockwise or xla")
     if backend == "einsum":
-        return _einsum(q, k, v, mask.dense(), rate, dropout_rng)
+        return _einsum(q, k, v, mask.dense(window), rate, dropout_rng)
     if backend in ("xla", "cudnn"):
-        dense = mask.dense()[:, None]
+        dense = mask.dense(window)[:, None]
         return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=dense,
                                             implementation=backend).astype(q.dtype)
     if backend == "splash":
         return _splash(q, k, v, mask, interpret=jax.default_backend() != "tpu")
     if backend == "blockwise":
-        return blockwise_attention(q, k, v, mask, rate, dropout_rng, block_size)
+        return blockwise_attention(q, k, v, mask, rate, dropout_rng, block_size, window)
     if backend == "chunked":
-        return chunked_attention(q, k, v, mask, block_size)
+        return chunked_attention(q, k, v, mask, block_size, window)
     if backend == "cpu_fused":
         return cpu_attention.fused_attention(q, k, v, mask.q_segments, mask.k_segments, mask.keys_kept())
     raise ValueError(f"attention={backend!r} is not a concrete backend")
@@ -192,10 +206,11 @@ class _Blocks(NamedTuple):
     size: int      # block length along both T and S
     n: int         # number of blocks
     rate: float    # attention dropout
+    window: int = 0  # sliding window, 0: none
 
 
 def blockwise_attention(q, k, v, mask: MaskInfo, rate: float = 0.0, rng: Optional[jax.Array] = None,
-                        block_size: int = 512) -> jnp.ndarray:
+                        block_size: int = 512, window: int = 0) -> jnp.ndarray:
     """Blockwise attention for self-attention without a cache (T == S, slots 0..T-1 per row).
 
     The sequence is padded to a multiple of the block with segment 0 (invisible keys).
@@ -211,7 +226,7 @@ def blockwise_attention(q, k, v, mask: MaskInfo, rate: float = 0.0, rng: Optiona
     slots = jnp.broadcast_to(jnp.arange(n * size, dtype=jnp.int32), (b, n * size))
     vectors = (slots, padded(mask.q_segments), padded(mask.k_segments), padded(mask.keys_kept(), False))
     rng = rng if rng is not None and rate > 0 else jax.random.PRNGKey(0)
-    out = _flash(_Blocks(size, n, rate), _grouped(padded(q), k.shape[2]),
+    out = _flash(_Blocks(size, n, rate, window), _grouped(padded(q), k.shape[2]),
                  padded(k).astype(q.dtype), padded(v).astype(q.dtype), vectors, rng)
     return out[:, :t].reshape(b, t, h, d)
 
@@ -224,7 +239,8 @@ def _tile(blocks: _Blocks, q, k, v, vectors, rng, i, j):
     kj = jax.lax.dynamic_slice_in_dim(k, j * s, s, axis=1)
     vj = jax.lax.dynamic_slice_in_dim(v, j * s, s, axis=1)
     cut = lambda x, at: jax.lax.dynamic_slice_in_dim(x, at * s, s, axis=1)
-    visible = block_mask(cut(slots, i), cut(slots, j), cut(q_seg, i), cut(k_seg, j), cut(keep, j))[:, None, None]
+    visible = block_mask(cut(slots, i), cut(slots, j), cut(q_seg, i), cut(k_seg, j), cut(keep, j),
+                         blocks.window)[:, None, None]
     scale = 1.0 / np.sqrt(q.shape[-1])
     scores = jnp.einsum("bqkgd,bskd->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
     drop = _tile_dropout(rng, blocks.rate, i, j, scores.shape) if blocks.rate > 0 else None
@@ -333,7 +349,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # Query-chunked attention with a recomputing backward pass
 # ----------------------------------------------------------------------------------------------
 
-def chunked_attention(q, k, v, mask: MaskInfo, block_size: int = 512) -> jnp.ndarray:
+def chunked_attention(q, k, v, mask: MaskInfo, block_size: int = 512, window: int = 0) -> jnp.ndarray:
     """Self-attention (T == S, slots 0..T-1 per row) computed one query block at a time.
 
     Query block [start, end) can only see keys before `end`, so its scores are (end x block),
@@ -348,7 +364,7 @@ def chunked_attention(q, k, v, mask: MaskInfo, block_size: int = 512) -> jnp.nda
     slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     head_major = jnp.einsum("btkgd->bkgtd", _grouped(q, kv))
     kh, vh = (jnp.einsum("bskd->bksd", x.astype(q.dtype)) for x in (k, v))
-    out = _chunked(min(block_size, t), head_major, kh, vh,
+    out = _chunked((min(block_size, t), window), head_major, kh, vh,
                    (slots, mask.q_segments, mask.k_segments, mask.keys_kept()))
     return jnp.einsum("bkgtd->btkgd", out).reshape(b, t, h, d)
 
@@ -357,10 +373,11 @@ def _query_blocks(t: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(t, start + size)) for start in range(0, t, size)]
 
 
-def _chunk_probs(q, k, vectors, start: int, end: int) -> jnp.ndarray:
+def _chunk_probs(q, k, vectors, start: int, end: int, window: int) -> jnp.ndarray:
     """fp32 softmax of queries [start, end) over keys [0, end): (batch, kv, group, end - start, end)."""
     slots, q_seg, k_seg, keep = vectors
-    visible = block_mask(slots[:, start:end], slots[:, :end], q_seg[:, start:end], k_seg[:, :end], keep[:, :end])
+    visible = block_mask(slots[:, start:end], slots[:, :end], q_seg[:, start:end], k_seg[:, :end], keep[:, :end],
+                         window)
     scores = jnp.einsum("bkgqd,bksd->bkgqs", q[:, :, :, start:end], k[:, :, :end],
                         preferred_element_type=jnp.float32)
     scores = jnp.where(visible[:, None, None], scores / np.sqrt(q.shape[-1]).astype(np.float32), _NEG)
@@ -368,26 +385,29 @@ def _chunk_probs(q, k, vectors, start: int, end: int) -> jnp.ndarray:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunked(size: int, q, k, v, vectors):
-    return _chunked_fwd(size, q, k, v, vectors)[0]
+def _chunked(blocking: tuple[int, int], q, k, v, vectors):
+    """`blocking`: (query block size, sliding window or 0)."""
+    return _chunked_fwd(blocking, q, k, v, vectors)[0]
 
 
-def _chunked_fwd(size, q, k, v, vectors):
-    outs = [jnp.einsum("bkgqs,bksd->bkgqd", _chunk_probs(q, k, vectors, start, end).astype(v.dtype),
+def _chunked_fwd(blocking, q, k, v, vectors):
+    size, window = blocking
+    outs = [jnp.einsum("bkgqs,bksd->bkgqd", _chunk_probs(q, k, vectors, start, end, window).astype(v.dtype),
                        v[:, :, :end], preferred_element_type=jnp.float32)
             for start, end in _query_blocks(q.shape[3], size)]
     out = jnp.concatenate(outs, axis=3).astype(q.dtype)
     return out, (q, k, v, vectors, out)
 
 
-def _chunked_bwd(size, residuals, d_out):
+def _chunked_bwd(blocking, residuals, d_out):
+    size, window = blocking
     q, k, v, vectors, out = residuals
     f32 = lambda x: x.astype(jnp.float32)
     do = f32(d_out)
     delta = jnp.sum(do * f32(out), axis=-1)  # rowsum(dO ∘ O) = rowsum(dP ∘ P), FlashAttention's D
     dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
     for start, end in _query_blocks(q.shape[3], size):
-        p = _chunk_probs(q, k, vectors, start, end)
+        p = _chunk_probs(q, k, vectors, start, end, window)
         do_i = do[:, :, :, start:end]
         dv = dv.at[:, :, :end].add(jnp.einsum("bkgqs,bkgqd->bksd", p, do_i))
         dp = jnp.einsum("bkgqd,bksd->bkgqs", do_i, f32(v[:, :, :end]))

@@ -1,8 +1,10 @@
-"""Imports a Hugging Face LLaMA (1 or 2; MHA or GQA; tied or untied head) as a params checkpoint.
+"""Imports a Hugging Face LLaMA-family model as a params checkpoint: LLaMA-1/2/3.x (`llama`, with
+Llama 3.1's rope scaling), Qwen2/2.5 (`qwen2`, q/k/v biases) or Mistral (`mistral`, sliding window);
+MHA or GQA; tied or untied head.
 
     python -m easylm_align.convert_from_hf --hf_dir=DIR --output=PATH [--dtype=fp32] [--scan_layers]
 
-DIR needs config.json with model_type 'llama' and its weights as safetensors (model.safetensors or
+DIR needs config.json with model_type 'llama', 'qwen2' or 'mistral' and its weights as safetensors (model.safetensors or
 shards with model.safetensors.index.json) or, read through torch, pytorch_model.bin (or shards
 with pytorch_model.bin.index.json). Tensors are mapped as tabled in `easylm_align.hf_mapping`:
 every `nn.Linear.weight` is transposed into our `(in, out)` kernel, and q/k need no rotary
@@ -46,7 +48,7 @@ _WEIGHT_FILES = (("model.safetensors.index.json", "model.safetensors"),
 
 def define_flags() -> None:
     """Registers the flags; only when run as a program, so both tools can be imported together."""
-    flags.DEFINE_string("hf_dir", None, "Hugging Face LLaMA directory (config.json and weights)")
+    flags.DEFINE_string("hf_dir", None, "Hugging Face LLaMA, Qwen2 or Mistral directory (config.json and weights)")
     flags.DEFINE_string("output", None, "path of the params checkpoint to write")
     flags.DEFINE_enum("dtype", "fp32", sorted(DTYPES), "dtype of the stored parameters")
     flags.DEFINE_bool("scan_layers", False, "store the layers stacked (the scanned layout, scan_layers=true)")

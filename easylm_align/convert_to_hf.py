@@ -1,4 +1,5 @@
-"""Exports a params checkpoint as a Hugging Face `LlamaForCausalLM` directory.
+"""Exports a params checkpoint as a Hugging Face `LlamaForCausalLM`, `Qwen2ForCausalLM` or
+`MistralForCausalLM` directory, as the config's `model_type` says.
 
     python -m easylm_align.convert_to_hf --load_checkpoint=params::PATH \\
         --tokenizer_path=tokenizer.model --model_size=7b --output_dir=DIR [--dtype=fp16|bf16|fp32]
@@ -25,8 +26,10 @@ are read one at a time too, renamed and with q/k reordered to the half-split lay
 (`easylm_align.easylm_checkpoint`); such a file records no config, so `--model_size` is needed.
 
 DIR gets config.json, generation_config.json, model-0000K-of-0000N.safetensors with
-model.safetensors.index.json, and tokenizer.model with tokenizer_config.json and
-special_tokens_map.json for `LlamaTokenizer` (loading it needs `sentencepiece` and `protobuf`).
+model.safetensors.index.json, and, for a SentencePiece tokenizer, tokenizer.model with
+tokenizer_config.json and special_tokens_map.json for `LlamaTokenizer` (loading it needs
+`sentencepiece` and `protobuf`); for any other kind tokenizer.json with the same two JSON files
+for `PreTrainedTokenizerFast`.
 Everything is written into a hidden sibling directory that is renamed to DIR at the end.
 """
 
@@ -43,6 +46,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import safetensors.numpy
+import tokenizers
 from absl import app, flags
 from ml_collections import ConfigDict
 
@@ -63,7 +67,8 @@ _LLAMA_NORMALIZED = "▁" + _NORMALIZER_PROBE.replace(" ", "▁")
 def define_flags() -> None:
     """Registers the flags; only when run as a program, so both tools can be imported together."""
     flags.DEFINE_string("load_checkpoint", None, "params::PATH of the checkpoint to export (PATH may be a glob)")
-    flags.DEFINE_string("tokenizer_path", None, "the SentencePiece tokenizer.model the model was trained with")
+    flags.DEFINE_string("tokenizer_path", None, "the tokenizer the model was trained with (as --tokenizer.vocab_file: "
+                        "SentencePiece, tokenizer.json or a Hugging Face directory, Llama 3's tiktoken file)")
     flags.DEFINE_string("output_dir", None, "the Hugging Face model directory to write")
     flags.DEFINE_string("model_size", "", f"LLaMA preset, one of {sorted(model.LLAMA_PRESETS)}; "
                         "may be left out when the checkpoint's meta records the config")
@@ -187,7 +192,11 @@ def _write_weights(reader: _ParamsReader, config: ConfigDict, scanned: bool, out
 
 
 def _write_tokenizer(tokenizer: Tokenizer, config: ConfigDict, out: Path) -> None:
-    """tokenizer.model plus the two JSON files `AutoTokenizer` needs to pick `LlamaTokenizer`."""
+    """SentencePiece: tokenizer.model plus the two JSON files `AutoTokenizer` needs to pick `LlamaTokenizer`.
+    Any other kind: tokenizer.json and tokenizer_config.json for `PreTrainedTokenizerFast`."""
+    if tokenizer.sp is None:
+        _write_tokenizer_json(tokenizer, config, out)
+        return
     shutil.copyfile(tokenizer.vocab_file, out / "tokenizer.model")
     piece = tokenizer.sp.IdToPiece
     special = {"bos_token": piece(tokenizer.bos_id), "eos_token": piece(tokenizer.eos_id),
@@ -199,21 +208,39 @@ def _write_tokenizer(tokenizer: Tokenizer, config: ConfigDict, out: Path) -> Non
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
 
 
+def _write_tokenizer_json(tokenizer: Tokenizer, config: ConfigDict, out: Path) -> None:
+    """The `tokenizers` object as tokenizer.json, which adds BOS (as Llama 3's does) when there is one."""
+    hf = tokenizers.Tokenizer.from_str(tokenizer.hf.to_str())
+    piece = lambda i: tokenizer.id_to_piece(i) if i >= 0 else None
+    bos, eos = piece(tokenizer.bos_id), piece(tokenizer.eos_id)
+    if bos is not None:
+        hf.post_processor = tokenizers.processors.TemplateProcessing(
+            single=f"{bos} $A:0", pair=f"{bos} $A:0 {bos}:1 $B:1", special_tokens=[(bos, tokenizer.bos_id)])
+    hf.save(str(out / "tokenizer.json"))
+    special = {"bos_token": bos, "eos_token": eos, "pad_token": tokenizer.pad_token}  # no pad: none invented
+    tokenizer_config = dict(special, tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=False,
+                            model_max_length=config.max_position_embeddings)
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+
+
 def _load_tokenizer(path: str, config: ConfigDict) -> Tokenizer:
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise ConversionError(f"--tokenizer_path={path!r}: no such file")
     try:
-        tokenizer = Tokenizer(path)
+        tokenizer = Tokenizer(path, add_bos_token=False, add_eos_token=False)
     except TokenizerError as e:
         raise ConversionError(f"--tokenizer_path: {e}") from None
     if tokenizer.vocab_size > config.vocab_size:
         raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model only "
                               f"vocab_size={config.vocab_size}")
-    if (tokenizer.bos_id, tokenizer.eos_id) != (config.bos_token_id, config.eos_token_id):
+    # A tokenizer without BOS (Qwen2's) never uses the config's bos_token_id: only EOS must agree.
+    bos = tokenizer.bos_id if tokenizer.bos_id >= 0 else config.bos_token_id
+    if (bos, tokenizer.eos_id) != (config.bos_token_id, config.eos_token_id):
         raise ConversionError(f"the tokenizer's bos/eos ids ({tokenizer.bos_id}, {tokenizer.eos_id}) differ from the "
                               f"config's ({config.bos_token_id}, {config.eos_token_id}); fix bos_token_id/"
                               "eos_token_id with --update_llama_config")
-    if tokenizer.sp.Normalize(_NORMALIZER_PROBE) != _LLAMA_NORMALIZED:
+    if tokenizer.sp is not None and tokenizer.sp.Normalize(_NORMALIZER_PROBE) != _LLAMA_NORMALIZED:
         logging.warning("%s normalizes text (e.g. NFKC or collapsing spaces) but Hugging Face's LlamaTokenizer "
                         "does not: text that normalization changes will encode differently after export", path)
     return tokenizer
@@ -279,7 +306,7 @@ def main(argv: list[str]) -> None:
                      FLAGS.dtype, FLAGS.max_shard_size_mb, FLAGS.overwrite, FLAGS.allow_tokenizer_mismatch)
     except ConversionError as e:
         raise SystemExit(f"convert_to_hf: error: {e}") from None
-    print(f"wrote Hugging Face LlamaForCausalLM ({FLAGS.dtype}) to {out}")
+    print(f"wrote Hugging Face model ({FLAGS.dtype}) to {out}")
 
 
 def _checkpoint_path(value: str) -> str:

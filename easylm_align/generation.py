@@ -33,10 +33,8 @@ _NO_TOKEN = -1  # fills the output after a row has stopped
 
 
 def newline_token_ids(tokenizer: Tokenizer) -> list[int]:
-    """Ids whose piece produces a newline: literal "\\n" pieces and the byte-fallback piece <0x0A>."""
-    sp = tokenizer.sp
-    return [i for i in range(sp.GetPieceSize())
-            if "\n" in sp.IdToPiece(i) or (sp.IsByte(i) and sp.IdToPiece(i) == "<0x0A>")]
+    """Ids whose piece produces a newline (`Tokenizer.newline_ids`, for every tokenizer kind)."""
+    return tokenizer.newline_ids()
 
 
 def bucket_length(length: int, min_bucket: int, max_length: int) -> int:

@@ -1,6 +1,12 @@
 """What `convert_to_hf` and `convert_from_hf` share: tensor names, config fields, staged output.
 
-Tensor mapping, our unscanned parameter path ↔ Hugging Face `LlamaForCausalLM` state-dict name
+Three Hugging Face families share one decoder and one tensor layout, and differ only in config
+fields (`model.LLAMA_PRESETS`): `LlamaForCausalLM` (LLaMA-1/2/3.x: rope_theta, Llama 3.1's
+`llama3` or `linear` rope scaling, tied embeddings), `Qwen2ForCausalLM` (Qwen2/2.5: biases on
+q/k/v, our `attention_bias`) and `MistralForCausalLM` (v0.1's `sliding_window`). Our config field
+`model_type` says which class an export is.
+
+Tensor mapping, our unscanned parameter path ↔ Hugging Face state-dict name
 (`T`: the HF `nn.Linear.weight` is the transpose of our `(in, out)` kernel):
 
     embed_tokens/embedding                  model.embed_tokens.weight
@@ -9,6 +15,7 @@ Tensor mapping, our unscanned parameter path ↔ Hugging Face `LlamaForCausalLM`
     layers_{i}/attention/wk/kernel       T  model.layers.{i}.self_attn.k_proj.weight
     layers_{i}/attention/wv/kernel       T  model.layers.{i}.self_attn.v_proj.weight
     layers_{i}/attention/wo/kernel       T  model.layers.{i}.self_attn.o_proj.weight
+    layers_{i}/attention/w{q,k,v}/bias      model.layers.{i}.self_attn.{q,k,v}_proj.bias  (attention_bias)
     layers_{i}/ffn_norm/scale               model.layers.{i}.post_attention_layernorm.weight
     layers_{i}/feed_forward/w1/kernel    T  model.layers.{i}.mlp.gate_proj.weight
     layers_{i}/feed_forward/w3/kernel    T  model.layers.{i}.mlp.up_proj.weight
@@ -59,17 +66,37 @@ _LAYER_TENSORS = (
     ("feed_forward/w2/kernel", "mlp.down_proj.weight", True),
 )
 
+_BIASES = (("attention/wq/bias", "self_attn.q_proj.bias"), ("attention/wk/bias", "self_attn.k_proj.bias"),
+           ("attention/wv/bias", "self_attn.v_proj.bias"))
+
 # The config fields a Hugging Face config.json carries: they define the exported model.
-HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-             "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+HF_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling_type",
+             "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+             "rope_original_max_position_embeddings", "attention_bias", "sliding_window",
              "tie_word_embeddings", "bos_token_id", "eos_token_id")
+# model_type → the transformers class an export is.
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 # The fields that fix the shapes of one decoder layer: what makes a preset "match" an HF model.
 _LAYER_SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                        "num_key_value_heads")
-# transformers.LlamaConfig's defaults, for keys a config.json leaves out.
+# transformers.LlamaConfig's defaults, for keys a config.json leaves out (Qwen2Config's and
+# MistralConfig's differ in a few, below).
 _HF_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                     num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6,
                     rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+_FAMILY_DEFAULTS = {
+    "llama": {},
+    "qwen2": dict(vocab_size=151936, intermediate_size=22016, max_position_embeddings=32768, bos_token_id=None,
+                  eos_token_id=None),
+    "mistral": dict(intermediate_size=14336, max_position_embeddings=4096 * 32, rms_norm_eps=1e-6),
+}
+# Fields of checkpoints our decoder cannot run, by the config key that asks for them.
+_UNSUPPORTED_KEYS = {
+    "num_local_experts": "mixture of experts", "num_experts": "mixture of experts",
+    "n_routed_experts": "mixture of experts", "moe_intermediate_size": "mixture of experts",
+    "use_qk_norm": "q/k norms", "qk_layernorm": "q/k norms",
+}
 
 
 class ConversionError(UserError):
@@ -93,6 +120,8 @@ def tensor_specs(config: ConfigDict) -> list[TensorSpec]:
     specs = [TensorSpec("embed_tokens/embedding", "model.embed_tokens.weight", False, None)]
     for i in range(config.num_hidden_layers):
         specs += [TensorSpec(f"layers_{i}/{ours}", f"model.layers.{i}.{hf}", t, i) for ours, hf, t in _LAYER_TENSORS]
+        if config.attention_bias:
+            specs += [TensorSpec(f"layers_{i}/{ours}", f"model.layers.{i}.{hf}", False, i) for ours, hf in _BIASES]
     specs.append(TensorSpec("norm/scale", "model.norm.weight", False, None))
     if not config.tie_word_embeddings:
         specs.append(TensorSpec("lm_head/kernel", "lm_head.weight", True, None))
@@ -135,28 +164,52 @@ def check_stored_shapes(stored: dict[str, tuple[int, ...]], config: ConfigDict, 
 # Configs
 # ----------------------------------------------------------------------------------------------
 
+def _rope_scaling(config: ConfigDict) -> Optional[dict]:
+    if config.rope_scaling_type == "none":
+        return None
+    scaling = {"rope_type": config.rope_scaling_type,
+               "factor": config.rope_scaling_factor}
+    if config.rope_scaling_type == "llama3":
+        scaling.update(low_freq_factor=config.rope_low_freq_factor, high_freq_factor=config.rope_high_freq_factor,
+                       original_max_position_embeddings=config.rope_original_max_position_embeddings)
+    return scaling
+
+
+def _family_fields(config: ConfigDict) -> dict:
+    """What each class's config.json adds; refuses a config the class cannot express."""
+    kind = config.model_type
+    if config.attention_bias != (kind == "qwen2"):
+        raise ConversionError(f"model_type={kind!r} {'needs' if kind == 'qwen2' else 'has no'} q/k/v biases "
+                              f"(attention_bias={config.attention_bias}); set model_type to match")
+    if config.sliding_window and kind != "mistral":
+        raise ConversionError(f"model_type={kind!r} has no sliding window (sliding_window={config.sliding_window}); "
+                              "use model_type='mistral'")
+    if kind == "llama":
+        return {"head_dim": model.head_dim(config), "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
+    if kind == "qwen2":
+        return {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.num_hidden_layers}
+    return {"head_dim": model.head_dim(config), "sliding_window": config.sliding_window or None}
+
+
 def hf_config(config: ConfigDict, dtype: str, pad_token_id: int) -> dict:
-    """config.json for `LlamaForCausalLM`, readable by transformers 4.x and 5.x alike."""
+    """config.json for the family's class, readable by transformers 4.x and 5.x alike."""
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [ARCHITECTURES[config.model_type]],
+        "model_type": config.model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
         "num_hidden_layers": config.num_hidden_layers,
         "num_attention_heads": config.num_attention_heads,
         "num_key_value_heads": config.num_key_value_heads,
-        "head_dim": model.head_dim(config),
         "hidden_act": "silu",
         "max_position_embeddings": config.max_position_embeddings,
         "initializer_range": config.initializer_range,
         "rms_norm_eps": config.rms_norm_eps,
         "rope_theta": config.rope_theta,
-        "rope_scaling": None,
-        "attention_bias": False,
+        "rope_scaling": _rope_scaling(config),
         "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "pretraining_tp": 1,
+        **_family_fields(config),
         "tie_word_embeddings": config.tie_word_embeddings,
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
@@ -167,7 +220,7 @@ def hf_config(config: ConfigDict, dtype: str, pad_token_id: int) -> dict:
 
 
 def read_hf_config(hf_dir: Path) -> dict:
-    """config.json of a Hugging Face LLaMA directory, or a ConversionError saying why it is not one."""
+    """config.json of a Hugging Face LLaMA-family directory, or a ConversionError saying why it is not one."""
     path = hf_dir / "config.json"
     if not path.is_file():
         raise ConversionError(f"{hf_dir} is not a Hugging Face model directory: it has no config.json")
@@ -175,30 +228,58 @@ def read_hf_config(hf_dir: Path) -> dict:
         hf = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConversionError(f"{path} is not valid JSON: {e}") from None
-    if hf.get("model_type") != "llama":
-        raise ConversionError(f"{hf_dir} holds a {hf.get('model_type')!r} model, not a LLaMA (model_type 'llama')")
+    if hf.get("model_type") not in ARCHITECTURES:
+        raise ConversionError(f"{hf_dir} holds a {hf.get('model_type')!r} model; supported model_type values: "
+                              f"{', '.join(ARCHITECTURES)}")
     return hf
 
 
+def _rope_fields(rope: dict) -> tuple[dict, Optional[str]]:
+    """Our rope_scaling_* fields from HF's rope_scaling / rope_parameters, or the reason they are unsupported."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return {"rope_scaling_type": "none"}, None
+    if kind not in ("linear", "llama3"):
+        return {}, f"rope_scaling rope_type={kind!r}"
+    fields = {"rope_scaling_type": kind, "rope_scaling_factor": float(rope.get("factor", 1.0))}
+    if kind == "llama3":
+        try:
+            fields.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
+                          rope_high_freq_factor=float(rope["high_freq_factor"]),
+                          rope_original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+        except KeyError as e:
+            return {}, f"rope_scaling (llama3) without {e.args[0]}"
+    return fields, None
+
+
 def llama_fields_from_hf(hf: dict) -> dict:
-    """Our config fields (HF_FIELDS) from an HF LLaMA config.json; refuses what our model lacks."""
+    """Our config fields (HF_FIELDS) from an HF LLaMA, Qwen2 or Mistral config.json; refuses what our
+    model lacks, naming the field that asks for it."""
+    kind = hf.get("model_type", "llama")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5.x / 4.x
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope_fields, rope_problem = _rope_fields(rope)
+    window = hf.get("sliding_window") if kind == "mistral" else None
     unsupported = [
         (hf.get("hidden_act", "silu") != "silu", f"hidden_act={hf.get('hidden_act')!r}"),
-        (bool(hf.get("attention_bias")), "attention_bias"),
+        (kind != "qwen2" and bool(hf.get("attention_bias")), "attention_bias (a bias on o_proj too)"),
         (bool(hf.get("mlp_bias")), "mlp_bias"),
-        (rope_type != "default", f"rope scaling {rope_type!r}"),
+        (rope_problem is not None, rope_problem),
+        (kind == "qwen2" and bool(hf.get("use_sliding_window")), "use_sliding_window (Qwen2's per-layer window)"),
+        (len(set(hf.get("layer_types") or ["full_attention"]) - {"full_attention", "sliding_attention"}) > 0
+         or len(set(hf.get("layer_types") or [])) > 1, "layer_types (a mix of attention kinds)"),
     ]
-    fields = {key: hf.get(key, default) for key, default in _HF_DEFAULTS.items()}
+    unsupported += [(bool(hf.get(key)), f"{key} ({what})") for key, what in _UNSUPPORTED_KEYS.items()]
+    defaults = dict(_HF_DEFAULTS, **_FAMILY_DEFAULTS[kind])
+    fields = {key: hf.get(key, default) for key, default in defaults.items()}
     fields["num_key_value_heads"] = hf.get("num_key_value_heads") or fields["num_attention_heads"]
     fields["rope_theta"] = float(rope.get("rope_theta", hf.get("rope_theta", _HF_DEFAULTS["rope_theta"])))
+    fields.update(rope_fields, model_type=kind, attention_bias=kind == "qwen2", sliding_window=int(window or 0))
     head_dim = hf.get("head_dim")
     unsupported.append((head_dim is not None and head_dim * fields["num_attention_heads"] != fields["hidden_size"],
                         f"head_dim={head_dim} != hidden_size / num_attention_heads"))
     found = [name for bad, name in unsupported if bad]
     if found:
-        raise ConversionError(f"this LLaMA variant is not supported by our model: {', '.join(found)}")
+        raise ConversionError(f"this {kind} checkpoint needs what our model does not support: {', '.join(found)}")
     for key in ("bos_token_id", "eos_token_id"):
         value = fields[key]
         if isinstance(value, list):  # several stop ids: the first is the end-of-sequence token

@@ -1,7 +1,11 @@
 """The LLaMA decoder in Flax linen.
 
 LLaMA-1/2 (Touvron et al., 2023): RMSNorm, rotary position embedding, multi-head or grouped-query
-attention, SwiGLU MLP, untied (or optionally tied) LM head. On top of that, what the recipes need:
+attention, SwiGLU MLP, untied (or optionally tied) LM head. Today's LLaMA-family checkpoints are
+the same decoder with other config fields, never another copy of it: Llama 3.x (rope_theta 500000,
+Llama 3.1's `llama3` rotary scaling, tied embeddings), Qwen2/2.5 (`attention_bias`: q/k/v biases)
+and Mistral (`sliding_window`); `model_type` only says which Hugging Face class an export is.
+On top of that, what the recipes need:
 
 * segment ids, so examples packed into one row do not attend to each other;
 * forgetful causal masking (FCM, Liu et al., 2022), used by COMMIT's training runs;
@@ -44,6 +48,17 @@ _DEFAULTS: dict[str, Any] = {
     "max_position_embeddings": 2048,
     "rms_norm_eps": 1e-6,
     "rope_theta": 10000.0,
+    # Rotary frequency scaling (Hugging Face's `rope_scaling`): "none", "linear" (every frequency
+    # divided by the factor) or "llama3" (Llama 3.1: low frequencies divided by the factor, high ones
+    # kept, a smooth ramp between, set by the two frequency factors and the original context).
+    "rope_scaling_type": "none",
+    "rope_scaling_factor": 1.0,
+    "rope_low_freq_factor": 1.0,
+    "rope_high_freq_factor": 4.0,
+    "rope_original_max_position_embeddings": 8192,
+    "attention_bias": False,        # biases on the q, k and v projections (Qwen2), none on the output
+    "sliding_window": 0,            # a query sees at most this many keys, itself included (Mistral); 0: all
+    "model_type": "llama",          # the Hugging Face family it exports as: llama, qwen2 or mistral
     "initializer_range": 0.02,
     "tie_word_embeddings": False,
     "embd_pdrop": 0.0,
@@ -71,6 +86,14 @@ def _llama(h, i, layers, heads, kv=None, max_pos=2048, eps=1e-6, **extra):
 # Checkpoints load into either layer layout (`checkpoint.load_params`).
 _LARGE = dict(scan_layers=True, remat_policy="nothing_saveable")
 
+# Today's LLaMA-family checkpoints differ from LLaMA-2 only in these fields (families are configs).
+_LLAMA3_ROPE = dict(rope_theta=500000.0, rope_scaling_type="llama3", rope_scaling_factor=8.0,
+                    rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_position_embeddings=8192,
+                    vocab_size=128256, bos_token_id=128000, eos_token_id=128001)
+_LLAMA3_2_ROPE = dict(_LLAMA3_ROPE, rope_scaling_factor=32.0)
+_QWEN2 = dict(model_type="qwen2", rope_theta=1000000.0, attention_bias=True, vocab_size=151936, bos_token_id=151643,
+              eos_token_id=151643)
+
 # Named configurations for --load_llama_config. LLaMA-1 sizes and `debug` are EasyLM's (`debug`:
 # 2 layers with LLaMA's 32,000-token vocabulary, for smoke tests with a real LLaMA tokenizer);
 # `demo` is the trainer's default, sized to the demo tokenizer shipped in the package (4,096 pieces).
@@ -86,6 +109,17 @@ LLAMA_PRESETS: dict[str, dict[str, Any]] = {
     "llama2_7b": _llama(4096, 11008, 32, 32, max_pos=4096, eps=1e-5, **_LARGE),
     "llama2_13b": _llama(5120, 13824, 40, 40, max_pos=4096, eps=1e-5, **_LARGE),
     "llama2_70b": _llama(8192, 28672, 80, 64, kv=8, max_pos=4096, eps=1e-5, **_LARGE),
+    "llama3_1_8b": _llama(4096, 14336, 32, 32, kv=8, max_pos=131072, eps=1e-5, **_LLAMA3_ROPE, **_LARGE),
+    "llama3_1_70b": _llama(8192, 28672, 80, 64, kv=8, max_pos=131072, eps=1e-5, **_LLAMA3_ROPE, **_LARGE),
+    "llama3_2_1b": _llama(2048, 8192, 16, 32, kv=8, max_pos=131072, eps=1e-5, tie_word_embeddings=True,
+                          **_LLAMA3_2_ROPE, **_LARGE),
+    "llama3_2_3b": _llama(3072, 8192, 28, 24, kv=8, max_pos=131072, eps=1e-5, tie_word_embeddings=True,
+                          **_LLAMA3_2_ROPE, **_LARGE),
+    "qwen2_5_0_5b": _llama(896, 4864, 24, 14, kv=2, max_pos=32768, tie_word_embeddings=True, **_QWEN2, **_LARGE),
+    "qwen2_5_1_5b": _llama(1536, 8960, 28, 12, kv=2, max_pos=32768, tie_word_embeddings=True, **_QWEN2, **_LARGE),
+    "qwen2_5_7b": _llama(3584, 18944, 28, 28, kv=4, max_pos=32768, **dict(_QWEN2, vocab_size=152064), **_LARGE),
+    "mistral_7b_v0_3": _llama(4096, 14336, 32, 32, kv=8, max_pos=32768, eps=1e-5, rope_theta=1000000.0,
+                              vocab_size=32768, model_type="mistral", **_LARGE),
 }
 
 
@@ -163,6 +197,22 @@ def _validate(cfg: dict) -> None:
         raise ConfigError(f"attention={cfg['attention']!r}: use one of {', '.join(attention.BACKENDS)}")
     if cfg["attention_block_size"] < 1:
         raise ConfigError("attention_block_size must be >= 1")
+    if cfg["rope_scaling_type"] not in ROPE_SCALING_TYPES:
+        raise ConfigError(f"rope_scaling_type={cfg['rope_scaling_type']!r}: use one of {', '.join(ROPE_SCALING_TYPES)}")
+    if cfg["rope_scaling_type"] != "none" and cfg["rope_scaling_factor"] <= 0:
+        raise ConfigError(f"rope_scaling_factor={cfg['rope_scaling_factor']} must be positive")
+    if cfg["rope_scaling_type"] == "llama3" and not (
+            0 < cfg["rope_low_freq_factor"] < cfg["rope_high_freq_factor"] and cfg["rope_original_max_position_embeddings"] > 0):
+        raise ConfigError("rope_scaling_type=llama3 needs 0 < rope_low_freq_factor < rope_high_freq_factor "
+                          "and a positive rope_original_max_position_embeddings")
+    if cfg["model_type"] not in MODEL_TYPES:
+        raise ConfigError(f"model_type={cfg['model_type']!r}: use one of {', '.join(MODEL_TYPES)}")
+    if cfg["sliding_window"] < 0:
+        raise ConfigError(f"sliding_window={cfg['sliding_window']} must be >= 0 (0: no window)")
+
+
+ROPE_SCALING_TYPES = ("none", "linear", "llama3")
+MODEL_TYPES = ("llama", "qwen2", "mistral")
 
 
 def head_dim(config: ConfigDict) -> int:
@@ -186,7 +236,45 @@ class RMSNorm(nn.Module):
         return normed.astype(self.dtype) * scale.astype(self.dtype)
 
 
-def rotary_cos_sin(positions: jnp.ndarray, dim: int, theta: float,
+class Rope(NamedTuple):
+    """What fixes the rotary frequencies (hashable, so the tables are cached per model)."""
+    theta: float
+    scaling: str = "none"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_positions: int = 8192
+
+    @classmethod
+    def of(cls, config: ConfigDict) -> "Rope":
+        return cls(float(config.rope_theta), config.rope_scaling_type, float(config.rope_scaling_factor),
+                   float(config.rope_low_freq_factor), float(config.rope_high_freq_factor),
+                   int(config.rope_original_max_position_embeddings))
+
+
+def inverse_frequencies(rope: Rope, dim: int) -> np.ndarray:
+    """fp32 inverse frequencies of the dim/2 rotary pairs, scaled as `rope.scaling` says.
+
+    llama3 (Meta's `apply_scaling` of Llama 3.1): a pair whose wavelength exceeds
+    original/low_freq_factor is slowed by `factor`, one shorter than original/high_freq_factor is
+    kept, and in between the two are mixed with weight s = (original/wavelength - low)/(high - low).
+    """
+    inv_freq = 1.0 / (rope.theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    if rope.scaling == "linear":
+        return (inv_freq / np.float32(rope.factor)).astype(np.float32)
+    if rope.scaling == "llama3":
+        wavelength = np.float32(2 * np.pi) / inv_freq
+        low_wavelength = rope.original_max_positions / rope.low_freq_factor
+        high_wavelength = rope.original_max_positions / rope.high_freq_factor
+        slowed = np.where(wavelength > low_wavelength, inv_freq / np.float32(rope.factor), inv_freq)
+        s = (rope.original_max_positions / wavelength - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        mixed = (1 - s) * slowed / np.float32(rope.factor) + s * slowed
+        medium = (wavelength >= high_wavelength) & (wavelength <= low_wavelength)
+        return np.where(medium, mixed, slowed).astype(np.float32)
+    return inv_freq
+
+
+def rotary_cos_sin(positions: jnp.ndarray, dim: int, rope: Rope | float,
                    table_size: int) -> tuple[jnp.ndarray, jnp.ndarray]:
     """cos/sin of shape positions.shape + (dim,), half-split layout, for positions in [0, table_size).
 
@@ -196,13 +284,14 @@ def rotary_cos_sin(positions: jnp.ndarray, dim: int, theta: float,
     element, a tenth of the CPU train step (docs/PERFORMANCE.md). A position outside the table
     gives NaN (gather's fill value), so a mistake surfaces as a non-finite loss.
     """
-    cos, sin = _rotary_tables(table_size, dim, float(theta))
+    rope = rope if isinstance(rope, Rope) else Rope(float(rope))
+    cos, sin = _rotary_tables(table_size, dim, rope)
     return jnp.take(cos, positions, axis=0), jnp.take(sin, positions, axis=0)
 
 
 @functools.lru_cache(maxsize=8)
-def _rotary_tables(size: int, dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+def _rotary_tables(size: int, dim: int, rope: Rope) -> tuple[np.ndarray, np.ndarray]:
+    inv_freq = inverse_frequencies(rope, dim)
     freqs = np.arange(size, dtype=np.float32)[:, None] * inv_freq  # the fp32 angles the graph computed
     emb = np.concatenate([freqs, freqs], axis=-1)
     return np.cos(emb), np.sin(emb)
@@ -240,12 +329,18 @@ class Attention(nn.Module):
     def __call__(self, x, cos, sin, mask: attention.MaskInfo, layer_cache=None, cache_index=None):
         cfg = self.config
         hd, heads, kv = head_dim(cfg), cfg.num_attention_heads, cfg.num_key_value_heads
-        # nn.Dense's parameters ({name}/kernel) and arithmetic, with linear.py's weight gradient
-        project = lambda inputs, n, name: linear(inputs.astype(self.dtype), kernel(self, (inputs.shape[-1], n), name))
+        # nn.Dense's parameters ({name}/kernel, {name}/bias) and arithmetic, with linear.py's weight gradient
+        def project(inputs, n, name, bias=False):
+            if not bias:
+                return linear(inputs.astype(self.dtype), kernel(self, (inputs.shape[-1], n), name))
+            w, b = Kernel((inputs.shape[-1], n), cfg.initializer_range, self.param_dtype, use_bias=True, name=name)()
+            return linear(inputs.astype(self.dtype), w.astype(self.dtype)) + b.astype(self.dtype)
+
         batch, seq = x.shape[:2]
-        q = apply_rotary(project(x, heads * hd, "wq").reshape(batch, seq, heads, hd), cos, sin)
-        k = apply_rotary(project(x, kv * hd, "wk").reshape(batch, seq, kv, hd), cos, sin)
-        v = project(x, kv * hd, "wv").reshape(batch, seq, kv, hd)
+        bias = cfg.attention_bias
+        q = apply_rotary(project(x, heads * hd, "wq", bias).reshape(batch, seq, heads, hd), cos, sin)
+        k = apply_rotary(project(x, kv * hd, "wk", bias).reshape(batch, seq, kv, hd), cos, sin)
+        v = project(x, kv * hd, "wv", bias).reshape(batch, seq, kv, hd)
         new_cache = None
         if layer_cache is not None:
             cache_k, cache_v = layer_cache
@@ -255,23 +350,27 @@ class Attention(nn.Module):
             new_cache = (k, v)
         dropout = not self.deterministic and cfg.attn_pdrop > 0
         backend = "einsum" if layer_cache is not None else attention.resolve(cfg.attention, run_options(
-            cfg, self.deterministic, self.dtype))
+            cfg, self.deterministic, self.dtype, seq))
         out = attention.attend(q, k.astype(self.dtype), v.astype(self.dtype), mask, backend=backend,
                                dropout_rate=cfg.attn_pdrop, dropout_rng=self.make_rng("dropout") if dropout else None,
-                               block_size=cfg.attention_block_size)
+                               block_size=cfg.attention_block_size, window=cfg.sliding_window)
         return project(out.reshape(batch, seq, heads * hd), cfg.hidden_size, "wo"), new_cache
 
 
 class Kernel(nn.Module):
-    """A bias-free dense layer's weight alone, stored as `nn.Dense` stores it ({name}/kernel), for
-    layers that multiply by it themselves."""
+    """A dense layer's weight (and with `use_bias` its bias), stored as `nn.Dense` stores them
+    ({name}/kernel, {name}/bias), for layers that multiply by it themselves."""
     shape: tuple[int, int]
     init_std: float
     param_dtype: Any
+    use_bias: bool = False
 
     @nn.compact
-    def __call__(self) -> jnp.ndarray:
-        return self.param("kernel", nn.initializers.normal(self.init_std), self.shape, self.param_dtype)
+    def __call__(self):
+        w = self.param("kernel", nn.initializers.normal(self.init_std), self.shape, self.param_dtype)
+        if not self.use_bias:
+            return w
+        return w, self.param("bias", nn.initializers.zeros, self.shape[1:], self.param_dtype)
 
 
 def kernel(module: nn.Module, shape: tuple[int, int], name: str) -> jnp.ndarray:
@@ -325,10 +424,13 @@ class LlamaOutput(NamedTuple):
     last_hidden_state: Optional[jnp.ndarray] = None   # (batch, seq, hidden) after the final norm
 
 
-def run_options(cfg: ConfigDict, deterministic: bool, dtype: Any) -> attention.Options:
-    """What attention must support in this call (dropout and FCM only act when training)."""
+def run_options(cfg: ConfigDict, deterministic: bool, dtype: Any,
+                seq_length: Optional[int] = None) -> attention.Options:
+    """What attention must support in this call (dropout and FCM only act when training; a sliding
+    window only when the sequence, if known, is longer than it)."""
+    window = cfg.sliding_window > 0 and (seq_length is None or seq_length > cfg.sliding_window)
     return attention.Options(0.0 if deterministic else cfg.attn_pdrop,
-                             not deterministic and cfg.fcm_max_ratio > 0, dtype)
+                             not deterministic and cfg.fcm_max_ratio > 0, dtype, window)
 
 
 def forgetful_mask(rng, segment_ids: jnp.ndarray, min_ratio: float, max_ratio: float) -> jnp.ndarray:
@@ -363,8 +465,10 @@ class LlamaForCausalLM(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                          embedding_init=nn.initializers.normal(cfg.initializer_range), name="embed_tokens")
         h = nn.Dropout(cfg.embd_pdrop)(embed(input_ids), deterministic=deterministic)
-        longest = max(cfg.max_position_embeddings, seq, 0 if cache is None else cache.segment_ids.shape[1])
-        cos, sin = rotary_cos_sin(positions, head_dim(cfg), cfg.rope_theta, longest)
+        # Positions count within a row (or the cache), so the tables need no more rows than that: a
+        # table of max_position_embeddings rows would be 128 MiB of constants for Llama 3's 131,072.
+        longest = seq if cache is None else max(seq, cache.segment_ids.shape[1])
+        cos, sin = rotary_cos_sin(positions, head_dim(cfg), Rope.of(cfg), longest)
 
         q_slots = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         key_keep = None

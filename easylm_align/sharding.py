@@ -32,6 +32,7 @@ BATCH_AXES = ("dp", "fsdp")
 PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"embed_tokens/embedding$", P("mp", "fsdp")),
     (r"attention/(wq|wk|wv)/kernel$", P("fsdp", "mp")),
+    (r"attention/(wq|wk|wv)/bias$", P("mp")),
     (r"attention/wo/kernel$", P("mp", "fsdp")),
     (r"feed_forward/(w1|w3)/kernel$", P("fsdp", "mp")),
     (r"feed_forward/w2/kernel$", P("mp", "fsdp")),

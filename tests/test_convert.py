@@ -302,10 +302,10 @@ def test_import_refuses_a_directory_that_is_not_llama(tmp_path):
     with pytest.raises(ConversionError, match="no config.json"):
         import_hf(str(tmp_path), str(tmp_path / "out"))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
-    with pytest.raises(ConversionError, match="'gpt2' model, not a LLaMA"):
+    with pytest.raises(ConversionError, match="'gpt2' model; supported model_type values: llama, qwen2, mistral"):
         import_hf(str(tmp_path), str(tmp_path / "out"))
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "rope_scaling": {"type": "linear"}}))
-    with pytest.raises(ConversionError, match="rope scaling 'linear'"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "rope_scaling": {"type": "dynamic"}}))
+    with pytest.raises(ConversionError, match="rope_scaling rope_type='dynamic'"):
         import_hf(str(tmp_path), str(tmp_path / "out"))
 
 

@@ -31,7 +31,8 @@ DESCRIPTIONS: dict[str, str] = {
     "mesh_dim": "device mesh dp,fsdp,mp; -1 takes the remaining devices",
     "dtype": "compute dtype: fp32, bf16 or fp16",
     "param_dtype": "parameter dtype: fp32, bf16 or fp16",
-    "tokenizer.vocab_file": "SentencePiece tokenizer.model (default: the demo tokenizer shipped in the package)",
+    "tokenizer.vocab_file": "SentencePiece model, tokenizer.json, HF model directory or Llama 3 tiktoken file "
+                            "(default: the demo tokenizer shipped in the package)",
     "tokenizer.add_bos_token": "begin every example with BOS",
     "tokenizer.add_eos_token": "end every example with EOS",
     "tokenizer.allow_mismatch": "load a checkpoint recorded with another tokenizer (refused by default)",
@@ -151,7 +152,32 @@ DESCRIPTIONS: dict[str, str] = {
     "icl.add_bos_token": "prepend BOS",
     "icl.eos_text": "literal text read as the EOS id ('' = plain text)",
     "icl.output": "report JSON path ('' = print only)",
+    # Added with the reference-fidelity, reliability and adaptation work
+    "resume_despite_changes": "comma-separated flags (or groups) a resume may change though they change results",
+    "objectives.loss_average": "CLM loss mean: row (EasyLM, COMMIT), token (AFP), auto (the objective's reference)",
+    "objectives.reference_ranks": "AFP: reproduce a W-rank data-parallel reference run (with clm_groups=W)",
+    "optimizer.adamw_optimizer.weight_decay_exclude": "regex over parameter paths spared from weight decay ('' = "
+                                                      "decay all, EasyLM's)",
+    "optimizer.adamw_optimizer.variant": "adamw_torch (ε after the bias correction) or adamw_hf (AFP's Trainer)",
+    "optimizer.freeze_eos_embedding": "keep EOS's input-embedding row untrained (AFP's padding_idx)",
+    "optimizer.trainable": "train only these parameters: a regex over paths or embeddings, lm_head, norms ('' = all)",
+    "resize.init": "new vocabulary rows: subword_mean (of the old pieces), mean (of all rows) or random",
+    "resize.old_tokenizer": "the tokenizer the checkpoint was trained with ('' = the one it records)",
+    "resize.pad_vocab_to_multiple": "round the grown vocabulary up to a multiple of N (0 = no padding)",
+    "resize.seed": "seed of resize.init=random",
+    "dataset.epoch_tail": "tokens left at an epoch's end: drop, carry, or auto (huggingface drops, json carries)",
+    "dataset.afp_dataset.clm_layout": "AFP CLM rows: blocks (the reference's grouping) or rows (packed, with EOS)",
+    "dataset.afp_dataset.clm_groups": "build the CLM blocks per group of batch/W examples (a W-rank reference run)",
+    "dataset.codemix_pairs_dataset.clm_layout": "CLM rows: rows (packed) or blocks (AFP's grouping)",
+    "dataset.codemix_pairs_dataset.clm_groups": "build the CLM blocks per group of batch/W examples",
+    "dataset.mixture_dataset.seq_length": "tokens per row (type=mixture)",
+    "dataset.mixture_dataset.batch_size": "rows per global batch (type=mixture)",
+    "dataset.mixture_dataset.seed": "seed of the order in which components are drawn",
+    "dataset.mixture_dataset.component.type": "this component's source: json or huggingface ('' = unused)",
+    "dataset.mixture_dataset.component.weight": "this component's share of the examples drawn",
 }
+
+_COMPONENT = "dataset.mixture_dataset.component_"
 
 
 def description(name: str) -> str:
@@ -160,7 +186,11 @@ def description(name: str) -> str:
         return DESCRIPTIONS[name]
     for group in _DATASET_GROUPS:
         if name.startswith(group):
-            return DESCRIPTIONS.get("dataset." + name[len(group):], "")
+            return description("dataset." + name[len(group):])
+    if name.startswith(_COMPONENT):  # component_K.x: a mixture component's own source and processor flags
+        index, _, rest = name[len(_COMPONENT):].partition(".")
+        text = DESCRIPTIONS.get(f"{_COMPONENT[:-1]}.{rest}") or description(f"dataset.{rest}")
+        return f"mixture component {index}: {text}" if text else ""
     if name.startswith("llama."):
         return f"override the LLaMA config field {name[6:]} (unset: the preset's value)"
     return ""

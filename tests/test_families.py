@@ -295,8 +295,10 @@ def test_kv_cache_decoding_of_left_padded_prompts_matches_transformers(imported)
         assert ours[row] == generated[:end], row
 
 
-def test_weight_decay_skips_qwen2_biases():
+def test_weight_decay_of_qwen2_biases_follows_easylms_rule():
+    """EasyLM decays every parameter; Qwen2's q/k/v biases are spared only when the exclusion says so."""
     from easylm_align import optimizer
 
-    mask = optimizer.decay_mask({"attention": {"wq": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}}})
-    assert mask["attention"]["wq"] == {"kernel": True, "bias": False}
+    params = {"attention": {"wq": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}}}
+    assert optimizer.decay_mask("")(params)["attention"]["wq"] == {"kernel": True, "bias": True}
+    assert optimizer.decay_mask("/bias$")(params)["attention"]["wq"] == {"kernel": True, "bias": False}

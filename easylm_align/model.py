@@ -353,8 +353,17 @@ class LlamaForCausalLM(nn.Module):
     def __call__(self, input_ids: jnp.ndarray, positions: Optional[jnp.ndarray] = None,
                  segment_ids: Optional[jnp.ndarray] = None, deterministic: bool = True,
                  cache: Optional[KVCache] = None, output_hidden_states: bool = False,
-                 return_logits: bool = True) -> LlamaOutput:
+                 return_logits: bool = True, num_layers: Optional[int] = None) -> LlamaOutput:
+        """`num_layers` < the model's runs only the first `num_layers` blocks (what a pooler reading
+        early hidden states needs): the outputs are then only `hidden_states`, num_layers + 1 entries,
+        none normed; what those blocks compute is what they compute in the whole model."""
         cfg = self.config
+        depth = cfg.num_hidden_layers if num_layers is None else num_layers
+        truncated = depth < cfg.num_hidden_layers
+        if not 0 <= depth <= cfg.num_hidden_layers:
+            raise ValueError(f"num_layers={num_layers}: the model has {cfg.num_hidden_layers} layers")
+        if truncated and (return_logits or cache is not None):
+            raise ValueError("a truncated pass (num_layers < num_hidden_layers) has no logits and no cache")
         batch, seq = input_ids.shape
         if segment_ids is None:
             segment_ids = jnp.ones_like(input_ids, dtype=jnp.int32)
@@ -385,16 +394,18 @@ class LlamaForCausalLM(nn.Module):
             layer_cls = nn.remat(DecoderLayer, policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
                                  prevent_cse=not cfg.scan_layers)
         layer_kwargs = dict(config=cfg, deterministic=deterministic, dtype=self.dtype, param_dtype=self.param_dtype)
-        if cfg.scan_layers:
-            stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
-                            length=cfg.num_hidden_layers)(**layer_kwargs, name="layers")
-            h_last, (new_layer_caches, per_layer) = stack(h, cos, sin, mask, cache_index, layer_caches)
-            layer_outputs = [per_layer[i] for i in range(cfg.num_hidden_layers)] if output_hidden_states else []
+        if cfg.scan_layers and depth:
+            scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0), length=depth)
+            if truncated:  # the scan reads the first `depth` slices of the stacked parameters, no more
+                scanned = nn.map_variables(scanned, "params", trans_in_fn=functools.partial(_first_layers, depth))
+            h_last, (new_layer_caches, per_layer) = scanned(**layer_kwargs, name="layers")(
+                h, cos, sin, mask, cache_index, layer_caches)
+            layer_outputs = [per_layer[i] for i in range(depth)] if output_hidden_states else []
         else:
             layer_outputs, new_k, new_v = [], [], []
             h_last = h
-            for i in range(cfg.num_hidden_layers):
+            for i in range(depth):
                 layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
                 h_last, (layer_new_cache, _) = layer_cls(**layer_kwargs, name=f"layers_{i}")(
                     h_last, cos, sin, mask, cache_index, layer_cache)
@@ -403,6 +414,8 @@ class LlamaForCausalLM(nn.Module):
                     new_k.append(layer_new_cache[0])
                     new_v.append(layer_new_cache[1])
             new_layer_caches = (jnp.stack(new_k), jnp.stack(new_v)) if cache is not None else None
+        if truncated:  # the final norm and the head come after the last block
+            return LlamaOutput(None, (h, *layer_outputs) if output_hidden_states else None, None)
 
         h_final = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(h_last)
         logits = None
@@ -420,6 +433,11 @@ class LlamaForCausalLM(nn.Module):
         if cache is not None:
             new_cache = KVCache(new_layer_caches[0], new_layer_caches[1], k_segments, cache.index + seq)
         return LlamaOutput(logits, hidden_states, new_cache, h_final)
+
+
+def _first_layers(depth: int, variables: dict) -> dict:
+    """The stacked `layers` variables cut to their first `depth` layers."""
+    return jax.tree_util.tree_map(lambda x: x[:depth], variables)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ attention, SwiGLU MLP, untied (or optionally tied) LM head. On top of that, what
 
 * segment ids, so examples packed into one row do not attend to each other;
 * forgetful causal masking (FCM, Liu et al., 2022), used by COMMIT's training runs;
-* the hidden states of every layer, which AFP's poolers read;
+* the hidden states of every layer, which AFP's poolers read, and a pass through only the first
+  blocks (`num_layers`), for a pooler that reads no further;
 * a functional KV cache for batched greedy decoding in evaluation.
 
 The parameter layout and the rotary layout are documented in docs/DESIGN.md. The model never
@@ -86,6 +87,9 @@ LLAMA_PRESETS: dict[str, dict[str, Any]] = {
     "llama2_7b": _llama(4096, 11008, 32, 32, max_pos=4096, eps=1e-5, **_LARGE),
     "llama2_13b": _llama(5120, 13824, 40, 40, max_pos=4096, eps=1e-5, **_LARGE),
     "llama2_70b": _llama(8192, 28672, 80, 64, kv=8, max_pos=4096, eps=1e-5, **_LARGE),
+    # A LLaMA of facebook/xglm-564m's sizes (AFP's own model; XGLM itself is not a LLaMA): its
+    # 256,008-token vocabulary, tied to the LM head, is a third of the parameters.
+    "xglm_564m_sized": _llama(1024, 4096, 24, 16, vocab_size=256008, tie_word_embeddings=True, **_LARGE),
 }
 
 

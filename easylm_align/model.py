@@ -375,7 +375,11 @@ class LlamaForCausalLM(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                          embedding_init=nn.initializers.normal(cfg.initializer_range), name="embed_tokens")
-        h = nn.Dropout(cfg.embd_pdrop)(embed(input_ids), deterministic=deterministic)
+        # Rows are looked up in the parameters' dtype, then cast: nn.Embed's own call casts the whole
+        # table first, which holds a compute-dtype copy of it and sums the lookup's gradient in that
+        # dtype. Summed in fp32 as under PyTorch's autocast; 1.9 GiB less for AFP's 256k vocabulary.
+        h = jnp.take(embed.embedding, input_ids, axis=0).astype(self.dtype)
+        h = nn.Dropout(cfg.embd_pdrop)(h, deterministic=deterministic)
         longest = max(cfg.max_position_embeddings, seq, 0 if cache is None else cache.segment_ids.shape[1])
         cos, sin = rotary_cos_sin(positions, head_dim(cfg), cfg.rope_theta, longest)
 

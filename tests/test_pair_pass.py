@@ -175,3 +175,19 @@ def test_last_1_train_step_needs_at_most_60_percent_of_last_8_flops(tmp_path, sc
     if not scan:
         last_1, last_8 = (jax.jit(step).lower(*inputs).compile().cost_analysis()["flops"] for step, inputs in steps)
         assert last_1 <= 0.6 * last_8, (last_1, last_8)
+
+
+def test_bf16_embedding_gradient_is_summed_in_fp32():
+    """A token used 512 times: its row's gradient is the fp32 sum of 512 bf16 cotangents (NumPy),
+    not that sum rounded to bf16 (what casting the table before the lookup gave)."""
+    cfg = model.get_llama_config("demo", json.dumps({"hidden_size": 32, "intermediate_size": 64,
+                                                     "num_attention_heads": 4, "num_key_value_heads": 2}))
+    llama = model.LlamaForCausalLM(cfg, dtype=jax.numpy.bfloat16)
+    params = model.init_params(llama, jax.random.PRNGKey(0))
+    ids = np.full((1, 512), 7, np.int32)
+    weights = np.random.default_rng(0).standard_normal((1, 512, 32)).astype(np.float32)
+    grad = jax.jit(jax.grad(lambda p: (llama.apply({"params": p}, ids, return_logits=False, num_layers=0,
+                                                   output_hidden_states=True).hidden_states[0]
+                                       * weights.astype(jax.numpy.bfloat16)).sum()))(params)
+    expected = weights.astype(jax.numpy.bfloat16).astype(np.float32).sum(axis=(0, 1))
+    np.testing.assert_allclose(np.asarray(grad["embed_tokens"]["embedding"][7]), expected, rtol=1e-6, atol=1e-6)

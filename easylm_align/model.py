@@ -9,7 +9,8 @@ On top of that, what the recipes need:
 
 * segment ids, so examples packed into one row do not attend to each other;
 * forgetful causal masking (FCM, Liu et al., 2022), used by COMMIT's training runs;
-* the hidden states of every layer, which AFP's poolers read;
+* the hidden states of every layer, which AFP's poolers read, and a pass through only the first
+  blocks (`num_layers`), for a pooler that reads no further;
 * a functional KV cache for batched greedy decoding in evaluation.
 
 The parameter layout and the rotary layout are documented in docs/DESIGN.md. The model never
@@ -120,6 +121,9 @@ LLAMA_PRESETS: dict[str, dict[str, Any]] = {
     "qwen2_5_7b": _llama(3584, 18944, 28, 28, kv=4, max_pos=32768, **dict(_QWEN2, vocab_size=152064), **_LARGE),
     "mistral_7b_v0_3": _llama(4096, 14336, 32, 32, kv=8, max_pos=32768, eps=1e-5, rope_theta=1000000.0,
                               vocab_size=32768, model_type="mistral", **_LARGE),
+    # A LLaMA of facebook/xglm-564m's sizes (AFP's own model; XGLM itself is not a LLaMA): its
+    # 256,008-token vocabulary, tied to the LM head, is a third of the parameters.
+    "xglm_564m_sized": _llama(1024, 4096, 24, 16, vocab_size=256008, tie_word_embeddings=True, **_LARGE),
 }
 
 
@@ -455,8 +459,17 @@ class LlamaForCausalLM(nn.Module):
     def __call__(self, input_ids: jnp.ndarray, positions: Optional[jnp.ndarray] = None,
                  segment_ids: Optional[jnp.ndarray] = None, deterministic: bool = True,
                  cache: Optional[KVCache] = None, output_hidden_states: bool = False,
-                 return_logits: bool = True) -> LlamaOutput:
+                 return_logits: bool = True, num_layers: Optional[int] = None) -> LlamaOutput:
+        """`num_layers` < the model's runs only the first `num_layers` blocks (what a pooler reading
+        early hidden states needs): the outputs are then only `hidden_states`, num_layers + 1 entries,
+        none normed; what those blocks compute is what they compute in the whole model."""
         cfg = self.config
+        depth = cfg.num_hidden_layers if num_layers is None else num_layers
+        truncated = depth < cfg.num_hidden_layers
+        if not 0 <= depth <= cfg.num_hidden_layers:
+            raise ValueError(f"num_layers={num_layers}: the model has {cfg.num_hidden_layers} layers")
+        if truncated and (return_logits or cache is not None):
+            raise ValueError("a truncated pass (num_layers < num_hidden_layers) has no logits and no cache")
         batch, seq = input_ids.shape
         if segment_ids is None:
             segment_ids = jnp.ones_like(input_ids, dtype=jnp.int32)
@@ -464,7 +477,11 @@ class LlamaForCausalLM(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                          embedding_init=nn.initializers.normal(cfg.initializer_range), name="embed_tokens")
-        h = nn.Dropout(cfg.embd_pdrop)(embed(input_ids), deterministic=deterministic)
+        # Rows are looked up in the parameters' dtype, then cast: nn.Embed's own call casts the whole
+        # table first, which holds a compute-dtype copy of it and sums the lookup's gradient in that
+        # dtype. Summed in fp32 as under PyTorch's autocast; 1.9 GiB less for AFP's 256k vocabulary.
+        h = jnp.take(embed.embedding, input_ids, axis=0).astype(self.dtype)
+        h = nn.Dropout(cfg.embd_pdrop)(h, deterministic=deterministic)
         # Positions count within a row (or the cache), so the tables need no more rows than that: a
         # table of max_position_embeddings rows would be 128 MiB of constants for Llama 3's 131,072.
         longest = seq if cache is None else max(seq, cache.segment_ids.shape[1])
@@ -489,16 +506,18 @@ class LlamaForCausalLM(nn.Module):
             layer_cls = nn.remat(DecoderLayer, policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
                                  prevent_cse=not cfg.scan_layers)
         layer_kwargs = dict(config=cfg, deterministic=deterministic, dtype=self.dtype, param_dtype=self.param_dtype)
-        if cfg.scan_layers:
-            stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
-                            length=cfg.num_hidden_layers)(**layer_kwargs, name="layers")
-            h_last, (new_layer_caches, per_layer) = stack(h, cos, sin, mask, cache_index, layer_caches)
-            layer_outputs = [per_layer[i] for i in range(cfg.num_hidden_layers)] if output_hidden_states else []
+        if cfg.scan_layers and depth:
+            scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0), length=depth)
+            if truncated:  # the scan reads the first `depth` slices of the stacked parameters, no more
+                scanned = nn.map_variables(scanned, "params", trans_in_fn=functools.partial(_first_layers, depth))
+            h_last, (new_layer_caches, per_layer) = scanned(**layer_kwargs, name="layers")(
+                h, cos, sin, mask, cache_index, layer_caches)
+            layer_outputs = [per_layer[i] for i in range(depth)] if output_hidden_states else []
         else:
             layer_outputs, new_k, new_v = [], [], []
             h_last = h
-            for i in range(cfg.num_hidden_layers):
+            for i in range(depth):
                 layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
                 h_last, (layer_new_cache, _) = layer_cls(**layer_kwargs, name=f"layers_{i}")(
                     h_last, cos, sin, mask, cache_index, layer_cache)
@@ -507,6 +526,8 @@ class LlamaForCausalLM(nn.Module):
                     new_k.append(layer_new_cache[0])
                     new_v.append(layer_new_cache[1])
             new_layer_caches = (jnp.stack(new_k), jnp.stack(new_v)) if cache is not None else None
+        if truncated:  # the final norm and the head come after the last block
+            return LlamaOutput(None, (h, *layer_outputs) if output_hidden_states else None, None)
 
         h_final = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(h_last)
         logits = None
@@ -524,6 +545,11 @@ class LlamaForCausalLM(nn.Module):
         if cache is not None:
             new_cache = KVCache(new_layer_caches[0], new_layer_caches[1], k_segments, cache.index + seq)
         return LlamaOutput(logits, hidden_states, new_cache, h_final)
+
+
+def _first_layers(depth: int, variables: dict) -> dict:
+    """The stacked `layers` variables cut to their first `depth` layers."""
+    return jax.tree_util.tree_map(lambda x: x[:depth], variables)
 
 
 # ----------------------------------------------------------------------------------------------

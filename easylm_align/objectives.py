@@ -271,10 +271,20 @@ def parse_pooler(name: str, num_hidden_states: int) -> tuple[str, tuple[int, ...
     return reduction, tuple(k % num_hidden_states for k in layers)
 
 
-def pool(hidden_states: Sequence[jnp.ndarray], mask: jnp.ndarray, pooler: str) -> jnp.ndarray:
+def pooler_depth(pooler: str, num_layers: int) -> int:
+    """How many decoder blocks a pooler reads through: its deepest hidden state's index, so 1 for
+    `last-1` and `num_layers` (the whole stack and the final norm) for any pooler reading -1."""
+    return max(parse_pooler(pooler, num_layers + 1)[1])
+
+
+def pool(hidden_states: Sequence[jnp.ndarray], mask: jnp.ndarray, pooler: str,
+         num_hidden_states: Optional[int] = None) -> jnp.ndarray:
     """Sentence embeddings (batch, hidden) from per-layer states (batch, seq, hidden); `mask` is 1 on
-    real tokens. Layers are averaged first; padding never contributes, wherever it is."""
-    reduction, layers = parse_pooler(pooler, len(hidden_states))
+    real tokens. Layers are averaged first; padding never contributes, wherever it is.
+
+    `num_hidden_states` (default: all were given) is the model's count, against which the pooler's
+    layer indices resolve; `hidden_states` may then hold only the first `pooler_depth` + 1 of them."""
+    reduction, layers = parse_pooler(pooler, num_hidden_states or len(hidden_states))
     h = sum(hidden_states[k].astype(jnp.float32) for k in layers) / len(layers)
     real = mask.astype(bool)
     if reduction == "last":  # the last real token (AFP's `mask.sum() - 1`, which assumes right padding)
@@ -319,14 +329,16 @@ def sentence_embeddings(model, params, tokens: jnp.ndarray, masks: jnp.ndarray, 
                         deterministic: bool) -> jnp.ndarray:
     """Pooled embeddings of (batch, sentences, length) right-padded token ids → (batch, sentences, hidden).
 
-    One forward over all sentences; padding is segment 0, so no real token attends to it.
+    One forward over all sentences, through the deepest block the pooler reads and no further (the
+    blocks after it would change nothing pooled); padding is segment 0, so no real token attends to it.
     """
     batch, sentences, length = tokens.shape
+    num_layers = model.config.num_hidden_layers
     flat_masks = masks.reshape(batch * sentences, length).astype(jnp.int32)
     out = model.apply({"params": params}, tokens.reshape(batch * sentences, length), segment_ids=flat_masks,
                       deterministic=deterministic, output_hidden_states=True, return_logits=False,
-                      rngs={"dropout": rng})
-    return pool(out.hidden_states, flat_masks, pooler).reshape(batch, sentences, -1)
+                      num_layers=pooler_depth(pooler, num_layers), rngs={"dropout": rng})
+    return pool(out.hidden_states, flat_masks, pooler, num_layers + 1).reshape(batch, sentences, -1)
 
 
 def scale_gradient(x: jnp.ndarray, factor: float) -> jnp.ndarray:

@@ -54,7 +54,7 @@ def whole_model_afp_loss(llama, params, batch, rng, deterministic, config):
     z = whole_model_embeddings(llama, params, batch["cl_tokens"], batch["cl_masks"], config.pooler, cl_rng,
                                deterministic)
     cl, _ = objectives.contrastive_loss(z[:, 0], z[:, 1], config.temperature)
-    clm, _ = objectives.clm_loss(llama, params, batch, clm_rng, deterministic, config)
+    clm, _ = objectives.clm_loss(llama, params, batch, clm_rng, deterministic, config, objective="afp")
     return config.cl_weight * cl + config.clm_weight * clm
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from easylm_align import shuffling
+from easylm_align.config import flatten
 from easylm_align.data import processors
 from easylm_align.data.mixture import MixtureSource
 from easylm_align.data.pairs import AfpSource, CodemixPairsSource
@@ -198,8 +199,9 @@ def unused_source_flags(config: ConfigDict, flag: str = "--train_dataset") -> li
     unused = []
     for cls in SOURCES.values():
         if cls.config_key != used:
-            defaults, group = cls.default_config(), config[cls.config_key]
-            unused += [f"{flag}.{cls.config_key}.{k}={group[k]}" for k in defaults if group[k] != defaults[k]]
+            # Leaf by leaf: a nested group (the mixture's components) compares unequal as a whole.
+            defaults, group = flatten(cls.default_config()), flatten(config[cls.config_key])
+            unused += [f"{flag}.{cls.config_key}.{k}={group[k]}" for k in defaults if group.get(k) != defaults[k]]
     return unused
 
 

@@ -138,6 +138,8 @@ def zero_embedding_row(grads: Any, row: int) -> Any:
     def leaf(path, g):
         return g.at[row].set(0) if path_str(path) == "embed_tokens/embedding" else g
     return jax.tree_util.tree_map_with_path(leaf, grads)
+
+
 # Named parameter sets for --optimizer.trainable (regexes over tree_paths.path_str names).
 TRAINABLE_SHORTCUTS = {
     "embeddings": r"^(embed_tokens/embedding|lm_head/kernel)$",  # input embeddings and LM head

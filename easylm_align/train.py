@@ -393,6 +393,8 @@ def _check_reference_ranks(cfg: ConfigDict) -> None:
         raise ConfigError(f"--objectives.reference_ranks={cfg.objectives.reference_ranks} and "
                           f"--train_dataset.{group_key}.clm_groups={groups} must be equal: a W-rank AFP run "
                           "groups each rank's CLM texts alone")
+
+
 def _warn_if_beyond_positions(data: ConfigDict, max_positions: int) -> None:
     """A sequence longer than the model's max_position_embeddings trains (rotary positions have no
     table), but the exported config.json would then claim the shorter maximum."""

@@ -40,7 +40,6 @@ from easylm_align.errors import ConfigError, UserError
 from easylm_align.tokenizer import Tokenizer
 
 
-
 class ProcessorError(UserError):
     """A problem with one example; the dataset adds the file and line."""
 

@@ -35,6 +35,7 @@ params = model.init(input_ids=jnp.zeros((4, 128), jnp.int32), position_ids=jnp.z
 StreamingCheckpointer.save_train_state_to_file(params["params"], f"{OUT}/streaming_params_{name}_0", None, "fp32")
 state = TrainState.create(params=params, tx=optimizer, apply_fn=None)
 
+
 def train_step(train_state, rng, batch):
     rng_generator = JaxRNG(rng)
     def loss_and_accuracy(params):
@@ -44,6 +45,7 @@ def train_step(train_state, rng, batch):
     (loss, accuracy), grads = jax.value_and_grad(loss_and_accuracy, has_aux=True)(train_state.params)
     train_state = train_state.apply_gradients(grads=grads)
     return train_state, rng_generator(), dict(loss=loss, accuracy=accuracy, gradient_norm=global_norm(grads))
+
 
 step = jax.jit(train_step)
 srng = rng()

@@ -6,8 +6,8 @@
         [--output=benchmarks/results/decode_throughput.jsonl]
 
 Both sides decode the same weights: random parameters of the named LLaMA config are saved as a
-params checkpoint and exported with the project's converter (`convert_to_hf.export`, the tensor
-map in `hf_mapping`), and transformers loads that directory (`LlamaForCausalLM.from_pretrained`,
+params checkpoint and exported with the project's converter (`conversion.to_hf.export`, the tensor
+map in `conversion.hf_mapping`), and transformers loads that directory (`LlamaForCausalLM.from_pretrained`,
 SDPA attention). Prompts are `--batch` rows of `--prompt` random token ids (no padding: the
 prompt length is its own bucket); each side then decodes greedily up to `--new_tokens` tokens,
 stopping early only when every row has produced EOS (ours: `generation.GreedyDecoder` with
@@ -40,7 +40,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bench_env  # noqa: E402
-from easylm_align import checkpoint, convert_to_hf, generation, hf_mapping, model, tokenizer  # noqa: E402
+from easylm_align import checkpoint, model, tokenizer
+from easylm_align.conversion import output, to_hf
+from easylm_align.evaluation import generation  # noqa: E402
 
 RESULT_KEYS = (
     "benchmark", "flags", "date", "device_kind", "platform", "num_devices", "versions", "host", "llama_config",
@@ -124,8 +126,8 @@ def export_params(params: Any, config, tok: tokenizer.Tokenizer, directory: Path
     """Our params → a params checkpoint → the project's Hugging Face export."""
     ckpt = directory / "params"
     checkpoint.save_params(ckpt, jax.device_get(params), meta={"llama_config": config.to_dict()})
-    hf_mapping.quiet_orbax_logs()
-    return convert_to_hf.export(str(ckpt), str(directory / "hf"), tok.vocab_file, dtype=dtype)
+    output.quiet_orbax_logs()
+    return to_hf.export(str(ckpt), str(directory / "hf"), tok.vocab_file, dtype=dtype)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

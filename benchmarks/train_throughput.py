@@ -53,7 +53,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bench_env  # noqa: E402
-from easylm_align import hf_mapping, logger, memory, model, sharding, train  # noqa: E402
+from easylm_align import logger, model, sharding, train
+from easylm_align.conversion import families
+from easylm_align.model import memory  # noqa: E402
 
 RESULT_KEYS = (
     "benchmark", "flags", "date", "device_kind", "platform", "num_devices", "versions", "host",
@@ -156,7 +158,7 @@ class TorchStep:
         import transformers
         self.torch = torch
         self.device = torch.device("cuda" if jax.default_backend() == "gpu" else "cpu")
-        hf = hf_mapping.hf_config(llama_config, "fp32", pad_token_id=0)
+        hf = families.hf_config(llama_config, "fp32", pad_token_id=0)
         hf.pop("architectures"), hf.pop("model_type"), hf.pop("torch_dtype")
         torch.manual_seed(0)
         config = transformers.LlamaConfig(**hf, attn_implementation="sdpa")

@@ -37,7 +37,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from easylm_align import easylm_checkpoint, integrity, model
+from easylm_align import integrity, model
+from easylm_align.conversion import easylm_checkpoint
 from easylm_align.errors import UserError
 from easylm_align.tree_paths import path_str
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from easylm_align import cpu_cross_entropy, cpu_kernels
+from easylm_align.model.kernels import cpu_cross_entropy, native
 from easylm_align.errors import ConfigError
 from easylm_align.model import lm_head_kernel
 
@@ -182,7 +182,7 @@ def resolve_loss_kernel(name: str, platform: Optional[str] = None, devices: Opti
     devices = devices or jax.device_count()
     if name not in LOSS_KERNELS:
         raise ConfigError(f"--objectives.loss_kernel={name!r}: use one of {LOSS_KERNELS}")
-    reason = "it runs on the CPU only" if platform != "cpu" else cpu_kernels.unavailable()
+    reason = "it runs on the CPU only" if platform != "cpu" else native.unavailable()
     if name == "cpu_fused" and reason:
         raise ConfigError(f"--objectives.loss_kernel=cpu_fused: {reason}")
     if name != "auto":

@@ -7,7 +7,7 @@ absl is only its command-line face (`config.define_flags_with_default(**tree)`),
 Every program starts from the same model part (which checkpoint and LLaMA config, the tokenizer,
 the mesh and dtypes, `jax.distributed`) and adds its own groups:
 
-* the trainer: `train.default_config()` (`train.DEFAULTS`: steps, data, optimizer, logger, ...);
+* the trainer: `train_config.default_config()` (`train_config.DEFAULTS`: steps, data, optimizer, logger, ...);
 * the evaluators: `evaluate.default_flags()` (`--eval.*`), `evaluate_icl.default_flags()` (`--icl.*`);
 * the sweep parses the trainer's tree in-process and hands `model_part` of each run's config to
   the evaluator.

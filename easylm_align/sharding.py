@@ -41,7 +41,7 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
 )
 
 
-# Logical activation axes (named in model.py) → mesh axes. Between decoder blocks the residual
+# Logical activation axes (named in model/llama.py) → mesh axes. Between decoder blocks the residual
 # stream is sharded over the batch axes and, along the sequence, over `mp`, so it is not
 # replicated on every model-parallel device (XLA gathers the sequence for the mp-sharded matmuls).
 ACTIVATION_RULES: tuple[tuple[str, Any], ...] = (

@@ -7,7 +7,6 @@ paper's README works as in EasyLM (see README.md).
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import sys
@@ -24,39 +23,14 @@ from absl import logging as absl_logging
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from easylm_align import (attention, checkpoint, logger, memory, model, objectives, optimizer, preemption,
-                          resize, run_config, run_identity, run_lock, sharding, tokenizer)
+from easylm_align import (checkpoint, logger, model, objectives, optimizer, preemption, resize,
+                          run_identity, run_lock, sharding, tokenizer)
 from easylm_align.config import FLAGS, define_flags_with_default, parse_flags_or_exit, parsed_config
 from easylm_align.data import mixture, pipeline
 from easylm_align.errors import ConfigError, exit_on_user_error
 from easylm_align.evaluation import during_training
-
-# The trainer's own flags; the model flags every program shares come from run_config.
-DEFAULTS = dict(
-    seed=42,
-    total_steps=300,
-    log_freq=20,
-    save_model_freq=0,
-    save_milestone_freq=0,
-    eval_steps=0,
-    dry_run=False,
-    nonfinite_policy="stop",
-    resume_despite_changes="",  # FLAG,... whose change from the checkpoint's value a resume accepts (run_identity)
-    objective="clm",
-    train_dataset=pipeline.default_config(),
-    eval_dataset=pipeline.default_config(),
-    optimizer=optimizer.default_config(),
-    resize=resize.default_config(),
-    objectives=objectives.default_config(),
-    logger=logger.default_config(),
-    squad_eval=during_training.default_config(),
-)
-
-
-def default_config() -> ConfigDict:
-    """The trainer's run configuration (every train flag), for running the trainer from Python."""
-    return run_config.default_config(**copy.deepcopy(DEFAULTS))
-
+from easylm_align.model import attention, memory
+from easylm_align.train_config import default_config
 
 # stop: a non-finite loss ends the run (exit 1) and keeps the last good checkpoint;
 # skip: a step whose loss or gradient norm is not finite leaves weights and optimizer state as they were.

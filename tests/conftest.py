@@ -23,9 +23,9 @@ def skip_without_cpu_kernels(choice: str = "cpu_fused") -> None:
     is `cpu_fused` and the C++ CPU kernels cannot be built here."""
     if choice != "cpu_fused":
         return
-    from easylm_align import cpu_kernels  # imported late: JAX must see the XLA_FLAGS above first
+    from easylm_align.model.kernels import native  # imported late: JAX must see the XLA_FLAGS above first
 
-    reason = cpu_kernels.unavailable()
+    reason = native.unavailable()
     if reason:
         pytest.skip(reason)
 

@@ -390,7 +390,7 @@ def test_flagfile_trains_as_afps_step_written_in_torch(tmp_path, tok):
     import torch
     import transformers
     from easylm_align import config, train
-    from easylm_align.convert_from_hf import import_hf
+    from easylm_align.conversion.from_hf import import_hf
     steps, lr = 4, 1e-3
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(

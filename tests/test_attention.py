@@ -1,7 +1,7 @@
 """Every attention backend equals an independent reference, forward and gradients, in fp32.
 
 The reference below is written from the definition (softmax over the visible keys, GQA by
-repeating kv heads), not by calling easylm_align.attention.
+repeating kv heads), not by calling easylm_align.model.attention.
 """
 
 import jax
@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import skip_without_cpu_kernels
-from easylm_align import attention, cpu_kernels, model
+from easylm_align import model
+from easylm_align.model import attention
+from easylm_align.model.kernels import native
 
 B, T, HEADS, KV, D = 2, 256, 4, 2, 32
 
@@ -173,7 +175,7 @@ def test_auto_picks_by_platform_and_options():
     assert attention.resolve("auto", dropout, "gpu") == "blockwise"
     assert attention.resolve("auto", plain, "cpu") == "chunked"  # bf16: the CPU kernel is fp32 only
     assert attention.resolve("auto", fcm, "cpu") == "chunked"
-    if not cpu_kernels.unavailable():
+    if not native.unavailable():
         assert attention.resolve("auto", attention.Options(0.0, True, jnp.float32), "cpu") == "cpu_fused"
     with pytest.raises(ValueError, match="attention=cpu_fused runs on the CPU only"):
         attention.resolve("cpu_fused", plain, "gpu")

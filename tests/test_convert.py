@@ -23,10 +23,13 @@ import sentencepiece as spm
 import torch
 import transformers
 
-from easylm_align import checkpoint, convert_to_hf, model
-from easylm_align.convert_from_hf import import_hf
-from easylm_align.convert_to_hf import export
-from easylm_align.hf_mapping import ConversionError, expected_shapes, llama_fields_from_hf, suggest_flags
+from easylm_align import checkpoint, model
+from easylm_align.conversion import to_hf
+from easylm_align.conversion.from_hf import import_hf
+from easylm_align.conversion.to_hf import export
+from easylm_align.conversion import ConversionError
+from easylm_align.conversion.families import llama_fields_from_hf, suggest_flags
+from easylm_align.conversion.hf_mapping import expected_shapes
 from easylm_align.tokenizer import ASSETS, Tokenizer
 
 VOCAB = 512
@@ -320,7 +323,7 @@ def test_outputs_are_never_clobbered_nor_left_half_written(tmp_path, debug_check
 
     # Export failing midway: nothing named like the output, no staging directory left behind.
     reads = []
-    real_read = convert_to_hf._ParamsReader.read
+    real_read = to_hf._ParamsReader.read
 
     def failing_read(self, path):
         reads.append(path)
@@ -328,7 +331,7 @@ def test_outputs_are_never_clobbered_nor_left_half_written(tmp_path, debug_check
             raise OSError("disk on fire")
         return real_read(self, path)
 
-    monkeypatch.setattr(convert_to_hf._ParamsReader, "read", failing_read)
+    monkeypatch.setattr(to_hf._ParamsReader, "read", failing_read)
     with pytest.raises(OSError, match="disk on fire"):
         export(str(debug_checkpoint), str(tmp_path / "hf2"), str(llama_tokenizer), dtype="fp32", max_shard_size_mb=1)
     monkeypatch.undo()

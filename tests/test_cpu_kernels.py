@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import skip_without_cpu_kernels
-from easylm_align import cpu_cross_entropy, cpu_kernels
+from easylm_align.model.kernels import cpu_cross_entropy, native
 
 
 def numpy_cross_entropy(logits, targets, mask):
@@ -59,13 +59,13 @@ def test_the_kernels_build_where_a_compiler_is_found():
     """A source that no longer compiles must fail here, not only skip the parity tests."""
     if shutil.which(os.environ.get("CXX", "g++")) is None:
         pytest.skip("no C++ compiler here ($CXX or g++)")
-    assert cpu_kernels.unavailable() is None
+    assert native.unavailable() is None
 
 
 def test_auto_falls_back_to_xla_ops_without_a_compiler(tmp_path):
     """In a fresh process (the kernels register once per process) with no compiler on hand."""
     script = ("import logging, jax.numpy as jnp\n"
-              "from easylm_align import attention, objectives\n"
+              "from easylm_align import objectives\nfrom easylm_align.model import attention\n"
               "logging.basicConfig(level=logging.INFO)\n"
               "fp32 = attention.Options(0.0, False, jnp.float32)\n"
               "print(attention.resolve('auto', fp32, 'cpu'))\n"
@@ -88,7 +88,7 @@ def test_auto_falls_back_to_xla_ops_without_a_compiler(tmp_path):
 
 
 def test_a_second_process_loads_the_cached_build(tmp_path):
-    script = "from easylm_align import cpu_kernels\nprint(cpu_kernels.unavailable())\n"
+    script = "from easylm_align.model.kernels import native\nprint(native.unavailable())\n"
     env = {**os.environ, "EASYLM_ALIGN_CACHE": str(tmp_path)}
     built = []
     for _ in range(2):

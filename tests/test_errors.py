@@ -3,7 +3,8 @@
 import jax
 import pytest
 
-from easylm_align import checkpoint, codemix, easylm_checkpoint, hf_mapping, records, sharding, tokenizer
+from easylm_align import checkpoint, codemix, records, sharding, tokenizer
+from easylm_align.conversion import ConversionError, easylm_checkpoint
 from easylm_align.data import pipeline, processors
 from easylm_align.errors import ConfigError, UserError, exit_on_user_error
 from easylm_align.evaluation import squad
@@ -28,7 +29,7 @@ def test_a_jax_value_error_is_not_taken_for_a_user_error(capsys):
 
 @pytest.mark.parametrize("error", [
     ConfigError, checkpoint.CheckpointError, codemix.DictionaryError, pipeline.DataError,
-    easylm_checkpoint.EasyLMFormatError, hf_mapping.ConversionError, sharding.ShardingError,
+    easylm_checkpoint.EasyLMFormatError, ConversionError, sharding.ShardingError,
     processors.ProcessorError, tokenizer.TokenizerError, squad.SquadFormatError,
     records.DataError, SweepError], ids=lambda e: e.__name__)
 def test_every_project_error_is_a_user_error(error):

@@ -20,10 +20,11 @@ import torch
 import transformers
 
 from easylm_align import checkpoint, model
-from easylm_align.convert_from_hf import import_hf
-from easylm_align.convert_to_hf import export
+from easylm_align.conversion.from_hf import import_hf
+from easylm_align.conversion.to_hf import export
 from easylm_align.errors import ConfigError
-from easylm_align.hf_mapping import ConversionError, llama_fields_from_hf, suggest_flags
+from easylm_align.conversion import ConversionError
+from easylm_align.conversion.families import llama_fields_from_hf, suggest_flags
 from easylm_align.tokenizer import DEMO_TOKENIZER
 
 VOCAB, SEQ, WINDOW, ORIGINAL_POSITIONS = 4096, 24, 8, 16
@@ -275,7 +276,7 @@ def test_seed_commit_command_runs_a_llama3_shaped_model(tokenizer, tmp_path, tes
 def test_kv_cache_decoding_of_left_padded_prompts_matches_transformers(imported):
     """The evaluators' decoder (KV cache, prompts left-padded to a 64-slot bucket, longer than
     Mistral's window) against `generate` on the same prompts padded to their longest."""
-    from easylm_align.generation import GreedyDecoder
+    from easylm_align.evaluation.generation import GreedyDecoder
     from easylm_align.tokenizer import Tokenizer
 
     _, hf, _, _, config, params = imported

@@ -383,7 +383,7 @@ def test_dataset_flag_values(tmp_dir, tok, key, value):
 @FUZZ
 @given(st.sampled_from(["seed", "total_steps", "dry_run", "dtype", "log_freq"]), junk)
 def test_top_level_flag_values(key, value):
-    from easylm_align import train  # defines the train flags
+    from easylm_align import train_config
 
     try:
         rest = config.parse_flags_or_exit(["train", f"--{key}={value}"])
@@ -396,4 +396,4 @@ def test_top_level_flag_values(key, value):
         assert "--dtype" in str(e)
     finally:
         config.FLAGS.unparse_flags()
-    assert train.DEFAULTS["seed"] == 42
+    assert train_config.DEFAULTS["seed"] == 42

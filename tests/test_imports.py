@@ -80,3 +80,17 @@ def test_the_package_has_no_import_cycle():
     graph = import_graph()
     assert "easylm_align.train" in graph and "easylm_align.model" in graph["easylm_align.train"]
     assert find_cycle(graph) == []
+
+
+def entry_points() -> set[str]:
+    """The command-line programs: modules run with `python -m` (a `__main__` guard or `__main__.py`)."""
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {name for name, path in files.items()
+            if path.name == "__main__.py" or 'if __name__ == "__main__":' in path.read_text(encoding="utf-8")}
+
+
+def test_no_library_module_imports_a_command_line_program():
+    graph, programs = import_graph(), entry_points()
+    assert {"easylm_align.train", "easylm_align.convert_to_hf", "easylm_align.evaluate"} <= programs
+    offenders = {name: sorted(graph[name] & programs) for name in graph if name not in programs and graph[name] & programs}
+    assert offenders == {}

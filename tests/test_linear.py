@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from easylm_align.linear import linear, weight_grad
+from easylm_align.model.linear import linear, weight_grad
 
 
 @pytest.mark.parametrize("shape", [(3, 17, 24), (51, 24), (2, 3, 5, 24)])

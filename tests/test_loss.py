@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import skip_without_cpu_kernels
-from easylm_align import cpu_kernels, model, objectives
+from easylm_align import model, objectives
+from easylm_align.model.kernels import native
 
 
 def full_reference(hidden, kernel, targets, mask):
@@ -71,7 +72,7 @@ def test_clm_loss_chunked_equals_logits_path(tied, loss_kernel):
 
 
 def test_loss_kernel_choice():
-    if not cpu_kernels.unavailable():
+    if not native.unavailable():
         assert objectives.resolve_loss_kernel("auto", "cpu", 1) == "cpu_fused"
         assert objectives.resolve_loss_kernel("cpu_fused", "cpu", 8) == "cpu_fused"  # asked for: allowed
     assert objectives.resolve_loss_kernel("auto", "cpu", 8) == "xla"  # unpartitioned FFI call: not by default

@@ -30,8 +30,8 @@ import safetensors.numpy
 from conftest import REPO_ROOT
 from easylm_align import checkpoint, integrity, model, train
 from easylm_align.data import pipeline
-from easylm_align.convert_to_hf import export
-from easylm_align.hf_mapping import tensor_specs
+from easylm_align.conversion.to_hf import export
+from easylm_align.conversion.hf_mapping import tensor_specs
 from easylm_align.sharding import path_str
 from easylm_align.tokenizer import ASSETS
 

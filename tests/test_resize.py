@@ -99,7 +99,7 @@ def test_extended_model_exports_to_transformers(tmp_path):
     import torch
     import transformers
     from conftest import REPO_ROOT, TEST_DATA
-    from easylm_align.convert_to_hf import export
+    from easylm_align.conversion.to_hf import export
     from easylm_align.tokenizer import Tokenizer
     from easylm_align.tools import extend_vocab
     from test_convert import VOCAB, forward_fn, our_config, random_checkpoint, train_llama_tokenizer

@@ -20,10 +20,10 @@ import pytest
 
 from conftest import REPO_ROOT
 from easylm_align import checkpoint, integrity, run_config, run_lock, train
-from easylm_align.convert_to_hf import export
+from easylm_align.conversion.to_hf import export
 from easylm_align.errors import ConfigError
 from easylm_align.evaluation import runtime
-from easylm_align.hf_mapping import ConversionError
+from easylm_align.conversion import ConversionError
 from easylm_align.tokenizer import ASSETS
 from test_preemption import DROPOUT_FCM, compile_cache, signal_after_steps, stopped_step, train_args  # noqa: F401
 from test_train import make_config, read_metrics

@@ -16,8 +16,8 @@ import yaml
 from ml_collections import ConfigDict
 
 from easylm_align import checkpoint, evaluate, model
-from easylm_align.evaluation import squad
-from easylm_align.generation import GreedyDecoder, bucket_length, newline_token_ids
+from easylm_align.evaluation import qa, squad
+from easylm_align.evaluation.generation import GreedyDecoder, bucket_length, newline_token_ids
 from easylm_align.sharding import make_mesh, param_shardings
 from easylm_align.tokenizer import DEMO_TOKENIZER, Tokenizer
 
@@ -200,9 +200,9 @@ def _squad_file(tmp_path, records) -> str:
 
 @pytest.mark.parametrize("lang, prompt_lang", sorted(EXPECTED_PROMPTS))
 def test_evaluator_prompts_equal_the_fork_on_an_xquad_slice(tmp_path, lang, prompt_lang):
-    config = evaluate.default_eval_config()
+    config = qa.default_eval_config()
     config.update(lang=lang, prompt_lang=prompt_lang)
-    examples, prompts = evaluate.build_prompts(squad.load_squad(_squad_file(tmp_path, XQUAD_SLICE[lang])), config)
+    examples, prompts = qa.build_prompts(squad.load_squad(_squad_file(tmp_path, XQUAD_SLICE[lang])), config)
     assert prompts == EXPECTED_PROMPTS[lang, prompt_lang]
     assert [ex.answers for ex in examples] == [(answer,) for *_, answer in XQUAD_SLICE[lang]]
 
@@ -256,19 +256,19 @@ def test_lm_eval_task_files_render_the_fork_prompts(tmp_path, lang, prompt_lang)
 
 def test_mlqa_keeps_the_text_as_its_loader_does(tmp_path):
     # Hugging Face's `mlqa` loader does not strip; MLQA's template has a space after the label.
-    config = evaluate.default_eval_config()
+    config = qa.default_eval_config()
     config.update(lang="hi", prompt_style="mlqa")
-    _, (prompt,) = evaluate.build_prompts(squad.load_squad(_squad_file(tmp_path, XQUAD_SLICE["hi"])), config)
+    _, (prompt,) = qa.build_prompts(squad.load_squad(_squad_file(tmp_path, XQUAD_SLICE["hi"])), config)
     assert prompt == ("पृष्ठभूमि:\n\n एक कागज का टुकड़ा बाद में पाया गया जिसपर लूथर ने अपनाआखिरी कथन लिखा। यह कथन “हम याचक हैं” जो जर्मन में था,  के अतिरिक्त लैटिन में था।\n\n"
                       "सवाल: लूथर के द्वारा लिखा गया बाद में क्या खोजा गया? \n\nउत्तर:")
 
 
 def test_defaults_are_the_harness_settings():
-    config = evaluate.default_eval_config()
+    config = qa.default_eval_config()
     assert (config.max_new_tokens, config.add_bos_token, config.shots, config.prompt_style) == (256, False, 0, "xquad")
     config.update(lang="th", prompt_style="mlqa")
     with pytest.raises(ValueError, match="--eval.lang='th'"):
-        evaluate.check_eval_config(config)
+        qa.check_eval_config(config)
 
 
 def test_k_shot_demonstrations(xquad_hi):
@@ -432,7 +432,7 @@ def test_evaluator_end_to_end_on_xquad_hi(test_data, debug_checkpoint, tmp_path)
         assert record["prompt"].count("Background:") == 2 and record["prompt"].endswith("\n\nAnswer:")
         assert set(record) >= {"em", "f1", "multilingual_em", "multilingual_f1", "prompt_tokens", "truncated"}
         assert 0 < record["generated_tokens"] <= 8
-    assert "xquad_enhi" in evaluate.format_table(report)
+    assert "xquad_enhi" in qa.format_table(report)
 
 
 def test_cli_reports_bad_paths_in_one_line(test_data, debug_checkpoint, tmp_path):

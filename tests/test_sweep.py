@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT
-from easylm_align.evaluate import default_eval_config
+from easylm_align.evaluation.qa import default_eval_config
 from easylm_align.tools.sweep import plan
 
 TINY = json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2})

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from easylm_align import model
-from easylm_align.swiglu import swiglu
+from easylm_align.model.swiglu import swiglu
 
 
 def plain(x, w1, w3, w2):

@@ -15,8 +15,8 @@ import pytest
 import transformers
 from ml_collections import ConfigDict
 
-from easylm_align import convert_to_hf
-from easylm_align.generation import newline_token_ids
+from easylm_align.conversion import to_hf
+from easylm_align.evaluation.generation import newline_token_ids
 from easylm_align.tokenizer import (DEMO_TOKENIZER, LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, Tokenizer, TokenizerError,
                                     bytes_to_unicode, split_tokens)
 
@@ -125,7 +125,7 @@ def test_llama3_tiktoken_file_equals_tiktoken_and_its_export_equals_auto_tokeniz
     assert ours.id_to_piece(128009) == "<|eot_id|>"
     assert_like_tiktoken(ours, path, lines)
     # What convert_to_hf writes for it loads in transformers and encodes the same, BOS included.
-    convert_to_hf._write_tokenizer(ours, ConfigDict(dict(max_position_embeddings=8192)), tmp_path)
+    to_hf._write_tokenizer(ours, ConfigDict(dict(max_position_embeddings=8192)), tmp_path)
     assert_like_auto_tokenizer(ours, tmp_path, lines)
     assert_like_auto_tokenizer(Tokenizer(str(tmp_path)), tmp_path, lines)
 

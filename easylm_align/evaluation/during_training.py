@@ -13,17 +13,16 @@ from typing import Any, Optional
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from easylm_align import evaluate
 from easylm_align.errors import ConfigError
-from easylm_align.evaluation import squad
-from easylm_align.generation import GreedyDecoder
+from easylm_align.evaluation import qa, squad
+from easylm_align.evaluation.generation import GreedyDecoder
 from easylm_align.model import LlamaForCausalLM
 from easylm_align.tokenizer import Tokenizer
 
 
 def default_config() -> ConfigDict:
     """`--squad_eval.*`: how often, then the evaluator's own `--eval.*` fields."""
-    cfg = evaluate.default_eval_config()
+    cfg = qa.default_eval_config()
     cfg.max_examples = 32
     cfg.batch_size = 8
     del cfg["output"]  # the scores go to the training metrics
@@ -44,7 +43,7 @@ class SquadDuringTraining:
         if not config.squad_file:
             raise ConfigError("--squad_eval.squad_file is required when --squad_eval.freq > 0")
         try:
-            evaluate.check_eval_config(config)
+            qa.check_eval_config(config)
         except ValueError as e:  # the evaluator names its own flag group
             raise ConfigError(str(e).replace("--eval.", "--squad_eval.")) from None
         self.examples = squad.load_squad(config.squad_file)
@@ -55,6 +54,6 @@ class SquadDuringTraining:
     def __call__(self, params: Any) -> dict[str, float]:
         if self.decoder is None:  # compiled on first use, reused at every later evaluation
             self.decoder = GreedyDecoder(self.llama, self.tok, self.config.max_new_tokens, self.mesh)
-        aggregate = evaluate.evaluate_squad(params, self.llama, self.tok, self.examples, self.config, self.mesh,
+        aggregate = qa.evaluate_squad(params, self.llama, self.tok, self.examples, self.config, self.mesh,
                                             self.decoder)["aggregate"]
         return {f"eval/{aggregate['task']}/{key}": aggregate[key] for key in ("exact_match", "f1")}

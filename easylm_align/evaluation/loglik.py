@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 
 from easylm_align.tokenizer import split_tokens
 from easylm_align.errors import ConfigError
-from easylm_align.generation import bucket_length
+from easylm_align.evaluation.generation import bucket_length
 from easylm_align.model import LlamaForCausalLM
 from easylm_align.sharding import batch_sharding, data_parallel_size, replicated
 from easylm_align.tokenizer import Tokenizer

@@ -16,7 +16,7 @@ from ml_collections import ConfigDict
 from easylm_align import checkpoint, model, run_config, sharding, tokenizer
 from easylm_align.config import FLAGS, define_flags_with_default, parse_flags_or_exit
 from easylm_align.errors import ConfigError, exit_on_user_error
-from easylm_align.hf_mapping import HF_FIELDS
+from easylm_align.conversion.families import HF_FIELDS
 
 
 def load_model(cfg: Any, decodes: bool = False) -> tuple[Any, model.LlamaForCausalLM, tokenizer.Tokenizer, Any]:

@@ -1,6 +1,6 @@
 """Extractive QA in SQuAD v1.1 format (XQuAD, MLQA): loading, prompts, exact match and F1.
 
-Pure Python (no JAX, no easylm_align imports): the model side lives in `easylm_align.generation`
+Pure Python (no JAX, no easylm_align imports): the model side lives in `easylm_align.evaluation.generation`
 and `easylm_align.evaluate`, and the lm-evaluation-harness task files in `lm_eval_tasks/` load
 this module by path for their metric.
 

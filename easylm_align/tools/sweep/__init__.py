@@ -30,7 +30,7 @@ The sweep waits for it to exit (a trainer saves a checkpoint first, exit 75) and
 75; running the same command again resumes that value.
 
 Before anything runs, each value's train config is derived in this process, as the trainer would
-parse its command line (`config.parse_config` on `train.default_config()`): a misspelt train flag,
+parse its command line (`config.parse_config` on `train_config.default_config()`): a misspelt train flag,
 a `--param` the trainer does not have or a value that is not of the flag's type fails at once.
 A failed run is reported, the sweep goes on with the other values, and the exit status is 1.
 Bad input exits with status 2.

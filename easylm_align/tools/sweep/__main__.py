@@ -8,7 +8,7 @@ from typing import Sequence
 from absl import app, flags
 
 from easylm_align.config import FLAGS, define_flags_with_default, parse_flags_or_exit
-from easylm_align.evaluate import default_eval_config
+from easylm_align.evaluation.qa import default_eval_config
 from easylm_align.tools.sweep.orchestrate import run_sweep
 from easylm_align.tools.sweep.plan import SweepError, make_plan, parse_values
 

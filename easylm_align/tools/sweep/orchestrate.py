@@ -20,7 +20,7 @@ from typing import Optional, Sequence, TextIO
 from ml_collections import ConfigDict
 
 from easylm_align import config, preemption, run_config
-from easylm_align.evaluate import default_eval_config
+from easylm_align.evaluation.qa import default_eval_config
 from easylm_align.tools.sweep import state
 from easylm_align.tools.sweep.plan import Plan, SweepError
 from easylm_align.tools.sweep.report import Result, write_summary

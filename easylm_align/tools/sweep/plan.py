@@ -14,9 +14,9 @@ from typing import Optional, Sequence
 
 from ml_collections import ConfigDict
 
-from easylm_align import config, train
+from easylm_align import config, train_config
 from easylm_align.errors import UserError
-from easylm_align.evaluate import check_eval_config, task_name
+from easylm_align.evaluation.qa import check_eval_config, task_name
 
 # The sweep's own flags: given after `--` by mistake they would go to the trainer.
 SWEEP_FLAGS = ("param", "values", "sweep_dir", "dry_run", "eval")
@@ -91,7 +91,7 @@ def check_param(param: str, train_names: Sequence[str]) -> None:
 
 def train_configs(param: str, values: Sequence[str], train_argv: Sequence[str]) -> dict[str, ConfigDict]:
     """The config the trainer would run with for each value, parsed here as its command line."""
-    defaults = train.default_config()
+    defaults = train_config.default_config()
     check_param(param, config.flag_names(defaults))
     try:
         config.parse_config(defaults, ["easylm_align.train", *train_argv])

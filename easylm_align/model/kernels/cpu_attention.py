@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from easylm_align import cpu_kernels
+from easylm_align.model.kernels import native
 
 _FORWARD, _BACKWARD = "easylm_cpu_attention_fwd", "easylm_cpu_attention_bwd"
 
@@ -46,7 +46,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 def fused_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, q_segments: jnp.ndarray,
                     k_segments: jnp.ndarray, keys_kept: jnp.ndarray) -> jnp.ndarray:
     """q (batch, T, heads, d), k/v (batch, T, kv_heads, d), fp32; the (batch, T) vectors of MaskInfo."""
-    cpu_kernels.require()
+    native.require()
     i32 = lambda x: x.astype(jnp.int32)
     f32 = lambda x: x.astype(jnp.float32)
     return _fused(f32(q), f32(k), f32(v), i32(q_segments), i32(k_segments), i32(keys_kept)).astype(q.dtype)

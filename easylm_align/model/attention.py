@@ -26,8 +26,8 @@ backend that never materialises the (query, key) mask does not have to.
   pass, so neither pass holds more than one (query block, key block) tile of scores. Causal
   blocks above the diagonal are skipped. Supports segment ids, FCM and attention dropout on
   every platform.
-* `cpu_fused`: a fused CPU kernel (C++, through XLA's FFI; `easylm_align/cpu_attention.py`,
-  built by `easylm_align/cpu_kernels.py`):
+* `cpu_fused`: a fused CPU kernel (C++, through XLA's FFI; `easylm_align/model/kernels/cpu_attention.py`,
+  built by `easylm_align/native.py`):
   each (row, kv head) in one pass over its keys, no head-major copies, exact per-block softmax
   and a recomputing backward pass. fp32 on the CPU; segment ids and FCM; no attention dropout.
   Built with the machine's C++ compiler on first use. No sliding window: a windowed model whose
@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from easylm_align import cpu_attention, cpu_kernels
+from easylm_align.model.kernels import cpu_attention, native
 from easylm_align.errors import ConfigError
 
 BACKENDS = ("auto", "einsum", "xla", "cudnn", "splash", "blockwise", "chunked", "cpu_fused")
@@ -117,7 +117,7 @@ def supported(backend: str, options: Options, platform: str) -> Optional[str]:
             return "attention=cpu_fused runs on the CPU only"
         if jnp.dtype(options.dtype) != jnp.float32:
             return "attention=cpu_fused needs fp32 compute (--dtype=fp32)"
-        reason = cpu_kernels.unavailable()
+        reason = native.unavailable()
         return f"attention=cpu_fused: {reason}" if reason else None
     raise ConfigError(f"attention={backend!r}: use one of {BACKENDS}")
 

@@ -1,4 +1,4 @@
-"""The C++ CPU kernels in `kernels/`: built with the machine's compiler on first use, registered
+"""The C++ CPU kernels beside this module (`*.cc`): built with the machine's compiler on first use, registered
 with XLA's FFI, and cached.
 
 XLA gives no way to write a fused kernel for the CPU (Pallas has no CPU backend), and two parts of
@@ -29,7 +29,7 @@ from typing import Optional
 import jax
 import jaxlib
 
-KERNELS = Path(__file__).parent / "kernels"
+KERNELS = Path(__file__).parent  # the .cc and .h files sit beside this module
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-w", "-pthread")
 # FFI target name -> the handler symbol the library exports.
 TARGETS = {

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from easylm_align.linear import weight_grad
+from easylm_align.model.linear import weight_grad
 
 
 @jax.custom_vjp

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from easylm_align import cpu_kernels
+from easylm_align.model.kernels import native
 
 _TARGET = "easylm_cpu_cross_entropy"
 
@@ -22,7 +22,7 @@ def loss_and_logit_grads(logits: jnp.ndarray, targets: jnp.ndarray,
     (unmasked; NaN for a target outside the vocabulary), 1.0 where the first arg-max is the
     target (else 0.0), and the logits' gradient (softmax − one-hot) · mask, which takes the
     logits' buffer."""
-    cpu_kernels.require()
+    native.require()
     flat = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32)
     rows = jax.ShapeDtypeStruct(flat.shape[:1], jnp.float32)
     grads, nll, correct = jax.ffi.ffi_call(_TARGET, (jax.ShapeDtypeStruct(flat.shape, jnp.float32), rows, rows),

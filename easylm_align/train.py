@@ -109,18 +109,24 @@ class Trainer:
         rng = jax.random.PRNGKey(self.cfg.seed)
         params_t, state_t = self._abstract_state()
         kind, path = checkpoint.parse_load_checkpoint(self.cfg.load_checkpoint)
-        self._check_tokenizer(ckpt, kind, path)
-        if ckpt.latest_step() is not None:  # resume this run: weights, optimizer, step, RNG and data
-            where = ckpt.step_path(ckpt.latest_step())
-            self._check_resume(where, ckpt.latest_step())
-            self._check_optimizer_layout(where)
+        step = ckpt.latest_step()
+        if step is not None:  # resume this run: weights, optimizer, step, RNG and data
+            where = ckpt.step_path(step)
+            meta = checkpoint.read_meta(where)
+            self._check_tokenizer(meta, where, resize_allowed=False)
+            self._check_resume(meta, where, step)
+            self._check_optimizer_layout(meta, where)
             params, state, meta = ckpt.restore_latest(params_t, state_t)
             self.train_data.load_state_dict(pipeline.saved_position(meta["dataset"], str(where)))
             if jax.process_index() == 0:
                 print(f"resuming from step {int(state['step'])} of {self.output_dir}", flush=True)
             return params, state
+        if kind:
+            where = checkpoint.resolve_path(path)
+            meta = checkpoint.read_meta(where)
+            self._check_tokenizer(meta, where, resize_allowed=kind == "params")
         if kind == "trainstate":
-            self._check_optimizer_layout(checkpoint.resolve_path(path))
+            self._check_optimizer_layout(meta, where)
             params, state, _ = checkpoint.load_train_state(path, params_t, state_t)
             if int(state["step"]) >= self.cfg.total_steps:
                 raise ConfigError(f"--load_checkpoint={self.cfg.load_checkpoint} is at step {int(state['step'])}, "
@@ -135,37 +141,31 @@ class Trainer:
             return params, state
         return jax.jit(self._init_state, out_shardings=(self.param_sh, self.state_sh))(rng)
 
-    def _check_resume(self, where: Path, step: int) -> None:
+    def _check_resume(self, meta: dict, where: Path, step: int) -> None:
         """Refuses to continue a run saved with other results-relevant flags, or past --total_steps."""
-        saved = checkpoint.read_meta(where)
-        if "flags" in saved:
-            run_identity.check_resume(saved["flags"], self.cfg.to_dict(), self.cfg.resume_despite_changes, where)
+        if "flags" in meta:
+            run_identity.check_resume(meta["flags"], self.cfg.to_dict(), self.cfg.resume_despite_changes, where)
         if step > self.cfg.total_steps:
             raise ConfigError(f"--total_steps={self.cfg.total_steps}: the run in {self.output_dir} is already at "
                               f"step {step}; give --total_steps={step} or more, or another --logger.output_dir")
 
-    def _check_tokenizer(self, ckpt: checkpoint.TrainCheckpointer, kind: str, path: str) -> None:
+    def _check_tokenizer(self, meta: dict, where: Path, resize_allowed: bool) -> None:
         """The checkpoint this run starts from must have been trained with this run's tokenizer
-        (its meta records it, `_checkpoint_meta`), unless --tokenizer.allow_mismatch says otherwise."""
-        resuming = ckpt.latest_step() is not None
-        if resuming:
-            where = ckpt.step_path(ckpt.latest_step())
-        elif kind:
-            where = checkpoint.resolve_path(path)
-        else:
+        (its meta records it, `_checkpoint_meta`), unless --tokenizer.allow_mismatch says otherwise.
+        With `resize_allowed` (weights loaded with params::) a smaller recorded vocabulary is an
+        extended tokenizer's starting point: resize.load_params checks it piece by piece."""
+        recorded = meta.get("tokenizer")
+        if resize_allowed and recorded and recorded.get("vocab_size", 0) < self.tokenizer.vocab_size:
             return
-        recorded = checkpoint.read_meta(where).get("tokenizer")
-        if not resuming and kind == "params" and recorded and recorded.get("vocab_size", 0) < self.tokenizer.vocab_size:
-            return  # an extended tokenizer: resize.load_params grows the vocabulary from the old one's pieces
         self.tokenizer.check_recorded(recorded, f"checkpoint {where}", self.cfg.tokenizer.allow_mismatch)
 
-    def _check_optimizer_layout(self, path: Path) -> None:
+    def _check_optimizer_layout(self, meta: dict, where: Path) -> None:
         """An optimizer state holds moments for the trained parameters only (--optimizer.trainable), so
         one written under another choice cannot be restored: say so before Orbax fails deep inside."""
-        saved = checkpoint.read_meta(path).get("flags", {}).get("optimizer", {}).get("trainable", "")
+        saved = meta.get("flags", {}).get("optimizer", {}).get("trainable", "")
         if saved != self.cfg.optimizer.trainable:
             raise checkpoint.CheckpointError(
-                f"{path} was written with --optimizer.trainable={saved!r}, this run has "
+                f"{where} was written with --optimizer.trainable={saved!r}, this run has "
                 f"{self.cfg.optimizer.trainable!r}: its optimizer state does not fit; start from its weights "
                 "with --load_checkpoint=params::PATH (and a new --logger.output_dir)")
 

@@ -31,9 +31,9 @@ from easylm_align.data.sources import HuggingfaceSource, JsonSource, Record, Sou
 from easylm_align.records import DataError
 from easylm_align.tokenizer import Tokenizer
 
+# MixtureSource draws from several text sources by weight (mixture.py).
 SOURCES: dict[str, type[Source]] = {cls.name: cls for cls in (JsonSource, HuggingfaceSource, AfpSource,
-                                                               CodemixPairsSource)}
-SOURCES[MixtureSource.name] = MixtureSource  # several text sources drawn by weight (mixture.py)
+                                                               CodemixPairsSource, MixtureSource)}
 
 
 def default_config(dataset_type: str = "json") -> ConfigDict:

@@ -231,7 +231,10 @@ def test_presets_resolve_with_the_large_model_defaults():
 @pytest.mark.parametrize("tokenizer", ["tiny_bpe", "llama3"])
 def test_seed_commit_command_runs_a_llama3_shaped_model(tokenizer, tmp_path, test_data, request):
     """The seed's COMMIT command (code-mixing on) for 3 steps: Llama 3.2's preset shrunk to 2 narrow
-    layers (rope scaling, tied embeddings, scan and remat kept) with a Hugging Face or tiktoken tokenizer."""
+    layers (rope scaling, tied embeddings, scan and remat kept) with a Hugging Face or tiktoken tokenizer.
+    With Llama 3's tokenizer it runs as the sweep runs it (train, then `evaluate` on the final
+    checkpoint, one value of codemix_ratio), and `evaluate_icl` runs on the same checkpoint."""
+    from test_sweep import run_sweep
     from test_train import SEED_COMMIT, SEED_COMMON, run_train
 
     if tokenizer == "llama3":
@@ -247,8 +250,18 @@ def test_seed_commit_command_runs_a_llama3_shaped_model(tokenizer, tmp_path, tes
                                                         bos_token_id=0 if vocab == 1000 else 128000,
                                                         eos_token_id=1 if vocab == 1000 else 128001)),
              "--log_freq=5000"]
-    result = run_train(args)
-    assert result.returncode == 0, result.stderr[-3000:]
+    if tokenizer == "llama3":
+        args = [a for a in args if not a.startswith(("--logger.output_dir=", "--train_dataset.text_processor.codemix_ratio="))]
+        sweep = run_sweep("--param=train_dataset.text_processor.codemix_ratio", "--values=0.9", f"--sweep_dir={tmp_path}",
+                          f"--eval.squad_file={test_data / 'xquad/xquad.hi.json'}", "--eval.lang=hi",
+                          "--eval.max_examples=2", "--eval.max_new_tokens=4", "--", *args)
+        assert sweep.returncode == 0, (sweep.stdout + sweep.stderr)[-3000:]
+        out = tmp_path / "codemix_ratio=0.9"
+        assert len(json.loads((out / "eval_xquad_hi.json").read_text())["examples"]) == 2
+        assert (tmp_path / "sweep.csv").is_file()
+    else:
+        result = run_train(args)
+        assert result.returncode == 0, result.stderr[-3000:]
     meta = checkpoint.read_meta(out / "checkpoints/streaming_params_3")
     assert meta["llama_config"]["rope_scaling_type"] == "llama3" and meta["llama_config"]["scan_layers"]
     row = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
@@ -256,15 +269,8 @@ def test_seed_commit_command_runs_a_llama3_shaped_model(tokenizer, tmp_path, tes
 
     if tokenizer != "llama3":  # the decoder with a tokenizer.json is covered above, in seconds
         return
-    # The evaluators run on its checkpoint with the same model flags and tokenizer.
     model_flags = [f"--load_checkpoint=params::{out}/checkpoints/streaming_params_3", "--load_llama_config=llama3_2_1b",
                    args[-2], f"--tokenizer.vocab_file={tok}"]
-    squad = subprocess.run([sys.executable, "-m", "easylm_align.evaluate", *model_flags,
-                            f"--eval.squad_file={test_data / 'xquad/xquad.hi.json'}", "--eval.lang=hi",
-                            "--eval.max_examples=2", "--eval.max_new_tokens=4", f"--eval.output={tmp_path / 'squad.json'}"],
-                           capture_output=True, text=True, timeout=600)
-    assert squad.returncode == 0, squad.stderr[-3000:]
-    assert len(json.loads((tmp_path / "squad.json").read_text())["examples"]) == 2
     icl = subprocess.run([sys.executable, "-m", "easylm_align.evaluate_icl", *model_flags, "--icl.tasks=pawsx",
                           "--icl.prompt_langs=en", "--icl.sample_langs=zh", "--icl.shots=0", f"--icl.data_dir={test_data}",
                           "--icl.limit=4", f"--icl.output={tmp_path / 'icl.json'}"],

@@ -30,4 +30,5 @@ if len(sys.argv) > 3:
                 expect = ([sp.bos_id()] + sp.encode(records[2 * i + b][key]))[:512]
                 assert row[k][:sum(mask[k])] == expect, (i, b, key)
                 assert mask[k] == sorted(mask[k], reverse=True), ("not right-padded", i, b, key)
-    print("sentence rows of all", len(ref), "steps = BOS + SentencePiece tokens of", sys.argv[3], "in order, right-padded")
+    print("sentence rows of all", len(ref), "steps = BOS + SentencePiece tokens of", sys.argv[3],
+          "in order, right-padded")

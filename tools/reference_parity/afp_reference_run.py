@@ -96,7 +96,8 @@ def train(data_file: str, extra: list) -> None:
     os.makedirs(f"{OUT}/afp_work", exist_ok=True)
     os.chdir(f"{OUT}/afp_work")  # its datasets cache is ./data/cache
     sys.argv = ["train.py", "--model_name_or_path", f"{OUT}/hf", "--pooler_type", "last-1",
-                "--train_file", data_file, "--output_dir", f"{OUT}/afp_work/out", "--cache_dir", f"{OUT}/afp_work/cache",
+                "--train_file", data_file, "--output_dir", f"{OUT}/afp_work/out",
+                "--cache_dir", f"{OUT}/afp_work/cache",
                 "--seed", "0", "--temp", "0.05", "--gradient_accumulation_steps", "1",
                 "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "1",
                 "--learning_rate", "1e-3", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.03",

@@ -154,8 +154,9 @@ def chunked_cross_entropy(hidden: jnp.ndarray, kernel: jnp.ndarray, targets: jnp
     `vocab_chunk` > 0 also cuts the vocabulary: each chunk's logits are made `vocab_chunk` columns
     at a time, twice (the log-normalisers, then the gradients), so at most (batch, chunk,
     vocab_chunk) logits exist and the kernel's gradient is written slice by slice into one fp32
-    buffer. The kernel is then cast to `hidden`'s dtype one slice at a time (no whole copy) and
-    its gradient is not rounded to that dtype. XLA ops only (`loss_kernel` must not be cpu_fused).
+    buffer. The kernel is cast to `hidden`'s dtype one slice at a time (no whole copy); values are
+    rounded where the position-only path rounds them, so only fp32 summation order differs. XLA
+    ops only (`loss_kernel` must not be cpu_fused).
     """
     batch, seq, width = hidden.shape
     n = -(-seq // chunk)
@@ -250,7 +251,8 @@ def _vocab_chunked_nll_fwd(h, w, t, m, vocab_chunk):
 
     zero = jnp.zeros((), jnp.float32)
     (nll, correct, dw), dh = jax.lax.scan(body, (zero, zero, jnp.zeros(w.shape, jnp.float32)), (h, t, m))
-    return (nll, correct), (dh, dw.astype(w.dtype))
+    # Rounded where `_chunked_nll` rounds it (its kernel is cast to the activations' dtype whole).
+    return (nll, correct), (dh, dw.astype(h.dtype).astype(w.dtype))
 
 
 _vocab_chunked_nll.defvjp(_vocab_chunked_nll_fwd, _chunked_nll_bwd)

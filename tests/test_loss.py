@@ -270,18 +270,25 @@ def test_clm_loss_vocab_chunked_with_a_tied_head_equals_logits_path():
             np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
 
 
-def test_vocab_chunked_on_a_mesh():
-    """Rows sharded over 4 devices give the single-device full-logits numbers."""
+@pytest.mark.parametrize("vocab_axis", [1, 0])
+def test_vocab_chunked_on_a_mesh(vocab_axis):
+    """Rows sharded over 2 devices and the vocabulary over 4 (conftest's 8 emulated devices) give
+    the single-device full-logits numbers, with the kernel as (hidden, vocab) columns or as a tied
+    head's (vocab, hidden) table (vocab_axis=0)."""
     hidden, kernel, targets, mask = (jnp.asarray(x) for x in uneven_batch())
     weights = objectives.target_weights(mask, "row")
     full = lambda h, k: objectives.cross_entropy_loss_and_accuracy(h @ k, targets, weights)[0]
-    chunked = lambda h, k: objectives.chunked_cross_entropy(h, k, targets, weights, 16, "xla", 64)[0]
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
-    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    loss, grads = jax.jit(jax.value_and_grad(chunked, (0, 1)))(jax.device_put(hidden, rows), kernel)
+    chunked = lambda h, k: objectives.chunked_cross_entropy(h, k, targets, weights, 16, "xla", 64, vocab_axis)[0]
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    given = kernel if vocab_axis else kernel.T
+    vocab = jax.sharding.PartitionSpec(*((None, "model") if vocab_axis else ("model", None)))
+    loss, grads = jax.jit(jax.value_and_grad(chunked, (0, 1)))(
+        jax.device_put(hidden, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))),
+        jax.device_put(given, jax.sharding.NamedSharding(mesh, vocab)))
     np.testing.assert_allclose(float(loss), float(full(hidden, kernel)), rtol=1e-6)
-    for a, b in zip(grads, jax.grad(full, (0, 1))(hidden, kernel)):
-        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    ref_hidden, ref_kernel = jax.grad(full, (0, 1))(hidden, kernel)
+    np.testing.assert_allclose(grads[0], ref_hidden, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(grads[1], ref_kernel if vocab_axis else ref_kernel.T, atol=1e-6, rtol=0)
 
 
 def test_vocab_chunked_in_bf16_compute_matches_the_position_chunked_loss():

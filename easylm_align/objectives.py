@@ -136,50 +136,6 @@ def _chunked_nll_bwd(loss_kernel, residuals, cotangents):
 _chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
 
 
-def chunked_cross_entropy(hidden: jnp.ndarray, kernel: jnp.ndarray, targets: jnp.ndarray, weights: jnp.ndarray,
-                          chunk: int, loss_kernel: str = "xla", vocab_chunk: int = 0,
-                          vocab_axis: int = 1) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """`cross_entropy_loss_and_accuracy` of `hidden @ kernel` without the whole batch's logits.
-
-    The sequence is cut into chunks of `chunk` positions; each chunk's fp32 logits are made,
-    reduced to its weighted loss and correct count, and dropped, so at most one chunk's (batch,
-    chunk, vocab) logits exist at once. Accuracy comes from the same pass. When differentiated, the
-    same pass also turns each chunk's logits into their gradient and folds it into the gradients of
-    `hidden` and `kernel` (a custom VJP, as fused linear cross-entropy kernels do): the logits are
-    made once, not again in the backward pass, which then only scales the stored gradients by the
-    incoming cotangent. `loss_kernel` (a concrete one, see `resolve_loss_kernel`) computes the
-    logits' gradient: XLA ops, or the CPU kernel that does it in one pass; the undifferentiated
-    loss always uses XLA ops. `weights` (see `target_weights`) say how each position counts.
-
-    `vocab_chunk` > 0 also cuts the vocabulary: each chunk's logits are made `vocab_chunk` columns
-    at a time, twice (the log-normalisers, then the gradients), so at most (batch, chunk,
-    vocab_chunk) logits exist and the kernel's gradient is written slice by slice into one fp32
-    buffer. The kernel is cast to `hidden`'s dtype one slice at a time (no whole copy); values are
-    rounded where the position-only path rounds them, so only fp32 summation order differs. XLA
-    ops only (`loss_kernel` must not be cpu_fused). `vocab_axis=0`: `kernel` is given as a
-    (vocab, hidden) table, sliced by rows (a tied head: no transposed copy of the table).
-    """
-    batch, seq, width = hidden.shape
-    n = -(-seq // chunk)
-    pad = n * chunk - seq
-    weights = weights.astype(jnp.float32)
-    if pad:  # padded positions weigh 0
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets, weights = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(weights, ((0, 0), (0, pad)))
-    by_chunk = lambda x: jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 1, 0)
-    if vocab_chunk:
-        if loss_kernel != "xla":
-            raise ConfigError(f"--objectives.loss_vocab_chunk_size={vocab_chunk} needs --objectives.loss_kernel=xla "
-                              f"or auto, not {loss_kernel} (which works on whole vocabulary rows)")
-        nll, correct = _vocab_chunked_nll(by_chunk(hidden), kernel, by_chunk(targets), by_chunk(weights), vocab_chunk,
-                                          vocab_axis)
-    else:
-        kernel = kernel.T if vocab_axis == 0 else kernel
-        nll, correct = _chunked_nll(by_chunk(hidden), kernel.astype(hidden.dtype), by_chunk(targets),
-                                    by_chunk(weights), loss_kernel)
-    return nll, jax.lax.stop_gradient(correct)
-
-
 def _over_vocab(step, carry, vocab: int, size: int):
     """`carry = step(carry, start, width)` over the columns [0, vocab) in slices of `size`; a
     shorter last slice (vocab not divisible) is one more, static call."""
@@ -267,6 +223,50 @@ def _vocab_chunked_nll_bwd(vocab_chunk, axis, residuals, cotangents):
 
 
 _vocab_chunked_nll.defvjp(_vocab_chunked_nll_fwd, _vocab_chunked_nll_bwd)
+
+
+def chunked_cross_entropy(hidden: jnp.ndarray, kernel: jnp.ndarray, targets: jnp.ndarray, weights: jnp.ndarray,
+                          chunk: int, loss_kernel: str = "xla", vocab_chunk: int = 0,
+                          vocab_axis: int = 1) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """`cross_entropy_loss_and_accuracy` of `hidden @ kernel` without the whole batch's logits.
+
+    The sequence is cut into chunks of `chunk` positions; each chunk's fp32 logits are made,
+    reduced to its weighted loss and correct count, and dropped, so at most one chunk's (batch,
+    chunk, vocab) logits exist at once. Accuracy comes from the same pass. When differentiated, the
+    same pass also turns each chunk's logits into their gradient and folds it into the gradients of
+    `hidden` and `kernel` (a custom VJP, as fused linear cross-entropy kernels do): the logits are
+    made once, not again in the backward pass, which then only scales the stored gradients by the
+    incoming cotangent. `loss_kernel` (a concrete one, see `resolve_loss_kernel`) computes the
+    logits' gradient: XLA ops, or the CPU kernel that does it in one pass; the undifferentiated
+    loss always uses XLA ops. `weights` (see `target_weights`) say how each position counts.
+
+    `vocab_chunk` > 0 also cuts the vocabulary: each chunk's logits are made `vocab_chunk` columns
+    at a time, twice (the log-normalisers, then the gradients), so at most (batch, chunk,
+    vocab_chunk) logits exist and the kernel's gradient is written slice by slice into one fp32
+    buffer. The kernel is cast to `hidden`'s dtype one slice at a time (no whole copy); values are
+    rounded where the position-only path rounds them, so only fp32 summation order differs. XLA
+    ops only (`loss_kernel` must not be cpu_fused). `vocab_axis=0`: `kernel` is given as a
+    (vocab, hidden) table, sliced by rows (a tied head: no transposed copy of the table).
+    """
+    batch, seq, width = hidden.shape
+    n = -(-seq // chunk)
+    pad = n * chunk - seq
+    weights = weights.astype(jnp.float32)
+    if pad:  # padded positions weigh 0
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets, weights = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(weights, ((0, 0), (0, pad)))
+    by_chunk = lambda x: jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 1, 0)
+    if vocab_chunk:
+        if loss_kernel != "xla":
+            raise ConfigError(f"--objectives.loss_vocab_chunk_size={vocab_chunk} needs --objectives.loss_kernel=xla "
+                              f"or auto, not {loss_kernel} (which works on whole vocabulary rows)")
+        nll, correct = _vocab_chunked_nll(by_chunk(hidden), kernel, by_chunk(targets), by_chunk(weights), vocab_chunk,
+                                          vocab_axis)
+    else:
+        kernel = kernel.T if vocab_axis == 0 else kernel
+        nll, correct = _chunked_nll(by_chunk(hidden), kernel.astype(hidden.dtype), by_chunk(targets),
+                                    by_chunk(weights), loss_kernel)
+    return nll, jax.lax.stop_gradient(correct)
 
 
 LOSS_KERNELS = ("auto", "xla", "cpu_fused")

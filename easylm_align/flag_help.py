@@ -105,7 +105,9 @@ DESCRIPTIONS: dict[str, str] = {
     "objectives.temperature": "contrastive softmax temperature",
     "objectives.pooler": "sentence representation for the contrastive loss (e.g. last-1)",
     "objectives.loss_kernel": "cross-entropy implementation (auto picks one for the platform)",
-    "objectives.loss_chunk_size": "vocabulary chunk of the chunked cross entropy",
+    "objectives.loss_chunk_size": "positions per chunk of the chunked cross entropy (0 = unchunked)",
+    "objectives.loss_vocab_chunk_size": "vocabulary columns per slice of the chunked cross entropy (0 = off; "
+                                        "less memory for big vocabularies, one more head pass; loss_kernel xla)",
     # Logging
     "logger.output_dir": "run directory: metrics.jsonl, config.json, checkpoints/; rerun to resume",
     "logger.tensorboard": "also write TensorBoard events",

@@ -136,8 +136,98 @@ def _chunked_nll_bwd(loss_kernel, residuals, cotangents):
 _chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
 
 
+def _over_vocab(step, carry, vocab: int, size: int):
+    """`carry = step(carry, start, width)` over the columns [0, vocab) in slices of `size`; a
+    shorter last slice (vocab not divisible) is one more, static call."""
+    size = min(size, vocab)
+    full, tail = divmod(vocab, size)
+    carry = jax.lax.fori_loop(0, full, lambda i, c: step(c, i * size, size), carry)
+    return step(carry, full * size, tail) if tail else carry
+
+
+def _slice_logits(hc, w, start, width, axis: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Vocabulary entries [start, start + width) of `w` (vocabulary along `axis`) as a (hidden,
+    width) kernel in the activations' dtype, and their fp32 logits."""
+    wc = jax.lax.dynamic_slice_in_dim(w, start, width, axis=axis).astype(hc.dtype)
+    wc = wc.T if axis == 0 else wc
+    return _chunk_logits(hc, wc), wc
+
+
+def _vocab_stats(hc, w, tc, mc, vocab_chunk: int, axis: int) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """A position chunk's weighted loss, correct count and log-normalisers, from one vocabulary
+    slice's logits at a time: running max and rescaled sum of exponentials, the target's logit,
+    and the first arg-max (a later slice takes over only with a strictly larger logit, as
+    `jnp.argmax` keeps the first of equal maxima)."""
+    def step(carry, start, width):
+        run_max, sum_exp, target_logit, best = carry
+        logits, _ = _slice_logits(hc, w, start, width, axis)
+        cols = start + jnp.arange(width)
+        slice_max = logits.max(axis=-1)
+        new_max = jnp.maximum(run_max, slice_max)
+        sum_exp = sum_exp * jnp.exp(run_max - new_max) + jnp.exp(logits - new_max[..., None]).sum(axis=-1)
+        target_logit = target_logit + jnp.where(cols == tc[..., None], logits, 0.0).sum(axis=-1)
+        best = jnp.where(slice_max > run_max, start + jnp.argmax(logits, axis=-1), best)
+        return new_max, sum_exp, target_logit, best
+
+    zeros = jnp.zeros(tc.shape, jnp.float32)
+    init = (jnp.full(tc.shape, -jnp.inf, jnp.float32), zeros, zeros, jnp.zeros(tc.shape, jnp.int32))
+    run_max, sum_exp, target_logit, best = _over_vocab(step, init, w.shape[axis], vocab_chunk)
+    lse = run_max + jnp.log(sum_exp)
+    return ((lse - target_logit) * mc).sum(), ((best == tc) * mc).sum(), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _vocab_chunked_nll(h, w, t, m, vocab_chunk, axis) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """`_chunked_nll` with each position chunk's logits made `vocab_chunk` vocabulary entries at a
+    time; `w` holds the vocabulary along `axis` (1: a (hidden, vocab) kernel, 0: a (vocab, hidden) table)."""
+    def body(carry, xs):
+        hc, tc, mc = xs
+        nll, correct, _ = _vocab_stats(hc, w, tc, mc, vocab_chunk, axis)
+        return (carry[0] + nll, carry[1] + correct), None
+
+    zero = jnp.zeros((), jnp.float32)
+    return jax.lax.scan(body, (zero, zero), (h, t, m))[0]
+
+
+def _vocab_chunked_nll_fwd(h, w, t, m, vocab_chunk, axis):
+    """Two passes over the vocabulary per position chunk: the log-normalisers, then each slice's
+    d loss / d logits, folded into dh (summed over slices, fp32) and into its own entries of dw.
+    dw is the scan's one fp32 carry shaped as `w`, updated slice by slice in place: no full-size
+    per-chunk product exists."""
+    def body(carry, xs):
+        hc, tc, mc = xs
+        nll, correct, lse = _vocab_stats(hc, w, tc, mc, vocab_chunk, axis)
+
+        def step(inner, start, width):
+            dh, dw = inner
+            logits, wc = _slice_logits(hc, w, start, width, axis)
+            one_hot = start + jnp.arange(width) == tc[..., None]
+            dlogits = ((jnp.exp(logits - lse[..., None]) - one_hot) * mc[..., None]).astype(hc.dtype)
+            dh = dh + jnp.einsum("bcv,dv->bcd", dlogits, wc, preferred_element_type=jnp.float32)
+            entries = jax.lax.dynamic_slice_in_dim(dw, start, width, axis=axis)
+            entries = entries + jnp.einsum("bcd,bcv->dv" if axis else "bcd,bcv->vd", hc, dlogits,
+                                           preferred_element_type=jnp.float32)
+            return dh, jax.lax.dynamic_update_slice_in_dim(dw, entries, start, axis=axis)
+
+        dh, dw = _over_vocab(step, (jnp.zeros(hc.shape, jnp.float32), carry[2]), w.shape[axis], vocab_chunk)
+        return (carry[0] + nll, carry[1] + correct, dw), dh.astype(hc.dtype)
+
+    zero = jnp.zeros((), jnp.float32)
+    (nll, correct, dw), dh = jax.lax.scan(body, (zero, zero, jnp.zeros(w.shape, jnp.float32)), (h, t, m))
+    # Rounded where `_chunked_nll` rounds it (its kernel is cast to the activations' dtype whole).
+    return (nll, correct), (dh, dw.astype(h.dtype).astype(w.dtype))
+
+
+def _vocab_chunked_nll_bwd(vocab_chunk, axis, residuals, cotangents):
+    return _chunked_nll_bwd(None, residuals, cotangents)
+
+
+_vocab_chunked_nll.defvjp(_vocab_chunked_nll_fwd, _vocab_chunked_nll_bwd)
+
+
 def chunked_cross_entropy(hidden: jnp.ndarray, kernel: jnp.ndarray, targets: jnp.ndarray, weights: jnp.ndarray,
-                          chunk: int, loss_kernel: str = "xla") -> tuple[jnp.ndarray, jnp.ndarray]:
+                          chunk: int, loss_kernel: str = "xla", vocab_chunk: int = 0,
+                          vocab_axis: int = 1) -> tuple[jnp.ndarray, jnp.ndarray]:
     """`cross_entropy_loss_and_accuracy` of `hidden @ kernel` without the whole batch's logits.
 
     The sequence is cut into chunks of `chunk` positions; each chunk's fp32 logits are made,
@@ -149,6 +239,14 @@ def chunked_cross_entropy(hidden: jnp.ndarray, kernel: jnp.ndarray, targets: jnp
     incoming cotangent. `loss_kernel` (a concrete one, see `resolve_loss_kernel`) computes the
     logits' gradient: XLA ops, or the CPU kernel that does it in one pass; the undifferentiated
     loss always uses XLA ops. `weights` (see `target_weights`) say how each position counts.
+
+    `vocab_chunk` > 0 also cuts the vocabulary: each chunk's logits are made `vocab_chunk` columns
+    at a time, twice (the log-normalisers, then the gradients), so at most (batch, chunk,
+    vocab_chunk) logits exist and the kernel's gradient is written slice by slice into one fp32
+    buffer. The kernel is cast to `hidden`'s dtype one slice at a time (no whole copy); values are
+    rounded where the position-only path rounds them, so only fp32 summation order differs. XLA
+    ops only (`loss_kernel` must not be cpu_fused). `vocab_axis=0`: `kernel` is given as a
+    (vocab, hidden) table, sliced by rows (a tied head: no transposed copy of the table).
     """
     batch, seq, width = hidden.shape
     n = -(-seq // chunk)
@@ -158,8 +256,16 @@ def chunked_cross_entropy(hidden: jnp.ndarray, kernel: jnp.ndarray, targets: jnp
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         targets, weights = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(weights, ((0, 0), (0, pad)))
     by_chunk = lambda x: jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 1, 0)
-    nll, correct = _chunked_nll(by_chunk(hidden), kernel.astype(hidden.dtype), by_chunk(targets), by_chunk(weights),
-                                loss_kernel)
+    if vocab_chunk:
+        if loss_kernel != "xla":
+            raise ConfigError(f"--objectives.loss_vocab_chunk_size={vocab_chunk} needs --objectives.loss_kernel=xla "
+                              f"or auto, not {loss_kernel} (which works on whole vocabulary rows)")
+        nll, correct = _vocab_chunked_nll(by_chunk(hidden), kernel, by_chunk(targets), by_chunk(weights), vocab_chunk,
+                                          vocab_axis)
+    else:
+        kernel = kernel.T if vocab_axis == 0 else kernel
+        nll, correct = _chunked_nll(by_chunk(hidden), kernel.astype(hidden.dtype), by_chunk(targets),
+                                    by_chunk(weights), loss_kernel)
     return nll, jax.lax.stop_gradient(correct)
 
 
@@ -194,6 +300,14 @@ def resolve_loss_kernel(name: str, platform: Optional[str] = None, devices: Opti
     return pick
 
 
+def clm_loss_kernel(config) -> str:
+    """The loss kernel `clm_loss` runs for `--objectives.*`: the vocabulary-chunked loss is XLA ops
+    only, so `auto` takes xla there (and `chunked_cross_entropy` refuses cpu_fused)."""
+    if config.loss_vocab_chunk_size and config.loss_kernel == "auto":
+        return "xla"
+    return resolve_loss_kernel(config.loss_kernel)
+
+
 def default_config() -> ConfigDict:
     """`--objectives.*`: weights and options of the training objectives."""
     return ConfigDict(dict(
@@ -203,8 +317,13 @@ def default_config() -> ConfigDict:
         temperature=0.05,           # cosine similarity is divided by it
         hard_negative_weight=0.0,   # logit offset of each row's own hard negative (SimCSE's)
         # The CLM loss takes this many positions' logits at a time (chunked_cross_entropy), so the
-        # batch's fp32 logits never exist at once; 0 = all at once, from the model's logits.
+        # batch's fp32 logits never exist at once; 0 = all at once, from the model's logits (or all
+        # positions as one chunk when loss_vocab_chunk_size cuts the vocabulary).
         loss_chunk_size=256,
+        # 0 = off. Otherwise each chunk's logits are also made this many vocabulary columns at a
+        # time, in two passes (log-normalisers, then gradients), and the head's gradient is written
+        # slice by slice: for huge vocabularies (AFP's 256k). Needs loss_kernel xla or auto.
+        loss_vocab_chunk_size=0,
         # What computes the chunked loss's gradient w.r.t. the logits (see resolve_loss_kernel):
         # auto, xla, or cpu_fused (one pass in C++; the CPU only). Results equal to 1e-5.
         loss_kernel="auto",
@@ -222,17 +341,24 @@ def clm_loss(model, params, batch: dict, rng, deterministic: bool, config, objec
              groups: int = 1) -> tuple[jnp.ndarray, dict]:
     """Causal LM on packed rows (all of COMMIT's stages; AFP's CLM term with `objective="afp"`);
     `groups`: see `target_weights`."""
-    if config.loss_chunk_size < 0:
-        raise ConfigError(f"--objectives.loss_chunk_size={config.loss_chunk_size}: use 0 (off) or a positive size")
+    for name in ("loss_chunk_size", "loss_vocab_chunk_size"):
+        if config[name] < 0:
+            raise ConfigError(f"--objectives.{name}={config[name]}: use 0 (off) or a positive size")
     weights = target_weights(batch["loss_masks"], resolve_loss_average(config.loss_average, objective), groups)
-    chunked = config.loss_chunk_size > 0
+    vocab_chunk = config.loss_vocab_chunk_size
+    chunked = config.loss_chunk_size > 0 or vocab_chunk > 0
     out = model.apply({"params": params}, batch["input_tokens"], positions=batch["positions"],
                       segment_ids=batch["segment_ids"], deterministic=deterministic, rngs={"dropout": rng},
                       return_logits=not chunked)
     if chunked:
-        loss, accuracy = chunked_cross_entropy(out.last_hidden_state, lm_head_kernel(params, model.config),
-                                               batch["target_tokens"], weights, config.loss_chunk_size,
-                                               resolve_loss_kernel(config.loss_kernel))
+        kernel, vocab_axis = lm_head_kernel(params, model.config), 1
+        if vocab_chunk and model.config.tie_word_embeddings:
+            # A tied head's kernel is the table transposed; handing the table back (XLA cancels the
+            # two transposes) lets the slices come from its rows, with no transposed fp32 copy of it.
+            kernel, vocab_axis = kernel.T, 0
+        loss, accuracy = chunked_cross_entropy(out.last_hidden_state, kernel, batch["target_tokens"], weights,
+                                               config.loss_chunk_size or batch["target_tokens"].shape[1],
+                                               clm_loss_kernel(config), vocab_chunk, vocab_axis)
     else:
         loss, accuracy = cross_entropy_loss_and_accuracy(out.logits, batch["target_tokens"], weights)
     return loss, {"loss": loss, "accuracy": accuracy, "loss_tokens": batch["loss_masks"].sum()}

@@ -66,7 +66,7 @@ class Trainer:
                 self.llama_config.attention, model.run_options(self.llama_config, False, self.model.dtype))
         except ConfigError as e:
             raise ConfigError(f"--llama.attention / --update_llama_config: {e}") from None
-        self.loss_kernel = objectives.resolve_loss_kernel(cfg.objectives.loss_kernel)
+        self.loss_kernel = objectives.clm_loss_kernel(cfg.objectives)
         objectives.resolve_loss_average(cfg.objectives.loss_average, cfg.objective)  # a bad value fails here
         _check_reference_ranks(cfg)
         if cfg.dry_run:  # shapes come from the config; no data is opened

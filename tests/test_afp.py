@@ -171,10 +171,10 @@ def test_eos_embedding_row_stays_frozen(tmp_path, tok):
     """--optimizer.freeze_eos_embedding (AFP's padding_idx = EOS): after train steps in which EOS is an
     input (it ends each packed text), its embedding row is bit-identical to the initial one, while
     the row of BOS, another input, moves."""
-    from easylm_align import checkpoint, train
+    from easylm_align import checkpoint, train, train_config
     rows = [dict(sent0=f"s {i}", sent1=f"t {i}", clm_text=f"Q{i}? A: yes", clm_prompt_len=len(f"Q{i}? A: "))
             for i in range(8)]
-    cfg = train.default_config()
+    cfg = train_config.default_config()
     cfg.update_from_flattened_dict({
         "update_llama_config": TINY, "objective": "afp", "train_dataset.type": "afp", "mesh_dim": "1,1,-1",
         "logger.output_dir": str(tmp_path / "out"), "train_dataset.afp_dataset.path": str(
@@ -389,7 +389,7 @@ def test_flagfile_trains_as_afps_step_written_in_torch(tmp_path, tok):
     import math
     import torch
     import transformers
-    from easylm_align import config, train
+    from easylm_align import config, train, train_config
     from easylm_align.conversion.from_hf import import_hf
     steps, lr = 4, 1e-3
     torch.manual_seed(0)
@@ -401,7 +401,7 @@ def test_flagfile_trains_as_afps_step_written_in_torch(tmp_path, tok):
             w.normal_(1.0, 0.1) if name.endswith("norm.weight") else None
     hf.save_pretrained(tmp_path / "hf")
     ckpt, preset, updates = import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"))
-    cfg = config.parse_config(train.default_config(), [
+    cfg = config.parse_config(train_config.default_config(), [
         "train", f"--flagfile={REPO_ROOT / 'configs' / 'afp_en_zh.flags'}", f"--load_checkpoint=params::{ckpt}",
         f"--load_llama_config={preset}", f"--update_llama_config={json.dumps(updates)}",
         f"--tokenizer.vocab_file={DEMO_TOKENIZER}", f"--train_dataset.afp_dataset.path={pairs.AFP_SAMPLE}",
@@ -506,9 +506,9 @@ def test_bad_input_names_file_and_line(tmp_path, tok):
 
 
 def test_reference_ranks_must_match_clm_groups(tmp_path):
-    from easylm_align import train
+    from easylm_align import train, train_config
     from easylm_align.errors import ConfigError
-    cfg = train.default_config()
+    cfg = train_config.default_config()
     cfg.update_from_flattened_dict({"objective": "afp", "train_dataset.type": "afp", "objectives.reference_ranks": 2,
                                     "logger.output_dir": str(tmp_path)})
     with pytest.raises(ConfigError, match=r"reference_ranks=2 and --train_dataset\.afp_dataset\.clm_groups=1 must be"):

@@ -12,7 +12,7 @@ import pytest
 import sentencepiece as spm
 
 from conftest import REPO_ROOT
-from easylm_align import checkpoint, train
+from easylm_align import checkpoint, train, train_config
 from easylm_align.data import pipeline
 from easylm_align.records import DataError
 from easylm_align.tokenizer import DEMO_TOKENIZER, Tokenizer
@@ -52,7 +52,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     tok = root / "tokenizer.model"
     shutil.copyfile(DEMO_TOKENIZER, tok)
-    cfg = train.default_config()
+    cfg = train_config.default_config()
     cfg.update_from_flattened_dict({"total_steps": 1, "log_freq": 1, "logger.output_dir": str(root / "run"),
                                     "logger.tensorboard": False, "tokenizer.vocab_file": str(tok),
                                     "train_dataset.json_dataset.seq_length": 32,
@@ -124,7 +124,7 @@ def test_convert_with_another_tokenizer_is_refused_unless_meant(trained, tmp_pat
 
 
 def test_params_load_with_another_tokenizer_is_refused(trained, tmp_path):
-    cfg = train.default_config()
+    cfg = train_config.default_config()
     cfg.update_from_flattened_dict({"total_steps": 2, "logger.output_dir": str(tmp_path / "next"),
                                     "tokenizer.vocab_file": trained["foreign"], "update_llama_config": trained["update"],
                                     "load_checkpoint": f"params::{trained['ckpt']}",
@@ -145,7 +145,7 @@ def test_a_converted_model_records_its_tokenizer_and_refuses_another(tmp_path, t
     assert result.returncode == 0, result.stderr[-3000:]
     recorded = checkpoint.read_meta(tmp_path / "ours")["tokenizer"]
     assert recorded["sha256"] == Tokenizer(str(DEMO_TOKENIZER)).identity()["sha256"]
-    cfg = train.default_config()
+    cfg = train_config.default_config()
     cfg.update_from_flattened_dict({"total_steps": 1, "logger.output_dir": str(tmp_path / "run"),
                                     "tokenizer.vocab_file": trained["foreign"], "load_llama_config": "demo",
                                     "update_llama_config": trained["update"], "load_checkpoint": f"params::{tmp_path / 'ours'}",
@@ -307,7 +307,7 @@ def test_log_freq_zero_is_one_line(tmp_path):
 
 
 def test_a_sequence_beyond_max_position_embeddings_warns(tmp_path, caplog):
-    cfg = train.default_config()
+    cfg = train_config.default_config()
     cfg.update_from_flattened_dict({"logger.output_dir": str(tmp_path), "train_dataset.json_dataset.seq_length": 2048})
     with caplog.at_level(logging.WARNING):
         train.Trainer(cfg)
@@ -341,7 +341,7 @@ def test_help_describes_every_flag_the_recipes_set():
     lines = {line.split("=", 1)[0].strip(): line for line in result.stdout.splitlines() if line.startswith("  --")}
     assert "--optimizer.adamw_optimizer.lr" in lines and "peak learning rate" in lines["--optimizer.adamw_optimizer.lr"]
     from easylm_align import config
-    assert set(lines) >= {f"--{name}" for name in config.flag_names(train.default_config())}
+    assert set(lines) >= {f"--{name}" for name in config.flag_names(train_config.default_config())}
     # Every flag the shipped recipes (configs/*.flags) set has a one-line description.
     used = {line.split("=", 1)[0] for path in (REPO_ROOT / "configs").glob("*.flags")
             for line in path.read_text().splitlines() if line.startswith("--")}

@@ -28,7 +28,7 @@ import pytest
 import safetensors.numpy
 
 from conftest import REPO_ROOT
-from easylm_align import checkpoint, integrity, model, train
+from easylm_align import checkpoint, integrity, model, train, train_config
 from easylm_align.data import pipeline
 from easylm_align.conversion.to_hf import export
 from easylm_align.conversion.hf_mapping import tensor_specs
@@ -51,7 +51,7 @@ def run_flags(out_dir, mesh=MESH, steps=STEPS) -> dict:
 
 
 def config(out_dir, mesh=MESH, steps=STEPS):
-    cfg = train.default_config()
+    cfg = train_config.default_config()
     cfg.update_from_flattened_dict(run_flags(out_dir, mesh, steps))
     return cfg
 

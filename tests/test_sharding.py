@@ -14,7 +14,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from easylm_align import model, optimizer, sharding, train
+from easylm_align import model, optimizer, sharding, train, train_config
 from easylm_align.errors import UserError
 from easylm_align.sharding import ShardingError
 from easylm_align.tree_paths import path_str
@@ -213,7 +213,7 @@ class _NoCheckpoint:
 def trainer_on(mesh_dim):
     """A Trainer for the tiny model, without tokenizer or data: the pieces `Trainer.__init__` builds
     from the same flags. A 1-device mesh for '1,1,1', otherwise all 8 devices."""
-    cfg = train.default_config()
+    cfg = train_config.default_config()
     cfg.mesh_dim = mesh_dim
     cfg.update_llama_config = json.dumps(dict(TINY, resid_pdrop=0.1, fcm_min_ratio=0.1, fcm_max_ratio=0.3))
     opt = cfg.optimizer.adamw_optimizer

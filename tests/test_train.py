@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import REPO_ROOT
-from easylm_align import checkpoint, config, integrity, optimizer, sharding, train
+from easylm_align import checkpoint, config, integrity, optimizer, sharding, train, train_config
 from easylm_align.data import pipeline
 
 TINY = json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
@@ -19,7 +19,7 @@ TINY = json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_attention_h
 
 def make_config(out_dir, **overrides):
     """Train config for a tiny model; overrides use dotted names: `optimizer__accumulate_gradient_steps`."""
-    cfg = train.default_config()
+    cfg = train_config.default_config()
     cfg.update_from_flattened_dict({
         "update_llama_config": TINY, "total_steps": 4, "log_freq": 1, "mesh_dim": "1,-1,1",
         "logger.output_dir": str(out_dir), "logger.tensorboard": False,
@@ -290,8 +290,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("flagfile", sorted((REPO_ROOT / "configs").glob("*.flags")), ids=lambda p: p.name)
 def test_config_files_name_only_real_flags(flagfile):
-    cfg = config.parse_config(train.default_config(), ["train", f"--flagfile={flagfile}"])
-    assert cfg.to_dict() != train.default_config().to_dict()
+    cfg = config.parse_config(train_config.default_config(), ["train", f"--flagfile={flagfile}"])
+    assert cfg.to_dict() != train_config.default_config().to_dict()
 
 
 def test_dry_run_reports_memory_without_data_or_allocation(tmp_path):

@@ -1,5 +1,5 @@
 // Fused causal self-attention for the CPU, forward and backward, as XLA FFI handlers
-// (built and registered by easylm_align/cpu_kernels.py; called from easylm_align/cpu_attention.py).
+// (built and registered by native.py beside it; called from cpu_attention.py).
 //
 // Layouts: q (B, T, H, D), k and v (B, T, KV, D) with H = KV * group (GQA), fp32.
 // Key j is visible to query i when j <= i, both are in the same non-zero segment and the key

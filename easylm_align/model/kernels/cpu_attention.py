@@ -1,7 +1,7 @@
 """`attention=cpu_fused`: the fused CPU attention kernel in `kernels/cpu_attention.cc`, through XLA's FFI.
 
 As separate XLA ops, attention ran at half PyTorch's SDPA speed on the CPU (docs/PERFORMANCE.md).
-The kernel is built and registered by `cpu_kernels`; where it cannot be, `attention=auto` keeps
+The kernel is built and registered by `native`; where it cannot be, `attention=auto` keeps
 `chunked`. fp32 only, self-attention over slots 0..T-1 (as `chunked`), with segment ids and
 forgetful causal masking; no dropout. A query that sees no key gets zeros.
 """

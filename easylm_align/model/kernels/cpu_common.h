@@ -1,5 +1,5 @@
 // Helpers shared by the CPU kernels in this folder (each .cc file includes this header; they are
-// built together into one library by easylm_align/cpu_kernels.py).
+// built together into one library by native.py).
 #pragma once
 
 #include <algorithm>

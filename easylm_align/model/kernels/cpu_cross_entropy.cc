@@ -1,6 +1,6 @@
 // Softmax cross entropy of a block of logits rows and its gradient, in one pass over the rows, as
-// an XLA FFI handler (built and registered by easylm_align/cpu_kernels.py; called from
-// easylm_align/objectives.py through easylm_align/cpu_cross_entropy.py).
+// an XLA FFI handler (built and registered by native.py beside it; called from
+// easylm_align/objectives.py through cpu_cross_entropy.py).
 //
 // Inputs: logits (..., V) fp32, targets (...) int32, mask (...) fp32: R rows of V. Outputs: the
 // logits' gradient (..., V) = (softmax - one_hot(target)) * mask (XLA may give it the logits' own

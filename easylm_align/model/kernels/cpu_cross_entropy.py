@@ -1,5 +1,5 @@
 """`--objectives.loss_kernel=cpu_fused`: the softmax cross entropy of a block of logits rows and
-its gradient, in one pass (`kernels/cpu_cross_entropy.cc`, built by `cpu_kernels`).
+its gradient, in one pass (`kernels/cpu_cross_entropy.cc`, built by `native`).
 
 As XLA ops on the CPU the vocabulary-wide reductions and the gradient ran as separate
 single-threaded loops over the fp32 logits; they took a tenth of the train step

@@ -141,7 +141,7 @@ def test_reference_ranks_give_a_data_parallel_reference_runs_gradient(tmp_path, 
                                                seq_length=16, clm_groups=2), tok)
     batch = jax.tree_util.tree_map(jnp.asarray, next(data))
     cfg = objectives_config(reference_ranks=2)
-    ours = jax.grad(lambda p: objectives.afp_loss(llama, p, batch, jax.random.PRNGKey(0), True, cfg)[0])(params)
+    ours = jax.jit(jax.grad(lambda p: objectives.afp_loss(llama, p, batch, jax.random.PRNGKey(0), True, cfg)[0]))(params)
 
     def rank_loss(p, rank):
         local = (jnp.arange(8) // 4 == rank)[:, None, None]
@@ -155,14 +155,16 @@ def test_reference_ranks_give_a_data_parallel_reference_runs_gradient(tmp_path, 
                                    batch["target_tokens"][..., None], -1)[..., 0]
         mask = batch["loss_masks"] * local[:, :, 0]
         return cl + 1.5 * (nll * mask).sum() / mask.sum()
-    ddp = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, *[jax.grad(rank_loss)(params, r) for r in range(2)])
+    rank_grad = jax.jit(jax.grad(rank_loss))
+    ddp = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, *[rank_grad(params, r) for r in range(2)])
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-6), ours, ddp)
 
     # With the CLM off the contrastive gradient is exactly half the global loss's; the loss is the same.
     cl_only = objectives_config(clm_weight=0.0)
-    global_grad = jax.grad(lambda p: objectives.afp_loss(llama, p, batch, jax.random.PRNGKey(0), True, cl_only)[0])
-    half = jax.grad(lambda p: objectives.afp_loss(llama, p, batch, jax.random.PRNGKey(0), True,
-                                                  objectives_config(clm_weight=0.0, reference_ranks=2))[0])
+    global_grad = jax.jit(jax.grad(lambda p: objectives.afp_loss(llama, p, batch, jax.random.PRNGKey(0), True,
+                                                                 cl_only)[0]))
+    half = jax.jit(jax.grad(lambda p: objectives.afp_loss(llama, p, batch, jax.random.PRNGKey(0), True,
+                                                          objectives_config(clm_weight=0.0, reference_ranks=2))[0]))
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, 0.5 * b, rtol=1e-6, atol=1e-9),
                            half(params), global_grad(params))
 

@@ -215,7 +215,7 @@ def test_model_backends_agree_in_training_with_forgetful_masking():
             out = net.apply({"params": p}, ids, segment_ids=segments, deterministic=False,
                             rngs={"dropout": jax.random.PRNGKey(5)})
             return jnp.sum(out.logits * (segments > 0)[..., None]) / 1000.0
-        return jax.value_and_grad(f)(params)
+        return jax.jit(jax.value_and_grad(f))(params)
 
     value, grads = loss("einsum")
     for backend in ("xla", "blockwise", "chunked", "cpu_fused"):

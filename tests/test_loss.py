@@ -57,7 +57,8 @@ def test_clm_loss_chunked_equals_logits_path(tied, loss_kernel):
     def run(chunk):
         config = objectives.default_config()
         config.loss_chunk_size, config.loss_kernel = chunk, loss_kernel
-        return jax.value_and_grad(lambda p: objectives.clm_loss(net, p, batch, jax.random.PRNGKey(2), True, config), has_aux=True)(params)
+        loss_fn = lambda p: objectives.clm_loss(net, p, batch, jax.random.PRNGKey(2), True, config)
+        return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
 
     (loss, metrics), grads = run(16)
     (ref_loss, ref_metrics), ref_grads = run(0)
@@ -260,7 +261,7 @@ def test_clm_loss_vocab_chunked_with_a_tied_head_equals_logits_path():
         config = objectives.default_config()
         config.loss_chunk_size, config.loss_vocab_chunk_size, config.loss_average = chunk, vocab_chunk, "token"
         loss_fn = lambda p: objectives.clm_loss(net, p, batch, jax.random.PRNGKey(2), True, config)
-        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
 
     (ref_loss, ref_metrics), ref_grads = run(0, 0)
     for chunk in (16, 0):

@@ -13,9 +13,9 @@ half-split layout. With `--scan_layers` the layers are stacked into the scanned 
 read. The work is done by `easylm_align.conversion.from_hf`; this module is its command line.
 
 PATH is written with `checkpoint.save_params` and records the resolved LLaMA config in its meta
-(so `convert_to_hf` needs no --model_size for it), and the identity of DIR/tokenizer.model when
-there is one (so a run or tool given another tokenizer is refused). The tool prints the trainer flags to start
-from it: `--load_checkpoint=params::PATH --load_llama_config=NAME --update_llama_config='{...}'`,
+(so `convert_to_hf` needs no --model_size for it), and the identity of DIR's tokenizer
+(tokenizer.model, else the directory's tokenizer.json with its special tokens), so a run or tool
+given another tokenizer is refused. The tool prints the trainer flags to start from it: `--load_checkpoint=params::PATH --load_llama_config=NAME --update_llama_config='{...}'`,
 NAME being a preset with the same layer shapes (or 'debug' when none has them) and the JSON the
 fields that differ from it. Peak memory is one copy of the model: each tensor is read lazily and
 cast straight into its place. PATH is written under a hidden sibling and renamed at the end.

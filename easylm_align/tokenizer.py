@@ -155,11 +155,11 @@ class Tokenizer:
         return self._identity
 
     def _defining_files(self) -> list[Path]:
-        """The file the tokenizer was read from; a model directory's tokenizer.json and its
-        tokenizer_config.json (which names the special tokens)."""
-        if not self._path.is_dir():
-            return [self._path]
-        return [f for f in (self._path / "tokenizer.json", self._path / "tokenizer_config.json") if f.is_file()]
+        """The file the tokenizer was read from; for a model directory its tokenizer.json. What the
+        directory's tokenizer_config.json decides (which tokens are BOS, EOS and pad) is in the
+        identity as their ids, so the directory and its tokenizer.json given alone are the same
+        tokenizer when they resolve the same special tokens."""
+        return [self._path / "tokenizer.json" if self._path.is_dir() else self._path]
 
     def check_recorded(self, recorded: Optional[dict], where: str, allow: bool = False,
                        flag: str = "--tokenizer.vocab_file", allow_flag: str = "--tokenizer.allow_mismatch") -> None:

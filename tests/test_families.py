@@ -7,6 +7,7 @@ longer than the Llama model's original_max_position_embeddings (16), so the scal
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from easylm_align.conversion.to_hf import export
 from easylm_align.errors import ConfigError
 from easylm_align.conversion import ConversionError
 from easylm_align.conversion.families import llama_fields_from_hf, suggest_flags
-from easylm_align.tokenizer import DEMO_TOKENIZER
+from easylm_align.tokenizer import DEMO_TOKENIZER, Tokenizer, TokenizerError
 
 VOCAB, SEQ, WINDOW, ORIGINAL_POSITIONS = 4096, 24, 8, 16
 SHAPES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -309,3 +310,20 @@ def test_weight_decay_of_qwen2_biases_follows_easylms_rule():
     params = {"attention": {"wq": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}}}
     assert optimizer.decay_mask("")(params)["attention"]["wq"] == {"kernel": True, "bias": True}
     assert optimizer.decay_mask("/bias$")(params)["attention"]["wq"] == {"kernel": True, "bias": False}
+
+
+def test_import_records_a_tokenizer_json_directorys_tokenizer(tmp_path, test_data):
+    """A Llama-3-style directory (tokenizer.json and tokenizer_config.json, no tokenizer.model): the
+    imported checkpoint records its identity, so a run given another tokenizer is refused."""
+    hf_dir = tmp_path / "hf"
+    config = transformers.LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, bos_token_id=0, eos_token_id=1)
+    transformers.LlamaForCausalLM(config).save_pretrained(hf_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(test_data / "tokenizers/tiny-bpe" / name, hf_dir / name)
+    path, _, _ = import_hf(str(hf_dir), str(tmp_path / "ours"))
+    recorded = checkpoint.read_meta(path)["tokenizer"]
+    assert recorded == Tokenizer(str(hf_dir)).identity()
+    Tokenizer(str(hf_dir / "tokenizer.json")).check_recorded(recorded, "checkpoint")  # the same tokenizer
+    with pytest.raises(TokenizerError, match="was trained with the tokenizer"):
+        Tokenizer(str(DEMO_TOKENIZER)).check_recorded(recorded, "checkpoint")

@@ -155,3 +155,18 @@ def test_a_vocabulary_without_bos_needs_add_bos_token_false(tmp_path):
         Tokenizer(str(tmp_path))
     tok = Tokenizer(str(tmp_path), add_bos_token=False)
     assert tok.bos_id == -1 and tok.eos_id == 1
+
+
+def test_a_directory_and_its_tokenizer_json_are_one_tokenizer_unless_the_config_says_otherwise(tmp_path):
+    """The identity hashes tokenizer.json and records the special ids tokenizer_config.json picks."""
+    same, other = tmp_path / "same", tmp_path / "other"
+    for d in (same, other):
+        shutil.copytree(TINY, d)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps(dict(config, eos_token="<|pad|>")))
+    bare = Tokenizer(str(same / "tokenizer.json")).identity()
+    assert Tokenizer(str(same)).identity() == dict(bare, file=str(same))
+    changed = Tokenizer(str(other)).identity()
+    assert changed["sha256"] == bare["sha256"] and changed["eos_id"] != bare["eos_id"]
+    with pytest.raises(TokenizerError, match="was trained with the tokenizer"):
+        Tokenizer(str(other)).check_recorded(bare, "checkpoint X")

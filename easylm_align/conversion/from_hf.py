@@ -134,12 +134,15 @@ def import_hf(hf_dir: str, output: str, dtype: str = "fp32", scan_layers: bool =
 
 
 def _tokenizer_meta(source: Path) -> dict:
-    """The identity of the model's SentencePiece tokenizer.model, when DIR has one: runs and tools
-    that load the checkpoint then refuse another tokenizer (`Tokenizer.check_recorded`)."""
-    path = source / "tokenizer.model"
-    if not path.is_file():
-        return {}
-    try:
-        return {"tokenizer": Tokenizer(str(path)).identity()}
-    except TokenizerError:  # not a SentencePiece model (a tokenizer.json-only model): nothing to record
-        return {}
+    """The identity of the model's tokenizer, so runs and tools that load the checkpoint refuse
+    another one (`Tokenizer.check_recorded`): DIR's SentencePiece tokenizer.model where it has one
+    (LLaMA-1/2, Mistral), else DIR itself read as a Hugging Face directory (its tokenizer.json, with
+    tokenizer_config.json's special tokens: Llama 3, Qwen2). Nothing when DIR has neither."""
+    candidates = [source / "tokenizer.model"] if (source / "tokenizer.model").is_file() else []
+    candidates += [source] if (source / "tokenizer.json").is_file() else []
+    for path in candidates:
+        try:
+            return {"tokenizer": Tokenizer(str(path)).identity()}
+        except TokenizerError:  # e.g. a tokenizer.model that is not SentencePiece: try the next
+            continue
+    return {}

@@ -43,9 +43,10 @@ def test_chunked_equals_full(chunk, loss_kernel):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("tied,loss_kernel", [(False, "xla"), (True, "xla"), (False, "cpu_fused")])
-def test_clm_loss_chunked_equals_logits_path(tied, loss_kernel):
-    skip_without_cpu_kernels(loss_kernel)
+def tiny_clm(tied: bool):
+    """A 2-layer model with a 700-token head (tied or not), its parameters, and a batch of 2 × 47
+    whose first row's first 10 targets are masked; `run(**objectives fields)` is the jitted CLM
+    loss with its metrics and gradients under those `--objectives.*` settings."""
     cfg = model.get_llama_config("debug", '{"vocab_size": 700, "tie_word_embeddings": %s}' % str(tied).lower())
     net = model.build_model(cfg)
     params = model.init_params(net, jax.random.PRNGKey(0))
@@ -54,14 +55,20 @@ def test_clm_loss_chunked_equals_logits_path(tied, loss_kernel):
              "positions": jnp.broadcast_to(jnp.arange(47), (2, 47)), "segment_ids": jnp.ones((2, 47), jnp.int32),
              "loss_masks": jnp.ones((2, 47)).at[0, :10].set(0)}
 
-    def run(chunk):
+    def run(**fields):
         config = objectives.default_config()
-        config.loss_chunk_size, config.loss_kernel = chunk, loss_kernel
+        config.update(fields)
         loss_fn = lambda p: objectives.clm_loss(net, p, batch, jax.random.PRNGKey(2), True, config)
         return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+    return net, params, batch, run
 
-    (loss, metrics), grads = run(16)
-    (ref_loss, ref_metrics), ref_grads = run(0)
+
+@pytest.mark.parametrize("tied,loss_kernel", [(False, "xla"), (True, "xla"), (False, "cpu_fused")])
+def test_clm_loss_chunked_equals_logits_path(tied, loss_kernel):
+    skip_without_cpu_kernels(loss_kernel)
+    net, params, batch, run = tiny_clm(tied)
+    (loss, metrics), grads = run(loss_chunk_size=16, loss_kernel=loss_kernel)
+    (ref_loss, ref_metrics), ref_grads = run(loss_chunk_size=0, loss_kernel=loss_kernel)
     np.testing.assert_allclose(loss, ref_loss, atol=1e-5, rtol=0)
     np.testing.assert_allclose(metrics["accuracy"], ref_metrics["accuracy"], atol=1e-7)
     for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
@@ -249,23 +256,10 @@ def test_vocab_chunked_arg_max_takes_the_first_of_equal_logits():
 def test_clm_loss_vocab_chunked_with_a_tied_head_equals_logits_path():
     """The whole causal-LM loss through a tied 700-token head (700 = 10 × 64 + 60): the embedding's
     gradient, lookup and head together, equals the full-logits path; positions unchunked (0) too."""
-    cfg = model.get_llama_config("debug", '{"vocab_size": 700, "tie_word_embeddings": true}')
-    net = model.build_model(cfg)
-    params = model.init_params(net, jax.random.PRNGKey(0))
-    ids = jax.random.randint(jax.random.PRNGKey(1), (2, 48), 0, 700)
-    batch = {"input_tokens": ids[:, :-1], "target_tokens": ids[:, 1:],
-             "positions": jnp.broadcast_to(jnp.arange(47), (2, 47)), "segment_ids": jnp.ones((2, 47), jnp.int32),
-             "loss_masks": jnp.ones((2, 47)).at[0, :10].set(0)}
-
-    def run(chunk, vocab_chunk):
-        config = objectives.default_config()
-        config.loss_chunk_size, config.loss_vocab_chunk_size, config.loss_average = chunk, vocab_chunk, "token"
-        loss_fn = lambda p: objectives.clm_loss(net, p, batch, jax.random.PRNGKey(2), True, config)
-        return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
-
-    (ref_loss, ref_metrics), ref_grads = run(0, 0)
+    _, _, _, run = tiny_clm(tied=True)
+    (ref_loss, ref_metrics), ref_grads = run(loss_chunk_size=0, loss_average="token")
     for chunk in (16, 0):
-        (loss, metrics), grads = run(chunk, 64)
+        (loss, metrics), grads = run(loss_chunk_size=chunk, loss_vocab_chunk_size=64, loss_average="token")
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
         np.testing.assert_allclose(metrics["accuracy"], ref_metrics["accuracy"], atol=1e-7)
         for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):

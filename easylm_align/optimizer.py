@@ -103,17 +103,14 @@ def build(config: ConfigDict) -> tuple[optax.GradientTransformation, Callable[[A
         raise ConfigError(f"--optimizer.adamw_optimizer.variant={c.variant!r}: use one of {VARIANTS}")
     if c.fused:
         tx = clipped_adamw(schedule, c.b1, c.b2, c.eps, c.weight_decay, c.clip_gradient, mu_dtype, c.variant, mask)
-    elif c.variant == "adamw_hf":  # optax has no such AdamW: its clip, then ours unclipped
-        tx = optax.chain(
-            optax.clip_by_global_norm(c.clip_gradient) if c.clip_gradient > 0 else optax.identity(),
-            clipped_adamw(schedule, c.b1, c.b2, c.eps, c.weight_decay, 0.0, mu_dtype, c.variant, mask),
-        )
     else:
-        tx = optax.chain(
-            optax.clip_by_global_norm(c.clip_gradient) if c.clip_gradient > 0 else optax.identity(),
-            optax.adamw(schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=mask,
-                        mu_dtype=mu_dtype),
-        )
+        clip = optax.clip_by_global_norm(c.clip_gradient) if c.clip_gradient > 0 else optax.identity()
+        if c.variant == "adamw_hf":  # optax has no such AdamW: its clip, then ours unclipped
+            adamw = clipped_adamw(schedule, c.b1, c.b2, c.eps, c.weight_decay, 0.0, mu_dtype, c.variant, mask)
+        else:
+            adamw = optax.adamw(schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=mask,
+                                mu_dtype=mu_dtype)
+        tx = optax.chain(clip, adamw)
     k = config.accumulate_gradient_steps
     if k > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=k)

@@ -81,8 +81,8 @@ class Trainer:
 
     def _dataset(self, config, flag: str) -> pipeline.DatasetIterator:
         data = pipeline.DatasetIterator(config, self.tokenizer, flag)
-        group = f"{flag}.{pipeline.SOURCES[config.type].config_key}"
-        sharding.check_batch_divisible(data.batch_size, self.mesh, f"{group}.batch_size")
+        prefix, _ = pipeline.source_group(config, flag)
+        sharding.check_batch_divisible(data.batch_size, self.mesh, f"{prefix}.batch_size")
         return data
 
     # -- state ---------------------------------------------------------------------------------
@@ -209,8 +209,8 @@ class Trainer:
         batch's (shape, dtype) per array, compile seconds). The executable takes what the loop passes."""
         params_t, state_t = self._abstract_state()
         spec = pipeline.abstract_batch(self.cfg.train_dataset, "--train_dataset")
-        group = pipeline.SOURCES[self.cfg.train_dataset.type].config_key
-        sharding.check_batch_divisible(spec["input_tokens"][0][0], self.mesh, f"--train_dataset.{group}.batch_size")
+        prefix, _ = pipeline.source_group(self.cfg.train_dataset)
+        sharding.check_batch_divisible(spec["input_tokens"][0][0], self.mesh, f"{prefix}.batch_size")
         batch_t = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(self.mesh))
                    for k, (shape, dtype) in spec.items()}
         start = time.perf_counter()
@@ -361,23 +361,24 @@ def _check_reference_ranks(cfg: ConfigDict) -> None:
     """AFP's W-rank emulation needs the CLM rows grouped by the same W (objectives.afp_loss)."""
     if cfg.objective != "afp" or cfg.train_dataset.type not in pipeline.SOURCES:  # the pipeline names a bad type
         return
-    group_key = pipeline.SOURCES[cfg.train_dataset.type].config_key
-    groups = cfg.train_dataset[group_key].get("clm_groups", 1)
+    prefix, group = pipeline.source_group(cfg.train_dataset)
+    groups = group.get("clm_groups", 1)
     if groups != cfg.objectives.reference_ranks:
         raise ConfigError(f"--objectives.reference_ranks={cfg.objectives.reference_ranks} and "
-                          f"--train_dataset.{group_key}.clm_groups={groups} must be equal: a W-rank AFP run "
+                          f"{prefix}.clm_groups={groups} must be equal: a W-rank AFP run "
                           "groups each rank's CLM texts alone")
 
 
 def _warn_if_beyond_positions(data: ConfigDict, max_positions: int) -> None:
     """A sequence longer than the model's max_position_embeddings trains (rotary positions have no
     table), but the exported config.json would then claim the shorter maximum."""
-    source = pipeline.SOURCES.get(data.type)
-    seq_length = data[source.config_key].seq_length if source else 0
-    if seq_length > max_positions:
-        logging.warning("--train_dataset.%s.seq_length=%d is longer than the model's max_position_embeddings=%d "
+    if data.type not in pipeline.SOURCES:  # the pipeline names a bad type
+        return
+    prefix, group = pipeline.source_group(data)
+    if group.seq_length > max_positions:
+        logging.warning("%s.seq_length=%d is longer than the model's max_position_embeddings=%d "
                         "(which an exported config.json records); set --llama.max_position_embeddings=%d if the "
-                        "longer context is meant", source.config_key, seq_length, max_positions, seq_length)
+                        "longer context is meant", prefix, group.seq_length, max_positions, group.seq_length)
 
 
 def _warn_new_skips(step: int, skips: int, seen: int) -> int:

@@ -94,10 +94,10 @@ class DatasetIterator:
     def __init__(self, config: ConfigDict, tokenizer: Tokenizer, flag: str = "--train_dataset"):
         source_cls = _source_class(config, flag)
         warn_unused_source_flags(config, flag)
-        group = config[source_cls.config_key]
+        prefix, group = source_group(config, flag)
         self.seq_length, self.batch_size = group.seq_length, group.batch_size
         self.flag = flag
-        self.source = source_cls(group, f"{flag}.{source_cls.config_key}")
+        self.source = source_cls(group, prefix)
         self.processor = self.source.processor(config.text_processor, tokenizer)
         self.stats: Counter = Counter()
         self.batcher = self.source.batcher(config.separate_segments, tokenizer, self.stats)
@@ -192,6 +192,13 @@ def _source_class(config: ConfigDict, flag: str) -> type[Source]:
     return SOURCES[config.type]
 
 
+def source_group(config: ConfigDict, flag: str = "--train_dataset") -> tuple[str, ConfigDict]:
+    """The flag prefix and the settings of the source `config.type` names, e.g.
+    (`--train_dataset.json_dataset`, its group); DataError for an unknown type."""
+    key = _source_class(config, flag).config_key
+    return f"{flag}.{key}", config[key]
+
+
 def unused_source_flags(config: ConfigDict, flag: str = "--train_dataset") -> list[str]:
     """`--flag.group.key=value` for each value set in a source group that `config.type` does not read
     (a flagfile's `huggingface_dataset.*` under `--train_dataset.type=json`)."""
@@ -208,12 +215,11 @@ def unused_source_flags(config: ConfigDict, flag: str = "--train_dataset") -> li
 def warn_unused_source_flags(config: ConfigDict, flag: str = "--train_dataset") -> None:
     unused = unused_source_flags(config, flag)
     if unused:
-        group = SOURCES[config.type].config_key
-        used = config[group]
-        logging.warning("%s.type=%s reads %s.%s.* (seq_length=%d, batch_size=%d); these flags are for another "
+        prefix, used = source_group(config, flag)
+        logging.warning("%s.type=%s reads %s.* (seq_length=%d, batch_size=%d); these flags are for another "
                         "source and are not used: %s. To read a local file with the huggingface source's settings "
                         "(a recipe's flagfile), pass %s.huggingface_dataset.path=FILE instead of changing %s.type",
-                        flag, config.type, flag, group, used.seq_length, used.batch_size, ", ".join(unused), flag, flag)
+                        flag, config.type, prefix, used.seq_length, used.batch_size, ", ".join(unused), flag, flag)
 
 
 def abstract_batch(config: ConfigDict, flag: str = "--train_dataset") -> dict[str, tuple[tuple[int, ...], np.dtype]]:

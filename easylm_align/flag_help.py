@@ -22,6 +22,8 @@ DESCRIPTIONS: dict[str, str] = {
     "save_milestone_freq": "keep a checkpoint every N steps (never deleted); 0 = none",
     "eval_steps": "batches of --eval_dataset evaluated at each logged step; 0 = no evaluation",
     "dry_run": "compile the train step for abstract arrays, print its memory per device, and exit",
+    "dry_run_topology": "with --dry_run: compile for this TPU slice (v3-8, v4-8, ...) with XLA's TPU compiler, "
+                        "on a host without a TPU (needs libtpu: pip install 'jax[tpu]')",
     "nonfinite_policy": "stop (exit 1, keep the last good checkpoint) or skip a step with a non-finite loss",
     "objective": "training objective: clm (causal LM) or afp (contrastive alignment + CLM)",
     # The model flags every program shares

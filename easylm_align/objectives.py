@@ -22,7 +22,7 @@ from ml_collections import ConfigDict
 
 from easylm_align.model.kernels import cpu_cross_entropy, native
 from easylm_align.errors import ConfigError
-from easylm_align.model import lm_head_kernel
+from easylm_align.model import lm_head_kernel, platform as model_platform
 
 
 LOSS_AVERAGES = ("auto", "row", "token")
@@ -284,7 +284,7 @@ def resolve_loss_kernel(name: str, platform: Optional[str] = None, devices: Opti
     XLA would gather every device's logits chunk for the (unpartitioned) FFI call, so it stays
     with `xla` there, as on GPU and TPU.
     """
-    platform = platform or jax.default_backend()
+    platform = platform or model_platform.target()
     devices = devices or jax.device_count()
     if name not in LOSS_KERNELS:
         raise ConfigError(f"--objectives.loss_kernel={name!r}: use one of {LOSS_KERNELS}")

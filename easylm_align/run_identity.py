@@ -25,7 +25,7 @@ MAY_CHANGE = (
     "eval_steps", "eval_dataset", "squad_eval",
     "mesh_dim", "jax_distributed",   # the devices and hosts the same steps run on (tests/test_multihost.py)
     "train_dataset.num_workers",     # processing in worker processes yields the same examples in order
-    "dry_run", "resume_despite_changes",
+    "dry_run", "dry_run_topology", "resume_despite_changes",
 )
 
 

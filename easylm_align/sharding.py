@@ -48,6 +48,7 @@ ACTIVATION_RULES: tuple[tuple[str, Any], ...] = (
     ("activation_batch", BATCH_AXES),
     ("activation_length", "mp"),
     ("activation_embed", None),
+    ("activation_heads", "mp"),  # attention heads, where a kernel runs per device (splash)
 )
 
 

@@ -24,12 +24,12 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from easylm_align import (checkpoint, logger, model, objectives, optimizer, preemption, resize,
-                          run_identity, run_lock, sharding, tokenizer)
+                          run_identity, run_lock, sharding, tokenizer, tpu_topology)
 from easylm_align.config import FLAGS, define_flags_with_default, parse_flags_or_exit, parsed_config
 from easylm_align.data import mixture, pipeline
 from easylm_align.errors import ConfigError, exit_on_user_error
 from easylm_align.evaluation import during_training
-from easylm_align.model import attention, memory
+from easylm_align.model import attention, memory, platform as model_platform
 from easylm_align.train_config import default_config
 
 # stop: a non-finite loss ends the run (exit 1) and keeps the last good checkpoint;
@@ -44,7 +44,12 @@ class TrainingDiverged(RuntimeError):
 class Trainer:
     def __init__(self, cfg: ConfigDict):
         self.cfg = cfg
-        self.mesh = sharding.make_mesh(cfg.mesh_dim)
+        if cfg.dry_run_topology and not cfg.dry_run:
+            raise ConfigError(f"--dry_run_topology={cfg.dry_run_topology}: it only compiles; add --dry_run=True")
+        # A dry run for a TPU slice compiles on that slice's devices, for the TPU's kernels.
+        self.platform = "tpu" if cfg.dry_run_topology else jax.default_backend()
+        self.mesh = sharding.make_mesh(
+            cfg.mesh_dim, tpu_topology.devices(cfg.dry_run_topology) if cfg.dry_run_topology else None)
         self.llama_config = model.get_llama_config(cfg.load_llama_config, cfg.update_llama_config,
                                                    cfg.llama.to_dict())
         self.tokenizer = tokenizer.Tokenizer.from_config(cfg.tokenizer)
@@ -63,10 +68,12 @@ class Trainer:
         self.model = model.build_model(self.llama_config, cfg.dtype, cfg.param_dtype)
         try:  # a backend the run's options rule out is a config error, found before any data is read
             self.attention_backend = attention.resolve(
-                self.llama_config.attention, model.run_options(self.llama_config, False, self.model.dtype))
+                self.llama_config.attention, model.run_options(self.llama_config, False, self.model.dtype),
+                self.platform)
         except ConfigError as e:
             raise ConfigError(f"--llama.attention / --update_llama_config: {e}") from None
-        self.loss_kernel = objectives.clm_loss_kernel(cfg.objectives)
+        with model_platform.compiling_for(self.platform):
+            self.loss_kernel = objectives.clm_loss_kernel(cfg.objectives)
         objectives.resolve_loss_average(cfg.objectives.loss_average, cfg.objective)  # a bad value fails here
         _check_reference_ranks(cfg)
         if cfg.dry_run:  # shapes come from the config; no data is opened
@@ -226,14 +233,24 @@ class Trainer:
 
     def dry_run(self) -> dict[str, Any]:
         """Compiles the train step for abstract arrays and reports its per-device memory; allocates nothing."""
-        compiled, spec, seconds = self.compile_train_step()
+        try:
+            with model_platform.compiling_for(self.platform):
+                compiled, spec, seconds = self.compile_train_step()
+        except jax.errors.JaxRuntimeError as e:  # a TPU compiler refuses a step larger than the device
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            raise ConfigError(f"--dry_run: the train step does not fit a {self.mesh.devices.flat[0].device_kind}: "
+                              f"{str(e).splitlines()[0]}") from None
         params_t, _ = self._abstract_state()
-        report = {"dry_run": True, "devices": jax.device_count(), "platform": jax.default_backend(),
+        report = {"dry_run": True, "devices": self.mesh.size, "platform": self.platform,
+                  "device_kind": self.mesh.devices.flat[0].device_kind,
                   "mesh": dict(self.mesh.shape), "params": model.param_count(params_t),
                   "batch": {k: list(shape) for k, (shape, _) in spec.items()},
                   "attention": self.attention_backend, "loss_kernel": self.loss_kernel,
-                  "memory_gib_per_device": memory.compiled_memory_gib(compiled),
+                  "memory_gib_per_device": memory.compiled_memory_gib(compiled, with_peak=self.platform == "tpu"),
                   "compile_seconds": round(seconds, 2)}
+        if self.cfg.dry_run_topology:
+            report["device_memory_gib"] = tpu_topology.get_slice(self.cfg.dry_run_topology).memory_gib
         print(json.dumps(report), flush=True)
         return report
 

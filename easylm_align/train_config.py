@@ -24,6 +24,7 @@ DEFAULTS = dict(
     save_milestone_freq=0,
     eval_steps=0,
     dry_run=False,
+    dry_run_topology="",  # a TPU slice (tpu_topology.SLICES) the dry run compiles for, on any host
     nonfinite_policy="stop",
     resume_despite_changes="",  # FLAG,... whose change from the checkpoint's value a resume accepts (run_identity)
     objective="clm",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import skip_without_cpu_kernels
-from easylm_align import model
+from easylm_align import model, sharding
 from easylm_align.model import attention
 from easylm_align.model.kernels import native
 
@@ -129,6 +129,14 @@ def test_chunked_in_bf16_is_close_to_the_fp32_reference():
 
 def test_splash_in_interpret_mode_equals_reference():
     check_backend("splash")
+
+
+@pytest.mark.parametrize("mesh_dim", ["1,2,4", "2,2,2"])
+def test_splash_on_a_mesh_runs_per_device_and_equals_reference(mesh_dim):
+    """XLA cannot partition the Mosaic kernel: on a mesh each device runs it on its own rows (1,2,4)
+    or kv heads (2,2,2); forward and gradients still equal the reference."""
+    with sharding.activation_rules(sharding.make_mesh(mesh_dim)):
+        check_backend("splash")
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="attention=cudnn needs an NVIDIA GPU")

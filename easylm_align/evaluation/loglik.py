@@ -18,6 +18,7 @@ Sequences longer than the model's positions keep their last tokens.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional, Sequence
 
 import jax
@@ -29,7 +30,7 @@ from easylm_align.tokenizer import split_tokens
 from easylm_align.errors import ConfigError
 from easylm_align.evaluation.generation import bucket_length
 from easylm_align.model import LlamaForCausalLM
-from easylm_align.sharding import batch_sharding, data_parallel_size, replicated
+from easylm_align.sharding import activation_rules, batch_sharding, data_parallel_size, replicated
 from easylm_align.tokenizer import Tokenizer
 
 
@@ -93,7 +94,9 @@ class LoglikScorer:
                 tokens[row, :n], segment_ids[row, :n] = ids, 1
                 targets[row, :n - 1] = ids[1:]
                 mask[row, n_context - 1:n - 1] = 1.0  # position t predicts token t + 1
-            out = self._score(self.params, *(self._place(x) for x in (tokens, segment_ids, targets, mask)))
+            # On a mesh, the activation rules let a per-device kernel (splash on a TPU) find its axes.
+            with activation_rules(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+                out = self._score(self.params, *(self._place(x) for x in (tokens, segment_ids, targets, mask)))
             for i, value in zip(rows, np.asarray(out)):
                 scores[i] = float(value)
         return scores

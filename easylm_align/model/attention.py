@@ -13,8 +13,9 @@ backend that never materialises the (query, key) mask does not have to.
 * `cudnn`: the same call with `implementation="cudnn"` (fused flash attention on NVIDIA GPUs,
   bf16/fp16 only). No attention dropout.
 * `splash`: the Pallas splash-attention kernel on TPU (causal mask and segment ids inside the
-  kernel; interpreted elsewhere, which is only useful for tests). No dropout, no FCM, no sliding
-  window (refused when the sequence is longer than the window).
+  kernel; interpreted elsewhere, which is only useful for tests). XLA cannot partition it, so on
+  a mesh each device runs it on its own rows and kv heads. Sequences a multiple of 128 only; no
+  dropout, no FCM, no sliding window (refused when the sequence is longer than the window).
 * `chunked`: exact attention with the queries cut into blocks of `attention_block_size`; each
   block's softmax runs over the keys up to the block's end only (the causal mask hides the
   rest), in a head-major layout where every product is a plain batched matmul, with a custom
@@ -32,7 +33,7 @@ backend that never materialises the (query, key) mask does not have to.
   and a recomputing backward pass. fp32 on the CPU; segment ids and FCM; no attention dropout.
   Built with the machine's C++ compiler on first use. No sliding window: a windowed model whose
   sequence is longer than its window is refused (a shorter one never reaches the window).
-* `auto`: `splash` on TPU and `cudnn` on GPU where the run's options allow, else `xla` there;
+* `auto`: `splash` on TPU and `cudnn` on GPU where the run's options and length allow, else `xla` there;
   on the CPU `cpu_fused` (fp32, a compiler at hand), else `chunked`; `blockwise` when attention
   dropout is on; the pick, and why faster backends were passed over, is logged once.
 
@@ -44,17 +45,22 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from typing import Any, NamedTuple, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from easylm_align.model.kernels import cpu_attention, native
+from easylm_align.model.platform import target as target_platform
 from easylm_align.errors import ConfigError
 
 BACKENDS = ("auto", "einsum", "xla", "cudnn", "splash", "blockwise", "chunked", "cpu_fused")
 _NEG = float(np.finfo(np.float32).min)
+SPLASH_MULTIPLE = 128  # the kernel's smallest block
 
 
 class MaskInfo(NamedTuple):
@@ -90,6 +96,7 @@ class Options(NamedTuple):
     fcm: bool
     dtype: Any
     window: bool = False  # a sliding window hides keys in this run (sequence longer than the window)
+    seq_length: Optional[int] = None  # the query length, where the call knows it
 
 
 def supported(backend: str, options: Options, platform: str) -> Optional[str]:
@@ -111,6 +118,8 @@ def supported(backend: str, options: Options, platform: str) -> Optional[str]:
     if backend == "splash":
         if options.fcm:
             return "attention=splash has no forgetful causal masking (fcm_max_ratio > 0)"
+        if options.seq_length is not None and options.seq_length % SPLASH_MULTIPLE:
+            return f"attention=splash needs a sequence length divisible by {SPLASH_MULTIPLE} (got {options.seq_length})"
         return None
     if backend == "cpu_fused":
         if platform != "cpu":
@@ -130,7 +139,7 @@ def _log_pick(backend: str, platform: str, passed_over: tuple[str, ...]) -> None
 
 def resolve(backend: str, options: Options, platform: Optional[str] = None) -> str:
     """The concrete backend for a config value; raises ValueError with the reason when it cannot run."""
-    platform = platform or jax.default_backend()
+    platform = platform or target_platform()
     if backend != "auto":
         reason = supported(backend, options, platform)
         if reason:
@@ -169,7 +178,7 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: MaskInfo, *, ba
         return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=dense,
                                             implementation=backend).astype(q.dtype)
     if backend == "splash":
-        return _splash(q, k, v, mask, interpret=jax.default_backend() != "tpu")
+        return _splash_on_mesh(q, k, v, mask, interpret=target_platform() != "tpu")
     if backend == "blockwise":
         return blockwise_attention(q, k, v, mask, rate, dropout_rng, block_size, window)
     if backend == "chunked":
@@ -424,7 +433,27 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 # Splash attention (Pallas, TPU)
 # ----------------------------------------------------------------------------------------------
 
-def _splash(q, k, v, mask: MaskInfo, interpret: bool) -> jnp.ndarray:
+def _splash_on_mesh(q, k, v, mask: MaskInfo, interpret: bool) -> jnp.ndarray:
+    """Splash on the current mesh. XLA cannot partition a Mosaic kernel, so each device runs it on
+    its own rows and kv heads (the activation rules' batch and head axes, where they divide)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return _splash(q, k, v, mask.q_segments, mask.k_segments, interpret)
+    batch, heads = _mesh_axes("activation_batch", q.shape[0], mesh), _mesh_axes("activation_heads", k.shape[2], mesh)
+    rows, segments = P(batch, None, heads, None), P(batch, None)
+    per_device = jax.shard_map(functools.partial(_splash, interpret=interpret), mesh=mesh,
+                               in_specs=(rows, rows, rows, segments, segments), out_specs=rows, check_vma=False)
+    return per_device(q, k, v, mask.q_segments, mask.k_segments)
+
+
+def _mesh_axes(logical: str, dim: int, mesh) -> Any:
+    """The mesh axes a logical activation axis maps to, or None where they do not divide `dim`."""
+    axes = nn.logical_to_mesh_axes((logical,))[0]
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return axes if names and dim % math.prod(mesh.shape[a] for a in names) == 0 else None
+
+
+def _splash(q, k, v, q_segments, k_segments, interpret: bool) -> jnp.ndarray:
     """Causal splash attention with segment ids; one MQA kernel per kv head serves its query group."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
@@ -433,8 +462,8 @@ def _splash(q, k, v, mask: MaskInfo, interpret: bool) -> jnp.ndarray:
     kv = k.shape[2]
     group = h // kv
     block = min(512, t)
-    if t % block or t % 128:
-        raise ConfigError(f"attention=splash needs a sequence length divisible by 128 (got {t})")
+    if t % block or t % SPLASH_MULTIPLE:
+        raise ConfigError(f"attention=splash needs a sequence length divisible by {SPLASH_MULTIPLE} (got {t})")
     sizes = kernel.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     causal = masks.MultiHeadMask([masks.CausalMask((t, t)) for _ in range(group)])
@@ -449,5 +478,5 @@ def _splash(q, k, v, mask: MaskInfo, interpret: bool) -> jnp.ndarray:
     # Padding (segment 0) gets a segment of its own, -1: no real query sees it, and a padding query
     # sees itself, so its output stays finite (a NaN there would reach real rows through v).
     pad_apart = lambda seg: jnp.where(seg == 0, -1, seg)
-    out = jax.vmap(one_row)(qg, kh, vh, pad_apart(mask.q_segments), pad_apart(mask.k_segments))  # (b, kv, g, t, d)
+    out = jax.vmap(one_row)(qg, kh, vh, pad_apart(q_segments), pad_apart(k_segments))  # (b, kv, g, t, d)
     return jnp.einsum("bkgtd->btkgd", out).reshape(b, t, h, d).astype(q.dtype)

@@ -124,7 +124,7 @@ def run_options(cfg: ConfigDict, deterministic: bool, dtype: Any,
     window only when the sequence, if known, is longer than it)."""
     window = cfg.sliding_window > 0 and (seq_length is None or seq_length > cfg.sliding_window)
     return attention.Options(0.0 if deterministic else cfg.attn_pdrop,
-                             not deterministic and cfg.fcm_max_ratio > 0, dtype, window)
+                             not deterministic and cfg.fcm_max_ratio > 0, dtype, window, seq_length)
 
 
 def forgetful_mask(rng, segment_ids: jnp.ndarray, min_ratio: float, max_ratio: float) -> jnp.ndarray:
@@ -247,7 +247,7 @@ def build_model(config: ConfigDict, dtype: str = "fp32", param_dtype: str = "fp3
 
 
 def init_params(model: LlamaForCausalLM, rng: jax.Array) -> dict:
-    dummy = jnp.zeros((1, 8), jnp.int32)
+    dummy = jnp.zeros((1, attention.SPLASH_MULTIPLE), jnp.int32)  # a length splash accepts too
     return model.init({"params": rng}, dummy)["params"]
 
 

@@ -131,12 +131,23 @@ def test_splash_in_interpret_mode_equals_reference():
     check_backend("splash")
 
 
-@pytest.mark.parametrize("mesh_dim", ["1,2,4", "2,2,2"])
-def test_splash_on_a_mesh_runs_per_device_and_equals_reference(mesh_dim):
-    """XLA cannot partition the Mosaic kernel: on a mesh each device runs it on its own rows (1,2,4)
-    or kv heads (2,2,2); forward and gradients still equal the reference."""
-    with sharding.activation_rules(sharding.make_mesh(mesh_dim)):
-        check_backend("splash")
+def test_splash_on_a_mesh_runs_per_device_and_equals_reference():
+    """XLA cannot partition the Mosaic kernel: on the mesh 2,1,4 each device runs it on its own row
+    (dp) and kv head (mp); forward and gradients still equal the reference."""
+    r = jax.random.split(jax.random.PRNGKey(5), 4)
+    t, kv = 128, 4
+    q, k, v = (jax.random.normal(key, (B, t, heads, 16)) for key, heads in zip(r[:3], (2 * kv, kv, kv)))
+    segments = jnp.asarray(np.stack([np.r_[np.ones(50), 2 * np.ones(t - 50)], np.r_[np.ones(90), np.zeros(t - 90)]])
+                           .astype(np.int32))
+    real = np.asarray(segments > 0)[:, :, None, None]
+    weight = jax.random.normal(r[3], q.shape) * jnp.asarray(real)
+    with sharding.activation_rules(sharding.make_mesh("2,1,4")):
+        ours, grads = jax.value_and_grad(lambda *a: jnp.sum(run("splash", *a, mask_info(segments)) * weight),
+                                         (0, 1, 2))(q, k, v)
+    theirs, expected = jax.value_and_grad(lambda *a: jnp.sum(reference(*a, segments) * weight), (0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+    for a, b in zip(grads, expected):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="attention=cudnn needs an NVIDIA GPU")

@@ -47,9 +47,9 @@ class Trainer:
         if cfg.dry_run_topology and not cfg.dry_run:
             raise ConfigError(f"--dry_run_topology={cfg.dry_run_topology}: it only compiles; add --dry_run=True")
         # A dry run for a TPU slice compiles on that slice's devices, for the TPU's kernels.
-        self.platform = "tpu" if cfg.dry_run_topology else jax.default_backend()
         self.mesh = sharding.make_mesh(
             cfg.mesh_dim, tpu_topology.devices(cfg.dry_run_topology) if cfg.dry_run_topology else None)
+        self.platform = self.mesh.devices.flat[0].platform
         self.llama_config = model.get_llama_config(cfg.load_llama_config, cfg.update_llama_config,
                                                    cfg.llama.to_dict())
         self.tokenizer = tokenizer.Tokenizer.from_config(cfg.tokenizer)
@@ -66,13 +66,12 @@ class Trainer:
             raise ConfigError(f"--log_freq={cfg.log_freq}: must be at least 1 (log every N steps)")
         _warn_if_beyond_positions(cfg.train_dataset, self.llama_config.max_position_embeddings)
         self.model = model.build_model(self.llama_config, cfg.dtype, cfg.param_dtype)
-        try:  # a backend the run's options rule out is a config error, found before any data is read
-            self.attention_backend = attention.resolve(
-                self.llama_config.attention, model.run_options(self.llama_config, False, self.model.dtype),
-                self.platform)
-        except ConfigError as e:
-            raise ConfigError(f"--llama.attention / --update_llama_config: {e}") from None
         with model_platform.compiling_for(self.platform):
+            try:  # a backend the run's options rule out is a config error, found before any data is read
+                self.attention_backend = attention.resolve(
+                    self.llama_config.attention, model.run_options(self.llama_config, False, self.model.dtype))
+            except ConfigError as e:
+                raise ConfigError(f"--llama.attention / --update_llama_config: {e}") from None
             self.loss_kernel = objectives.clm_loss_kernel(cfg.objectives)
         objectives.resolve_loss_average(cfg.objectives.loss_average, cfg.objective)  # a bad value fails here
         _check_reference_ranks(cfg)

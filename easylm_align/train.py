@@ -51,7 +51,7 @@ class Trainer:
             cfg.mesh_dim, tpu_topology.devices(cfg.dry_run_topology) if cfg.dry_run_topology else None)
         self.platform = self.mesh.devices.flat[0].platform
         self.llama_config = model.get_llama_config(cfg.load_llama_config, cfg.update_llama_config,
-                                                   cfg.llama.to_dict())
+                                                   cfg.llama.to_dict(), self.platform)
         self.tokenizer = tokenizer.Tokenizer.from_config(cfg.tokenizer)
         self.llama_config.vocab_size = resize.padded_vocab_size(
             self.tokenizer.vocab_size, self.llama_config.vocab_size, cfg.resize.pad_vocab_to_multiple)
@@ -245,6 +245,7 @@ class Trainer:
                   "device_kind": self.mesh.devices.flat[0].device_kind,
                   "mesh": dict(self.mesh.shape), "params": model.param_count(params_t),
                   "batch": {k: list(shape) for k, (shape, _) in spec.items()},
+                  "scan_layers": self.llama_config.scan_layers,
                   "attention": self.attention_backend, "loss_kernel": self.loss_kernel,
                   "memory_gib_per_device": memory.compiled_memory_gib(compiled, with_peak=self.platform == "tpu"),
                   "compile_seconds": round(seconds, 2)}

@@ -220,13 +220,24 @@ def test_unsupported_checkpoint_fields_are_refused_by_name(tmp_path, field, valu
 def test_presets_resolve_with_the_large_model_defaults():
     for name in ("llama3_1_8b", "llama3_2_1b", "llama3_2_3b", "llama3_1_70b", "qwen2_5_0_5b", "qwen2_5_1_5b",
                  "qwen2_5_7b", "mistral_7b_v0_3"):
-        config = model.get_llama_config(name)
+        config = model.get_llama_config(name, platform="cpu")
         assert config.scan_layers and config.remat_policy == "nothing_saveable", name
     hf_like = dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                    num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
                    rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001,
                    rope_theta=500000.0, rope_scaling=dict(LLAMA3_ROPE, factor=32.0, original_max_position_embeddings=8192))
     assert suggest_flags(llama_fields_from_hf(hf_like)) == ("llama3_2_1b", {})
+
+
+def test_auto_layer_layout_is_unrolled_only_for_a_tpu():
+    # The presets' "auto": on a TPU unrolled blocks (a scanned step keeps a bf16 copy of the weight
+    # stack there); scanned elsewhere. A value the user gives is kept on every platform.
+    assert [model.get_llama_config("7b", platform=p).scan_layers for p in ("cpu", "gpu", "tpu")] == [True, True, False]
+    assert model.get_llama_config("7b", overrides={"scan_layers": True}, platform="tpu").scan_layers is True
+    assert model.get_llama_config("debug", '{"scan_layers": "auto"}', platform="tpu").scan_layers is False
+    with pytest.raises(ConfigError, match=r'--update_llama_config: scan_layers must be true, false or "auto", '
+                                          r"got 'yes'"):
+        model.get_llama_config("7b", '{"scan_layers": "yes"}')
 
 
 @pytest.mark.parametrize("tokenizer", ["tiny_bpe", "llama3"])

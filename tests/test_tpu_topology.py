@@ -60,7 +60,8 @@ def run_train(*flags: str) -> subprocess.CompletedProcess:
 
 @needs_libtpu
 def test_tiny_model_compiles_for_a_v4_8_with_the_tpu_kernels():
-    done = run_train("--dry_run_topology=v4-8", f"--update_llama_config={TINY}", "--mesh_dim=1,-1,1",
+    tiny_auto = TINY[:-1] + ', "scan_layers": "auto"}'  # the large presets' layout rule
+    done = run_train("--dry_run_topology=v4-8", f"--update_llama_config={tiny_auto}", "--mesh_dim=1,-1,1",
                      "--train_dataset.json_dataset.seq_length=256", "--train_dataset.json_dataset.batch_size=8")
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -68,6 +69,7 @@ def test_tiny_model_compiles_for_a_v4_8_with_the_tpu_kernels():
     assert report["mesh"] == {"dp": 1, "fsdp": 4, "mp": 1} and report["device_memory_gib"] == 32
     # No dropout or forgetful masking and a length splash takes: the TPU's own kernel, not the CPU's.
     assert (report["attention"], report["loss_kernel"]) == ("splash", "xla")
+    assert report["scan_layers"] is False  # "auto" unrolls the blocks for a TPU
     assert report["memory_gib_per_device"]["peak"] > 0  # the TPU compiler's own figure
 
 

@@ -22,6 +22,7 @@ from ml_collections.config_dict import placeholder
 
 from easylm_align.errors import ConfigError
 from easylm_align.model import attention
+from easylm_align.model.platform import target as target_platform
 
 DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16,
           "bfloat16": jnp.bfloat16, "fp16": jnp.float16, "float16": jnp.float16}
@@ -55,6 +56,8 @@ _DEFAULTS: dict[str, Any] = {
     "fcm_min_ratio": 0.0,
     "fcm_max_ratio": 0.0,
     "remat_policy": "none",
+    # True: one scanned block over stacked weights; False: one block per layer (EasyLM's layout);
+    # "auto": scanned, except when compiling for a TPU (`auto_scan_layers`), settled by get_llama_config.
     "scan_layers": False,
     "attention": "auto",            # easylm_align.attention.BACKENDS
     "attention_block_size": 64,     # query/key block of attention=blockwise, query block of chunked
@@ -68,11 +71,12 @@ def _llama(h, i, layers, heads, kv=None, max_pos=2048, eps=1e-6, **extra):
                 num_key_value_heads=kv or heads, max_position_embeddings=max_pos, rms_norm_eps=eps, **extra)
 
 
-# The large presets scan their layers and rematerialise each block in the backward pass (as EasyLM's
-# remat_block and MaxText do): with 64-token attention blocks (the default) the seed's 7B command
-# then needs 13.99 GiB per device instead of 83.6 (docs/PERFORMANCE.md).
+# The large presets rematerialise each block in the backward pass (EasyLM's remat_block) and scan
+# their layers except on a TPU (`auto_scan_layers`): with 64-token attention blocks (the default) the
+# seed's 7B command then needs 13.99 GiB per device instead of 83.6 on the CPU compiler's estimate,
+# and the 8B's fits a v4-8 with 4.39 GiB to spare (docs/PERFORMANCE.md).
 # Checkpoints load into either layer layout (`checkpoint.load_params`).
-_LARGE = dict(scan_layers=True, remat_policy="nothing_saveable")
+_LARGE = dict(scan_layers="auto", remat_policy="nothing_saveable")
 
 # Today's LLaMA-family checkpoints differ from LLaMA-2 only in these fields (families are configs).
 _LLAMA3_ROPE = dict(rope_theta=500000.0, rope_scaling_type="llama3", rope_scaling_factor=8.0,
@@ -119,8 +123,10 @@ def default_llama_overrides() -> ConfigDict:
     return ConfigDict({key: placeholder(type(value)) for key, value in _DEFAULTS.items()})
 
 
-def get_llama_config(name: str, update_json: str = "", overrides: Optional[dict] = None) -> ConfigDict:
-    """Resolves a named preset, then `--update_llama_config` JSON, then `--llama.FIELD` overrides."""
+def get_llama_config(name: str, update_json: str = "", overrides: Optional[dict] = None,
+                     platform: Optional[str] = None) -> ConfigDict:
+    """Resolves a named preset, then `--update_llama_config` JSON, then `--llama.FIELD` overrides;
+    `scan_layers="auto"` becomes the layout for `platform` (default: the one being compiled for)."""
     if name not in LLAMA_PRESETS:
         raise ConfigError(f"--load_llama_config={name!r} is not a known config; "
                          f"choose one of {sorted(LLAMA_PRESETS)}")
@@ -138,7 +144,18 @@ def get_llama_config(name: str, update_json: str = "", overrides: Optional[dict]
         _validate(cfg)
     except ValueError as e:  # name the flags that made the config
         raise ConfigError(f"--load_llama_config={name!r} with --update_llama_config / --llama.*: {e}") from None
+    if cfg["scan_layers"] == "auto":
+        cfg["scan_layers"] = auto_scan_layers(platform or target_platform())
     return ConfigDict(cfg)
+
+
+def auto_scan_layers(platform: str) -> bool:
+    """What `scan_layers="auto"` is on `platform`: scanned, except on a TPU. With fp32 weights its
+    compiler converts the whole stacked weight array to bf16 once for the scan's products and keeps
+    that copy through the forward and backward loops (3.56 GiB a chip for the 8B on a v4-8), while
+    unrolled blocks convert their own weights as they run. Elsewhere a scanned step compiles in a
+    fraction of the time, and the CPU compiler's memory estimate of an unrolled one is not usable."""
+    return platform != "tpu"
 
 
 def _merge(cfg: dict, updates: dict, source: str) -> None:
@@ -147,7 +164,12 @@ def _merge(cfg: dict, updates: dict, source: str) -> None:
             near = difflib.get_close_matches(key, list(cfg), n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise ConfigError(f"{source}: unknown LLaMA config field {key!r}{hint}")
-        cfg[key] = _typed(value, type(cfg[key]), f"{source}: {key}")
+        if key == "scan_layers":  # the one field with a choice besides its type's values
+            if not (isinstance(value, bool) or value == "auto"):
+                raise ConfigError(f'{source}: scan_layers must be true, false or "auto", got {value!r}')
+            cfg[key] = value
+        else:
+            cfg[key] = _typed(value, type(cfg[key]), f"{source}: {key}")
 
 
 def _typed(value: Any, kind: type, name: str) -> Any:

@@ -29,7 +29,7 @@ import logging
 import tempfile
 import re
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import numpy as np
@@ -172,16 +172,21 @@ def load_params(path: str, target: Any, llama_config: Optional[Any] = None) -> A
     target = jax.tree_util.tree_map(lambda x: ocp.utils.to_shape_dtype_struct(x) if not isinstance(
         x, jax.ShapeDtypeStruct) else x, target)
     verify(ckpt)
-    stored = _stored_shapes(ckpt)
-    other_layout = _other_layer_layout(target)
-    if stored != _flat_shapes(target) and stored == _flat_shapes(other_layout):
+    if _in_other_layout(ckpt, target):
         # Written with the other `scan_layers` layout: read it as stored, then (un)stack on device.
-        params = _restore_params(ckpt, other_layout)
+        n = _num_layers(target)
+        params = _restore_params(ckpt, _other_layer_layout(target, n))
         logging.info("loaded params from %s (layers %s)", ckpt, "stacked" if "layers" in target else "unstacked")
-        return _relayout(params, target)
-    _compare_shapes(ckpt, stored, _flat_shapes(target))
+        return _relayout(params, target, n)
+    _check_shapes(ckpt, target)
     logging.info("loaded params from %s", ckpt)
     return _restore_params(ckpt, target)
+
+
+def _in_other_layout(ckpt: Path, params: Any) -> bool:
+    """Whether `ckpt` holds `params` (ShapeDtypeStructs) with the layers in the other layout."""
+    stored, n = _stored_shapes(ckpt), _num_layers(params)
+    return n > 0 and stored != _flat_shapes(params) and stored == _flat_shapes(_other_layer_layout(params, n))
 
 
 def _restore_params(ckpt: Path, target: Any) -> Any:
@@ -195,11 +200,20 @@ def _num_layers(params: dict) -> int:
     return sum(key.startswith("layers_") for key in params)
 
 
-def _other_layer_layout(target: dict) -> dict:
-    """`target` (ShapeDtypeStructs) in the other layer layout; each leaf keeps its sharding, with the
-    layer axis unsharded, so a stored layout is read shard by shard as well."""
-    n = _num_layers(target)
+def _holds_layers(node: Any) -> bool:
+    return isinstance(node, dict) and ("layers" in node or "layers_0" in node)
 
+
+def _map_layer_dicts(fn: Callable[..., dict], tree: Any, *rest: Any) -> Any:
+    """`fn` on every dict of `tree` that holds the model's layers (the parameters, and the optimizer
+    moments that mirror them), with the matching subtrees of `rest`; everything else as it is."""
+    return jax.tree_util.tree_map(lambda node, *others: fn(node, *others) if _holds_layers(node) else node,
+                                  tree, *rest, is_leaf=_holds_layers)
+
+
+def _other_layer_layout(target: Any, n: int) -> Any:
+    """`target` (ShapeDtypeStructs) with its `n` layers in the other layout; each leaf keeps its
+    sharding, with the layer axis unsharded, so a stored layout is read shard by shard as well."""
     def relaid(leaf: jax.ShapeDtypeStruct, stack: bool) -> jax.ShapeDtypeStruct:
         shape = (n, *leaf.shape) if stack else leaf.shape[1:]
         sharding = getattr(leaf, "sharding", None)
@@ -208,24 +222,26 @@ def _other_layer_layout(target: dict) -> dict:
             sharding = NamedSharding(sharding.mesh, spec)
         return jax.ShapeDtypeStruct(shape, leaf.dtype, sharding=sharding)
 
-    if "layers" in target:
-        rest = {k: v for k, v in target.items() if k != "layers"}
-        return dict(rest, **{f"layers_{i}": jax.tree_util.tree_map(lambda x: relaid(x, False), target["layers"])
-                             for i in range(n)})
-    if not n:
-        return target
-    rest = {k: v for k, v in target.items() if not k.startswith("layers_")}
-    return dict(rest, layers=jax.tree_util.tree_map(lambda x: relaid(x, True), target["layers_0"]))
+    def other(layers_dict: dict) -> dict:
+        if "layers" in layers_dict:
+            rest = {k: v for k, v in layers_dict.items() if k != "layers"}
+            unstacked = jax.tree_util.tree_map(lambda x: relaid(x, False), layers_dict["layers"])
+            return dict(rest, **{f"layers_{i}": unstacked for i in range(n)})
+        rest = {k: v for k, v in layers_dict.items() if not k.startswith("layers_")}
+        return dict(rest, layers=jax.tree_util.tree_map(lambda x: relaid(x, True), layers_dict["layers_0"]))
+
+    return _map_layer_dicts(other, target)
 
 
-def _relayout(params: dict, target: dict) -> dict:
-    """Stacks or unstacks the layers of `params` into `target`'s layout and shardings."""
-    n = _num_layers(params)
-    convert = model.stack_layers if "layers" in target else model.unstack_layers
+def _relayout(tree: Any, target: Any, n: int) -> Any:
+    """Stacks or unstacks the `n` layers of `tree` into `target`'s layout and shardings."""
+    def convert(stored: dict, wanted: dict) -> dict:
+        return (model.stack_layers if "layers" in wanted else model.unstack_layers)(stored, n)
+
     shardings = jax.tree_util.tree_map(lambda x: getattr(x, "sharding", None), target)
     if any(s is None for s in jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: x is None)):
-        return convert(params, n)
-    return jax.jit(lambda p: convert(p, n), out_shardings=shardings)(params)
+        return _map_layer_dicts(convert, tree, target)
+    return jax.jit(lambda t: _map_layer_dicts(convert, t, target), out_shardings=shardings)(tree)
 
 
 def _load_easylm(path: Path, target: Any, llama_config: Optional[Any]) -> Any:
@@ -278,14 +294,22 @@ def load_params_numpy(path: str) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def _restore_items(path: Path, params: Any, train_state: Any) -> tuple[Any, Any, dict]:
-    abstract = lambda tree: jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+    targets = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, (params, train_state))
+    if _in_other_layout(path, targets[0]):  # saved by a run that laid its layers out the other way
+        n = _num_layers(targets[0])
+        restored, meta = _restore_train_items(path, _other_layer_layout(targets, n))
+        return (*_relayout(restored, targets, n), meta)
     _check_shapes(path, params)
+    restored, meta = _restore_train_items(path, targets)
+    return (*restored, meta)
+
+
+def _restore_train_items(path: Path, targets: tuple[Any, Any]) -> tuple[tuple[Any, Any], dict]:
     with reading(path), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         restored = ckptr.restore(path, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract(params)),
-            train_state=ocp.args.StandardRestore(abstract(train_state)),
+            params=ocp.args.StandardRestore(targets[0]), train_state=ocp.args.StandardRestore(targets[1]),
             meta=ocp.args.JsonRestore()))
-    return restored["params"], restored["train_state"], restored["meta"]
+    return (restored["params"], restored["train_state"]), restored["meta"]
 
 
 def load_train_state(path: str, params: Any, train_state: Any) -> tuple[Any, Any, dict]:

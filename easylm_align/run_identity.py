@@ -24,6 +24,7 @@ MAY_CHANGE = (
     "save_model_freq", "save_milestone_freq",
     "eval_steps", "eval_dataset", "squad_eval",
     "mesh_dim", "jax_distributed",   # the devices and hosts the same steps run on (tests/test_multihost.py)
+    "llama.scan_layers",             # the layer layout: checkpoints are restacked on load (the presets' "auto")
     "train_dataset.num_workers",     # processing in worker processes yields the same examples in order
     "dry_run", "dry_run_topology", "resume_despite_changes",
 )

@@ -10,7 +10,8 @@ with pytorch_model.bin.index.json). Tensors are mapped as tabled in
 `easylm_align.conversion.hf_mapping`: every `nn.Linear.weight` is transposed into our `(in, out)`
 kernel, and q/k need no rotary permutation because our rotary embedding uses Hugging Face's
 half-split layout. With `--scan_layers` the layers are stacked into the scanned layout as they are
-read. The work is done by `easylm_align.conversion.from_hf`; this module is its command line.
+read; either layout loads into a model of the other, so the printed flags leave the layout to the
+preset (`scan_layers`). The work is done by `easylm_align.conversion.from_hf`; this module is its command line.
 
 PATH is written with `checkpoint.save_params` and records the resolved LLaMA config in its meta
 (so `convert_to_hf` needs no --model_size for it), and the identity of DIR's tokenizer

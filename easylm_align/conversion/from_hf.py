@@ -118,10 +118,10 @@ def import_hf(hf_dir: str, output: str, dtype: str = "fp32", scan_layers: bool =
     source = Path(hf_dir)
     if not source.is_dir():
         raise ConversionError(f"--hf_dir={hf_dir!r} is not a directory")
-    fields = dict(llama_fields_from_hf(read_hf_config(source)), scan_layers=scan_layers)
-    preset, updates = suggest_flags(fields)
+    # The printed flags leave the layer layout to the preset: the checkpoint loads into either.
+    preset, updates = suggest_flags(llama_fields_from_hf(read_hf_config(source)))
     try:
-        config = model.get_llama_config(preset, json.dumps(updates))
+        config = model.get_llama_config(preset, json.dumps(dict(updates, scan_layers=scan_layers)))
     except ValueError as e:
         raise ConversionError(f"{source / 'config.json'}: {e}") from None
     dest = Path(output)

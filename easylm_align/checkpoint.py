@@ -172,21 +172,24 @@ def load_params(path: str, target: Any, llama_config: Optional[Any] = None) -> A
     target = jax.tree_util.tree_map(lambda x: ocp.utils.to_shape_dtype_struct(x) if not isinstance(
         x, jax.ShapeDtypeStruct) else x, target)
     verify(ckpt)
-    if _in_other_layout(ckpt, target):
+    as_stored = _in_stored_layout(ckpt, target, target)
+    if as_stored is not None:
         # Written with the other `scan_layers` layout: read it as stored, then (un)stack on device.
-        n = _num_layers(target)
-        params = _restore_params(ckpt, _other_layer_layout(target, n))
+        params = _restore_params(ckpt, as_stored)
         logging.info("loaded params from %s (layers %s)", ckpt, "stacked" if "layers" in target else "unstacked")
-        return _relayout(params, target, n)
+        return _relayout(params, target)
     _check_shapes(ckpt, target)
     logging.info("loaded params from %s", ckpt)
     return _restore_params(ckpt, target)
 
 
-def _in_other_layout(ckpt: Path, params: Any) -> bool:
-    """Whether `ckpt` holds `params` (ShapeDtypeStructs) with the layers in the other layout."""
+def _in_stored_layout(ckpt: Path, params: Any, tree: Any) -> Optional[Any]:
+    """`tree` (ShapeDtypeStructs holding `params`) in the other layer layout where `ckpt` holds
+    `params` that way; None where it does not."""
     stored, n = _stored_shapes(ckpt), _num_layers(params)
-    return n > 0 and stored != _flat_shapes(params) and stored == _flat_shapes(_other_layer_layout(params, n))
+    if n == 0 or stored == _flat_shapes(params) or stored != _flat_shapes(_other_layer_layout(params, n)):
+        return None
+    return _other_layer_layout(tree, n)
 
 
 def _restore_params(ckpt: Path, target: Any) -> Any:
@@ -233,10 +236,12 @@ def _other_layer_layout(target: Any, n: int) -> Any:
     return _map_layer_dicts(other, target)
 
 
-def _relayout(tree: Any, target: Any, n: int) -> Any:
-    """Stacks or unstacks the `n` layers of `tree` into `target`'s layout and shardings."""
+def _relayout(tree: Any, target: Any) -> Any:
+    """Stacks or unstacks the layers of `tree` into `target`'s layout and shardings."""
     def convert(stored: dict, wanted: dict) -> dict:
-        return (model.stack_layers if "layers" in wanted else model.unstack_layers)(stored, n)
+        if "layers" in wanted:
+            return model.stack_layers(stored, _num_layers(stored))
+        return model.unstack_layers(stored, _num_layers(wanted))  # counted by key: moments may be masked
 
     shardings = jax.tree_util.tree_map(lambda x: getattr(x, "sharding", None), target)
     if any(s is None for s in jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: x is None)):
@@ -295,10 +300,10 @@ def load_params_numpy(path: str) -> dict:
 
 def _restore_items(path: Path, params: Any, train_state: Any) -> tuple[Any, Any, dict]:
     targets = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, (params, train_state))
-    if _in_other_layout(path, targets[0]):  # saved by a run that laid its layers out the other way
-        n = _num_layers(targets[0])
-        restored, meta = _restore_train_items(path, _other_layer_layout(targets, n))
-        return (*_relayout(restored, targets, n), meta)
+    as_stored = _in_stored_layout(path, targets[0], targets)
+    if as_stored is not None:  # saved by a run that laid its layers out the other way
+        restored, meta = _restore_train_items(path, as_stored)
+        return (*_relayout(restored, targets), meta)
     _check_shapes(path, params)
     restored, meta = _restore_train_items(path, targets)
     return (*restored, meta)

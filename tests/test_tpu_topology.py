@@ -60,7 +60,7 @@ def run_train(*flags: str) -> subprocess.CompletedProcess:
 
 @needs_libtpu
 def test_tiny_model_compiles_for_a_v4_8_with_the_tpu_kernels():
-    tiny_auto = TINY[:-1] + ', "scan_layers": "auto"}'  # the large presets' layout rule
+    tiny_auto = json.dumps(dict(json.loads(TINY), scan_layers="auto"))  # the large presets' layout rule
     done = run_train("--dry_run_topology=v4-8", f"--update_llama_config={tiny_auto}", "--mesh_dim=1,-1,1",
                      "--train_dataset.json_dataset.seq_length=256", "--train_dataset.json_dataset.batch_size=8")
     assert done.returncode == 0, done.stderr[-3000:]
